@@ -1,0 +1,3 @@
+//! Actors, each the only owner of one concern's mutable state.
+
+pub mod config_sync;

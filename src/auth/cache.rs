@@ -1,0 +1,99 @@
+//! In-process caches of verified keys and users' rules, so argon2 and the database are paid only
+//! on a miss. Entries are dropped by the config-sync actor when an admin changes them.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chrono::NaiveDateTime;
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::domain::User;
+
+/// What is remembered of a key whose secret was verified once.
+#[derive(Clone)]
+pub struct VerifiedKey {
+    /// SHA-256 of the verified secret: a presented secret matches when its digest does.
+    pub secret_digest: [u8; 32],
+    pub user_id: String,
+    pub expires_at: Option<NaiveDateTime>,
+    pub revoked_at: Option<NaiveDateTime>,
+}
+
+/// The two caches and a generation counter that keeps a slow loader from re-inserting an entry
+/// that was invalidated while it was reading the database.
+pub struct AuthCache {
+    keys: Mutex<LruCache<String, VerifiedKey>>,
+    users: Mutex<LruCache<String, Arc<User>>>,
+    generation: AtomicU64,
+}
+
+fn capacity(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+impl AuthCache {
+    /// Empty caches holding at most the given numbers of keys and users.
+    pub fn new(key_capacity: usize, user_capacity: usize) -> Self {
+        AuthCache {
+            keys: Mutex::new(LruCache::new(capacity(key_capacity))),
+            users: Mutex::new(LruCache::new(capacity(user_capacity))),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The current generation; pass it back to the `insert_*` calls after a database read.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The verified key with this record id.
+    pub fn key(&self, key_id: &str) -> Option<VerifiedKey> {
+        self.keys.lock().get(key_id).cloned()
+    }
+
+    /// Remembers a verified key, unless something was invalidated since `generation`.
+    pub fn insert_key(&self, key_id: String, key: VerifiedKey, generation: u64) {
+        let mut keys = self.keys.lock();
+        if self.generation() == generation {
+            keys.put(key_id, key);
+        }
+    }
+
+    /// The cached rules of a user.
+    pub fn user(&self, user_id: &str) -> Option<Arc<User>> {
+        self.users.lock().get(user_id).cloned()
+    }
+
+    /// Remembers a user's rules, unless something was invalidated since `generation`.
+    pub fn insert_user(&self, user: Arc<User>, generation: u64) {
+        let mut users = self.users.lock();
+        if self.generation() == generation {
+            users.put(user.id.clone(), user);
+        }
+    }
+
+    /// Forgets a key (revoked or deleted).
+    pub fn invalidate_key(&self, key_id: &str) {
+        let mut keys = self.keys.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        keys.pop(key_id);
+    }
+
+    /// Forgets a user's rules (changed, suspended or deleted).
+    pub fn invalidate_user(&self, user_id: &str) {
+        let mut users = self.users.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        users.pop(user_id);
+    }
+
+    /// Forgets everything (after a full resync).
+    pub fn clear(&self) {
+        let mut keys = self.keys.lock();
+        let mut users = self.users.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        keys.clear();
+        users.clear();
+    }
+}

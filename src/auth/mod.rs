@@ -1,0 +1,212 @@
+//! Who is calling: the key from wherever the client's SDK put it, checked against the cache,
+//! then the database and argon2 on a miss.
+
+pub mod cache;
+
+use std::sync::Arc;
+
+use actix_web::dev::Payload;
+use actix_web::http::header::HeaderMap;
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use subtle::ConstantTimeEq;
+use tracing_actix_web::RootSpan;
+
+use crate::crypto;
+use crate::db::{repo, Db, DbError};
+use crate::domain::api_key::PresentedKey;
+use crate::domain::{User, UserStatus};
+use crate::error::ApiError;
+pub use cache::AuthCache;
+use cache::VerifiedKey;
+
+/// An authenticated caller: the key used and the rules of its user.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_id: String,
+    pub user: Arc<User>,
+}
+
+/// Checks presented keys. Shared by every worker.
+pub struct Authenticator {
+    db: Db,
+    cache: Arc<AuthCache>,
+}
+
+/// Finds the key in `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `?key=`.
+pub fn key_from_request(headers: &HeaderMap, query: &str) -> Option<String> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(auth) = header("authorization") {
+        let mut parts = auth.splitn(2, ' ');
+        if let (Some(scheme), Some(token)) = (parts.next(), parts.next()) {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return Some(token.trim().to_owned());
+            }
+        }
+    }
+    if let Some(key) = header("x-api-key").or_else(|| header("x-goog-api-key")) {
+        return Some(key.to_owned());
+    }
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "key")
+        .map(|(_, value)| value.into_owned())
+}
+
+impl Authenticator {
+    /// An authenticator over `db`, remembering verified keys in `cache`.
+    pub fn new(db: Db, cache: Arc<AuthCache>) -> Self {
+        Authenticator { db, cache }
+    }
+
+    /// Resolves a presented key to its principal, or the error the client must see.
+    pub async fn authenticate(&self, text: &str) -> Result<Principal, ApiError> {
+        let invalid = || ApiError::invalid_api_key("invalid API key");
+        let presented = PresentedKey::parse(text).ok_or_else(invalid)?;
+        let key_id = presented.record_id();
+        let digest = crypto::digest(presented.secret());
+
+        let key = match self.cache.key(&key_id) {
+            Some(cached) => {
+                // The cached digest is of a secret argon2 accepted, so a different digest is a
+                // wrong secret: refuse without paying argon2 again.
+                if !bool::from(cached.secret_digest.ct_eq(&digest)) {
+                    return Err(invalid());
+                }
+                cached
+            }
+            None => self.verify_from_db(&key_id, &presented, digest).await?,
+        };
+
+        let now = crate::domain::now();
+        if key.revoked_at.is_some() {
+            return Err(ApiError::invalid_api_key("this API key has been revoked"));
+        }
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return Err(ApiError::invalid_api_key("this API key has expired"));
+        }
+        let user = self.user(&key.user_id).await?;
+        if user.status == UserStatus::Suspended {
+            return Err(ApiError::user_suspended());
+        }
+        Ok(Principal { key_id, user })
+    }
+
+    async fn verify_from_db(
+        &self,
+        key_id: &str,
+        presented: &PresentedKey,
+        digest: [u8; 32],
+    ) -> Result<VerifiedKey, ApiError> {
+        let generation = self.cache.generation();
+        let stored = match repo::user_keys::get(&self.db, key_id).await {
+            Ok(stored) => stored,
+            Err(DbError::NotFound) => return Err(ApiError::invalid_api_key("invalid API key")),
+            Err(other) => return Err(other.into()),
+        };
+        let secret = presented.secret().to_owned();
+        let hash = stored.key_hash.clone();
+        // argon2 is deliberately slow: it runs on the blocking pool, never on a worker thread.
+        let ok = web::block(move || crypto::verify_secret(&secret, &hash))
+            .await
+            .map_err(ApiError::internal)?;
+        if !ok {
+            return Err(ApiError::invalid_api_key("invalid API key"));
+        }
+        let verified = VerifiedKey {
+            secret_digest: digest,
+            user_id: stored.user_id,
+            expires_at: stored.expires_at,
+            revoked_at: stored.revoked_at,
+        };
+        self.cache
+            .insert_key(key_id.to_owned(), verified.clone(), generation);
+        Ok(verified)
+    }
+
+    async fn user(&self, user_id: &str) -> Result<Arc<User>, ApiError> {
+        if let Some(user) = self.cache.user(user_id) {
+            return Ok(user);
+        }
+        let generation = self.cache.generation();
+        match repo::users::get(&self.db, user_id).await {
+            Ok(user) => {
+                let user = Arc::new(user);
+                self.cache.insert_user(user.clone(), generation);
+                Ok(user)
+            }
+            // The key outlived its user (deleted a moment ago): the key is no longer valid.
+            Err(DbError::NotFound) => Err(ApiError::invalid_api_key("invalid API key")),
+            Err(other) => Err(other.into()),
+        }
+    }
+}
+
+impl FromRequest for Principal {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let auth = req.app_data::<web::Data<Authenticator>>().cloned();
+        let key = key_from_request(req.headers(), req.query_string());
+        let span = req.extensions().get::<RootSpan>().cloned();
+        Box::pin(async move {
+            let auth = auth.ok_or_else(|| ApiError::internal("authenticator not configured"))?;
+            let key = key.ok_or_else(|| {
+                ApiError::invalid_api_key(
+                    "missing API key: send it as `Authorization: Bearer sk-...`",
+                )
+            })?;
+            let principal = auth.authenticate(&key).await?;
+            if let Some(span) = span {
+                span.record("user_id", principal.user.id.as_str());
+                span.record("key_id", principal.key_id.as_str());
+            }
+            Ok(principal)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        map
+    }
+
+    #[test]
+    fn key_is_found_wherever_sdks_put_it() {
+        assert_eq!(
+            key_from_request(&headers(&[("authorization", "Bearer sk-a")]), ""),
+            Some("sk-a".into())
+        );
+        assert_eq!(
+            key_from_request(&headers(&[("x-api-key", "sk-b")]), ""),
+            Some("sk-b".into())
+        );
+        assert_eq!(
+            key_from_request(&headers(&[("x-goog-api-key", "sk-c")]), ""),
+            Some("sk-c".into())
+        );
+        assert_eq!(
+            key_from_request(&headers(&[]), "alt=sse&key=sk-d"),
+            Some("sk-d".into())
+        );
+        assert_eq!(key_from_request(&headers(&[]), "alt=sse"), None);
+        assert_eq!(
+            key_from_request(&headers(&[("authorization", "Basic xyz")]), ""),
+            None
+        );
+    }
+}

@@ -1,0 +1,251 @@
+//! Settings: `config/default.toml`, then an optional `--config` file, then environment variables.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Everything Switchyard reads at start-up.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub auth: AuthSettings,
+    pub log: LogSettings,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub workers: usize,
+    pub max_body_bytes: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+/// The database connection.
+#[derive(Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: usize,
+    pub acquire_timeout_secs: u64,
+}
+
+/// Redis, when replicas share state.
+#[derive(Clone, Deserialize)]
+pub struct RedisSettings {
+    pub url: String,
+}
+
+/// Admin token, master key and the credential caches.
+#[derive(Clone, Deserialize)]
+pub struct AuthSettings {
+    pub admin_token: String,
+    pub master_key: String,
+    pub key_cache_size: usize,
+    pub user_cache_size: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+// URLs may carry passwords and the auth section holds secrets: their Debug output says only
+// whether they are set, so a `?settings` in a log line can never leak them.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("backend", &self.url.split(':').next().unwrap_or(""))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("configured", &!self.url.is_empty())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("admin_token_set", &!self.admin_token.is_empty())
+            .field("master_key_set", &!self.master_key.is_empty())
+            .field("key_cache_size", &self.key_cache_size)
+            .finish()
+    }
+}
+
+/// The defaults shipped in the binary, so it runs from any directory.
+const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// API.md's short environment names and the setting each one sets.
+const SHORT_ENV_NAMES: [(&str, &str); 5] = [
+    ("SWITCHYARD_LISTEN", "server.listen"),
+    ("SWITCHYARD_DATABASE_URL", "database.url"),
+    ("SWITCHYARD_REDIS_URL", "redis.url"),
+    ("SWITCHYARD_ADMIN_TOKEN", "auth.admin_token"),
+    ("SWITCHYARD_MASTER_KEY", "auth.master_key"),
+];
+
+impl Settings {
+    /// Layers the defaults, `config_file` and the process environment.
+    pub fn load(config_file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_from(config_file, std::env::vars())
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (tests use this).
+    pub fn load_from(
+        config_file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let env: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("SWITCHYARD_"))
+            .collect();
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = config_file {
+            builder = builder.add_source(config::File::from(path.to_path_buf()).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("SWITCHYARD")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env.clone())),
+        );
+        for (name, key) in SHORT_ENV_NAMES {
+            if let Some(value) = env.get(name) {
+                builder = builder.set_override(key, value.clone())?;
+            }
+        }
+        let settings: Settings = builder
+            .build()
+            .context("reading configuration")?
+            .try_deserialize()
+            .context("invalid configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.database_kind()?;
+        anyhow::ensure!(
+            self.database.max_connections > 0,
+            "database.max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            self.auth.key_cache_size > 0 && self.auth.user_cache_size > 0,
+            "auth cache sizes must be at least 1"
+        );
+        Ok(())
+    }
+
+    /// Which backend the database URL names.
+    pub fn database_kind(&self) -> anyhow::Result<DatabaseKind> {
+        DatabaseKind::from_url(&self.database.url)
+    }
+}
+
+/// The two storage backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseKind {
+    /// A PostgreSQL server (production).
+    Postgres,
+    /// An embedded SQLite file at this path.
+    Sqlite(PathBuf),
+}
+
+impl DatabaseKind {
+    /// Reads the backend from the URL scheme.
+    pub fn from_url(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
+            anyhow::ensure!(!path.is_empty(), "sqlite:// URL needs a file path");
+            Ok(Self::Sqlite(PathBuf::from(path)))
+        } else {
+            anyhow::bail!("database URL must start with postgres:// or sqlite://")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_without_any_file_or_variable() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(
+            s.database_kind().unwrap(),
+            DatabaseKind::Sqlite("switchyard.db".into())
+        );
+    }
+
+    #[test]
+    fn short_names_and_sectioned_names_override_defaults() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SWITCHYARD_LISTEN", "0.0.0.0:9000"),
+                ("SWITCHYARD_DATABASE_URL", "postgres://db/x"),
+                ("SWITCHYARD_SERVER__WORKERS", "3"),
+                ("SWITCHYARD_LOG__FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen, "0.0.0.0:9000");
+        assert_eq!(s.server.workers, 3);
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(s.database_kind().unwrap(), DatabaseKind::Postgres);
+    }
+
+    #[test]
+    fn unknown_database_scheme_is_refused() {
+        let err = Settings::load_from(None, env(&[("SWITCHYARD_DATABASE_URL", "mysql://x")]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("postgres://"));
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SWITCHYARD_ADMIN_TOKEN", "tok-very-secret"),
+                ("SWITCHYARD_DATABASE_URL", "postgres://u:hunter2@db/x"),
+            ]),
+        )
+        .unwrap();
+        let text = format!("{s:?}");
+        assert!(!text.contains("tok-very-secret"));
+        assert!(!text.contains("hunter2"));
+    }
+}

@@ -1,0 +1,167 @@
+//! Storage: one repository layer over a PostgreSQL or SQLite pool, chosen from the URL scheme.
+
+pub mod migrate;
+pub mod models;
+pub mod repo;
+pub mod schema;
+
+use std::time::Duration;
+
+use diesel::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use futures_util::FutureExt;
+
+use crate::config::{DatabaseKind, DatabaseSettings};
+
+/// The async SQLite connection: diesel's sync connection run on the blocking pool.
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+/// A pool of connections to whichever backend is configured.
+#[derive(Clone)]
+pub enum Db {
+    /// PostgreSQL (production, shared by replicas).
+    Pg(Pool<AsyncPgConnection>),
+    /// The embedded SQLite file.
+    Sqlite(Pool<SqliteConn>),
+}
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The row asked for does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A unique constraint refused the write.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A referenced row does not exist.
+    #[error("reference to a missing row: {0}")]
+    MissingReference(String),
+    /// No connection could be had in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Query(diesel::result::Error),
+    /// A stored value could not be read back (corrupt JSON, unknown enum value).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+impl From<diesel::result::Error> for DbError {
+    fn from(err: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match err {
+            Error::NotFound => DbError::NotFound,
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                DbError::Conflict(info.message().to_owned())
+            }
+            Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info) => {
+                DbError::MissingReference(info.message().to_owned())
+            }
+            other => DbError::Query(other),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for DbError {
+    fn from(err: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        DbError::Unavailable(err.to_string())
+    }
+}
+
+/// Runs `$body` with `$conn` bound to a pooled connection of whichever backend `$db` holds.
+/// The body is compiled once per backend, so every query must be portable.
+#[macro_export]
+macro_rules! with_conn {
+    ($db:expr, |$conn:ident| $body:expr) => {
+        match $db {
+            $crate::db::Db::Pg(pool) => {
+                let mut guard = pool.get().await?;
+                let $conn = &mut *guard;
+                $body
+            }
+            $crate::db::Db::Sqlite(pool) => {
+                let mut guard = pool.get().await?;
+                let $conn = &mut *guard;
+                $body
+            }
+        }
+    };
+}
+
+// SQLite settings every connection needs: WAL lets readers run beside the one writer, the busy
+// timeout makes a writer wait instead of failing, and foreign keys are off unless asked for.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; \
+     PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;";
+
+impl Db {
+    /// Builds the pool for `settings.url`. Connections open lazily, on first use.
+    pub fn connect(settings: &DatabaseSettings) -> anyhow::Result<Self> {
+        let wait = Some(Duration::from_secs(settings.acquire_timeout_secs));
+        match DatabaseKind::from_url(&settings.url)? {
+            DatabaseKind::Postgres => {
+                let mut config = ManagerConfig::default();
+                // A checkout must not cost a round trip; a dead connection surfaces as an error
+                // on first use and is dropped by the pool.
+                config.recycling_method = RecyclingMethod::Fast;
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+                    settings.url.clone(),
+                    config,
+                );
+                let pool = Pool::builder(manager)
+                    .max_size(settings.max_connections)
+                    .wait_timeout(wait)
+                    .create_timeout(wait)
+                    .runtime(deadpool::Runtime::Tokio1)
+                    .build()?;
+                Ok(Db::Pg(pool))
+            }
+            DatabaseKind::Sqlite(path) => {
+                let mut config = ManagerConfig::<SqliteConn>::default();
+                config.recycling_method = RecyclingMethod::Fast;
+                config.custom_setup = Box::new(|path: &str| {
+                    let path = path.to_owned();
+                    async move {
+                        let mut conn = SqliteConn::establish(&path).await?;
+                        conn.batch_execute(SQLITE_PRAGMAS)
+                            .await
+                            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                        Ok(conn)
+                    }
+                    .boxed()
+                });
+                let manager = AsyncDieselConnectionManager::<SqliteConn>::new_with_config(
+                    path.to_string_lossy(),
+                    config,
+                );
+                let pool = Pool::builder(manager)
+                    .max_size(settings.max_connections)
+                    .wait_timeout(wait)
+                    .create_timeout(wait)
+                    .runtime(deadpool::Runtime::Tokio1)
+                    .build()?;
+                Ok(Db::Sqlite(pool))
+            }
+        }
+    }
+
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        with_conn!(self, |conn| {
+            conn.batch_execute("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    /// The backend's name, for logs and `/readyz`.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Db::Pg(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
+        }
+    }
+}

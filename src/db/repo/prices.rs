@@ -1,0 +1,75 @@
+//! The `prices` table.
+
+use diesel::prelude::*;
+use diesel::upsert::excluded;
+use diesel_async::RunQueryDsl;
+
+use super::{split_page, Page};
+use crate::db::models::PriceRow;
+use crate::db::schema::prices;
+use crate::db::{Db, DbError};
+use crate::domain::Price;
+use crate::with_conn;
+
+/// Creates or replaces the price of `price.model`.
+pub async fn upsert(db: &Db, price: &Price) -> Result<(), DbError> {
+    let row = PriceRow::from(price);
+    with_conn!(db, |conn| {
+        diesel::insert_into(prices::table)
+            .values(&row)
+            .on_conflict(prices::model)
+            .do_update()
+            .set((
+                prices::input_per_mtok_nanos.eq(excluded(prices::input_per_mtok_nanos)),
+                prices::output_per_mtok_nanos.eq(excluded(prices::output_per_mtok_nanos)),
+                prices::cached_input_per_mtok_nanos
+                    .eq(excluded(prices::cached_input_per_mtok_nanos)),
+                prices::reasoning_per_mtok_nanos.eq(excluded(prices::reasoning_per_mtok_nanos)),
+                prices::per_image_nanos.eq(excluded(prices::per_image_nanos)),
+                prices::per_audio_second_nanos.eq(excluded(prices::per_audio_second_nanos)),
+                prices::updated_at.eq(excluded(prices::updated_at)),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+}
+
+/// Prices ordered by model name, a page at a time.
+pub async fn list(db: &Db, page: Page) -> Result<(Vec<Price>, bool), DbError> {
+    let rows: Vec<PriceRow> = with_conn!(db, |conn| {
+        prices::table
+            .order(prices::model)
+            .limit(page.limit + 1)
+            .offset(page.offset)
+            .select(PriceRow::as_select())
+            .load(conn)
+            .await?
+    });
+    let (rows, more) = split_page(rows, page);
+    Ok((rows.into_iter().map(Price::from).collect(), more))
+}
+
+/// One model's price.
+pub async fn get(db: &Db, model: &str) -> Result<Price, DbError> {
+    let row: PriceRow = with_conn!(db, |conn| {
+        prices::table
+            .find(model)
+            .select(PriceRow::as_select())
+            .first(conn)
+            .await?
+    });
+    Ok(row.into())
+}
+
+/// Every price.
+pub async fn all(db: &Db) -> Result<Vec<Price>, DbError> {
+    let rows: Vec<PriceRow> = with_conn!(db, |conn| {
+        prices::table
+            .order(prices::model)
+            .select(PriceRow::as_select())
+            .load(conn)
+            .await?
+    });
+    Ok(rows.into_iter().map(Price::from).collect())
+}

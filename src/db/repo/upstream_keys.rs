@@ -1,0 +1,94 @@
+//! The `upstream_keys` table.
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use super::{split_page, Page};
+use crate::db::models::UpstreamKeyRow;
+use crate::db::schema::upstream_keys;
+use crate::db::{Db, DbError};
+use crate::domain::UpstreamKey;
+use crate::with_conn;
+
+/// Stores a new upstream key.
+pub async fn insert(db: &Db, key: &UpstreamKey) -> Result<(), DbError> {
+    let row = UpstreamKeyRow::from(key);
+    with_conn!(db, |conn| {
+        diesel::insert_into(upstream_keys::table)
+            .values(&row)
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+}
+
+/// One key by id.
+pub async fn get(db: &Db, id: &str) -> Result<UpstreamKey, DbError> {
+    let row: UpstreamKeyRow = with_conn!(db, |conn| {
+        upstream_keys::table
+            .find(id)
+            .select(UpstreamKeyRow::as_select())
+            .first(conn)
+            .await?
+    });
+    row.try_into()
+}
+
+/// Keys in creation order, a page at a time.
+pub async fn list(db: &Db, page: Page) -> Result<(Vec<UpstreamKey>, bool), DbError> {
+    let rows: Vec<UpstreamKeyRow> = with_conn!(db, |conn| {
+        upstream_keys::table
+            .order(upstream_keys::id)
+            .limit(page.limit + 1)
+            .offset(page.offset)
+            .select(UpstreamKeyRow::as_select())
+            .load(conn)
+            .await?
+    });
+    let (rows, more) = split_page(rows, page);
+    Ok((rows_to_keys(rows)?, more))
+}
+
+/// Every key (for the pools and for duplicate checks).
+pub async fn all(db: &Db) -> Result<Vec<UpstreamKey>, DbError> {
+    let rows: Vec<UpstreamKeyRow> = with_conn!(db, |conn| {
+        upstream_keys::table
+            .order(upstream_keys::id)
+            .select(UpstreamKeyRow::as_select())
+            .load(conn)
+            .await?
+    });
+    rows_to_keys(rows)
+}
+
+fn rows_to_keys(rows: Vec<UpstreamKeyRow>) -> Result<Vec<UpstreamKey>, DbError> {
+    rows.into_iter().map(UpstreamKey::try_from).collect()
+}
+
+/// Writes every column of `key` over its row.
+pub async fn update(db: &Db, key: &UpstreamKey) -> Result<(), DbError> {
+    let row = UpstreamKeyRow::from(key);
+    let updated = with_conn!(db, |conn| {
+        diesel::update(upstream_keys::table.find(&key.id))
+            .set(&row)
+            .execute(conn)
+            .await?
+    });
+    if updated == 0 {
+        return Err(DbError::NotFound);
+    }
+    Ok(())
+}
+
+/// Deletes a key.
+pub async fn delete(db: &Db, id: &str) -> Result<(), DbError> {
+    let deleted = with_conn!(db, |conn| {
+        diesel::delete(upstream_keys::table.find(id))
+            .execute(conn)
+            .await?
+    });
+    if deleted == 0 {
+        return Err(DbError::NotFound);
+    }
+    Ok(())
+}

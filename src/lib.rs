@@ -1,0 +1,15 @@
+//! Switchyard: an LLM API router. See README.md and `../shared/API.md`.
+
+pub mod actors;
+pub mod auth;
+pub mod bootstrap;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod telemetry;
+pub mod upstream;

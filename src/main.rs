@@ -1,0 +1,52 @@
+//! The `switchyard` binary: `serve` (the default) and `migrate`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use switchyard::config::Settings;
+use switchyard::db::migrate;
+use switchyard::startup::Application;
+use switchyard::telemetry;
+
+/// An LLM API router.
+#[derive(Parser)]
+#[command(name = "switchyard", version, about)]
+struct Cli {
+    /// A TOML file layered over the built-in defaults (environment variables still win).
+    #[arg(long, short = 'c', global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the router (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref())?;
+    let _log_guard = telemetry::init(&settings.log);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Migrate => migrate::run_pending(&settings.database.url).map(|applied| {
+            tracing::info!(applied, "migrations complete");
+        }),
+        Command::Serve => serve(settings),
+    };
+    if let Err(err) = &result {
+        tracing::error!(error = format!("{err:#}"), "switchyard failed");
+    }
+    result
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(settings).await?;
+        app.run_until_stopped().await.context("serving")
+    })
+}

@@ -1,0 +1,114 @@
+//! Builds the whole service from settings: migrations, storage, secrets, actors, HTTP server.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix::Actor;
+use actix_web::dev::Server;
+use actix_web::http::StatusCode;
+use actix_web::middleware::{from_fn, ErrorHandlers};
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use tracing_actix_web::TracingLogger;
+
+use crate::actors::config_sync::ConfigSyncActor;
+use crate::auth::{AuthCache, Authenticator};
+use crate::bootstrap;
+use crate::config::Settings;
+use crate::db::{migrate, Db};
+use crate::routes;
+use crate::state::AppState;
+use crate::telemetry::{self, RequestSpan};
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Migrates the database, prepares secrets and binds the listener (port 0 picks a free port,
+    /// which tests use). Must be called inside an actix System.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let applied = migrate::run_pending_off_thread(settings.database.url.clone()).await?;
+        let secrets = bootstrap::resolve_secrets(&settings)?;
+        let db = Db::connect(&settings.database).context("building the database pool")?;
+        tracing::info!(backend = db.backend_name(), migrations_applied = applied, "database ready");
+        bootstrap::seed_first_start(&db, &secrets.master_key).await?;
+        if let Some((token, path)) = &secrets.generated_admin_token {
+            // Shown once, on the terminal, so a newcomer can call the admin API right away.
+            // It is printed, not logged: log collectors never see it.
+            println!(
+                "\n  Switchyard admin token (saved in {}):\n\n    {token}\n\n  Use it as: Authorization: Bearer <token>\n",
+                path.display()
+            );
+        }
+
+        let auth_cache = Arc::new(AuthCache::new(
+            settings.auth.key_cache_size,
+            settings.auth.user_cache_size,
+        ));
+        let config_sync = ConfigSyncActor::new(auth_cache.clone()).start();
+        let state = web::Data::new(AppState {
+            db: db.clone(),
+            master_key: secrets.master_key,
+            admin_token: secrets.admin_token,
+            config_sync,
+        });
+        let authenticator = web::Data::new(Authenticator::new(db, auth_cache));
+
+        let listener = TcpListener::bind(&settings.server.listen)
+            .with_context(|| format!("binding {}", settings.server.listen))?;
+        let port = listener.local_addr()?.port();
+        let max_body = settings.server.max_body_bytes;
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(authenticator.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(max_body)
+                        .error_handler(routes::json_error),
+                )
+                .app_data(web::PayloadConfig::new(max_body))
+                .app_data(web::QueryConfig::default().error_handler(routes::query_error))
+                .app_data(web::PathConfig::default().error_handler(routes::path_error))
+                .configure(routes::configure)
+                .default_service(web::to(routes::not_found))
+                .wrap(ErrorHandlers::new().handler(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    routes::method_not_allowed,
+                ))
+                .wrap(from_fn(telemetry::access_log))
+                .wrap(TracingLogger::<RequestSpan>::new())
+        })
+        .listen(listener)?
+        .shutdown_timeout(settings.server.shutdown_timeout_secs);
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        tracing::info!(listen = %settings.server.listen, port, "switchyard listening");
+        Ok(Application {
+            port,
+            server: server.run(),
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains in-flight calls (bounded by
+    /// `server.shutdown_timeout_secs`).
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await?;
+        tracing::info!("switchyard stopped");
+        Ok(())
+    }
+
+    /// The server handle, for tests that stop it.
+    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+}

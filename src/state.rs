@@ -1,0 +1,30 @@
+//! What handlers share: storage, secrets and the actors' addresses.
+
+use actix::Addr;
+
+use crate::actors::config_sync::{Changed, ConfigSyncActor, Entity};
+use crate::crypto::MasterKey;
+use crate::db::Db;
+
+/// Shared by every worker through `web::Data`.
+pub struct AppState {
+    pub db: Db,
+    pub master_key: MasterKey,
+    /// `None` when no admin token is configured: the admin API then refuses every call.
+    pub admin_token: Option<String>,
+    pub config_sync: Addr<ConfigSyncActor>,
+}
+
+impl AppState {
+    /// Tells the config-sync actor that a record changed, and waits until the caches have
+    /// dropped it, so the admin's next call already sees the change.
+    pub async fn changed(&self, entity: Entity, id: &str) {
+        let msg = Changed {
+            entity,
+            id: id.to_owned(),
+        };
+        if let Err(err) = self.config_sync.send(msg).await {
+            tracing::error!(error = %err, "config-sync actor unreachable");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Logging: one subscriber for the process, a root span per request with its id, and an access
+//! line per request. Paths are logged without their query string, where `?key=` may sit.
+
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{Error, HttpMessage};
+use tracing::Span;
+use tracing_actix_web::{RequestId, RootSpanBuilder};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, LogSettings};
+
+/// Installs the global subscriber. Dependencies log at `warn` unless `RUST_LOG` says otherwise:
+/// their debug output is not written for us and could echo request data.
+pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| {
+            EnvFilter::try_new(format!("warn,switchyard={}", settings.level))
+                .unwrap_or_else(|_| EnvFilter::new("warn,switchyard=info"))
+        });
+    // Log lines are handed to a writer thread so a slow stdout never stalls a request.
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_target(false);
+    let result = match settings.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    if result.is_err() {
+        eprintln!("a tracing subscriber was already installed; keeping it");
+    }
+    guard
+}
+
+/// The root span of every request: method, path (never the query), request id, and the caller
+/// once authenticated.
+pub struct RequestSpan;
+
+impl RootSpanBuilder for RequestSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let request_id = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        tracing::info_span!(
+            target: "switchyard::http",
+            "request",
+            method = %request.method(),
+            path = %request.path(),
+            request_id = %request_id,
+            user_id = tracing::field::Empty,
+            key_id = tracing::field::Empty,
+            status = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        let status = match outcome {
+            Ok(response) => response.status().as_u16(),
+            Err(err) => err.as_response_error().status_code().as_u16(),
+        };
+        span.record("status", status);
+    }
+}
+
+static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Sets `x-request-id` on every response and writes one access line per request.
+pub async fn access_log(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let started = Instant::now();
+    let request_id = req.extensions().get::<RequestId>().map(|id| id.to_string());
+    // Handlers and middleware turn their errors into responses, so an `Err` here is rare; it
+    // is still logged with its latency before actix renders it.
+    let mut response = next.call(req).await.inspect_err(|err| {
+        let latency_us = started.elapsed().as_micros() as u64;
+        tracing::warn!(target: "switchyard::http", error = %err, latency_us, "request failed");
+    })?;
+    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        response
+            .headers_mut()
+            .insert(REQUEST_ID_HEADER.clone(), value);
+    }
+    let status = response.status().as_u16();
+    let latency_us = started.elapsed().as_micros() as u64;
+    if status >= 500 {
+        tracing::warn!(target: "switchyard::http", status, latency_us, "request failed");
+    } else {
+        tracing::info!(target: "switchyard::http", status, latency_us, "request");
+    }
+    Ok(response)
+}
