@@ -23,7 +23,8 @@ pub struct Secrets {
 /// Resolves the admin token and master key: settings win; on SQLite, files beside the database
 /// are read or created (mode 0600); on PostgreSQL, a missing master key is fatal.
 pub fn resolve_secrets(settings: &Settings) -> anyhow::Result<Secrets> {
-    let configured_token = Some(settings.auth.admin_token.trim().to_owned()).filter(|t| !t.is_empty());
+    let configured_token =
+        Some(settings.auth.admin_token.trim().to_owned()).filter(|t| !t.is_empty());
     let configured_key = Some(settings.auth.master_key.trim().to_owned()).filter(|k| !k.is_empty());
     match settings.database_kind()? {
         DatabaseKind::Postgres => {
@@ -43,7 +44,9 @@ pub fn resolve_secrets(settings: &Settings) -> anyhow::Result<Secrets> {
         DatabaseKind::Sqlite(db_path) => {
             let master_key = match configured_key {
                 Some(key) => key,
-                None => read_or_create(&sibling(&db_path, "master_key"), MasterKey::generate_base64)?.0,
+                None => {
+                    read_or_create(&sibling(&db_path, "master_key"), MasterKey::generate_base64)?.0
+                }
             };
             let (admin_token, generated_admin_token) = match configured_token {
                 Some(token) => (token, None),
@@ -114,7 +117,11 @@ fn read_or_create(
 /// Provider keys read from the environment on the very first start.
 const PROVIDER_ENV: [(Provider, &str, &str); 3] = [
     (Provider::OpenAi, "OPENAI_API_KEY", "OPENAI_BASE_URL"),
-    (Provider::Anthropic, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
+    (
+        Provider::Anthropic,
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+    ),
     (Provider::Gemini, "GEMINI_API_KEY", "GEMINI_BASE_URL"),
 ];
 

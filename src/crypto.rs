@@ -78,9 +78,7 @@ impl MasterKey {
                     aad: record_id.as_bytes(),
                 },
             )
-            .map_err(|_| {
-                anyhow::anyhow!("stored secret does not decrypt (wrong master key?)")
-            })?;
+            .map_err(|_| anyhow::anyhow!("stored secret does not decrypt (wrong master key?)"))?;
         String::from_utf8(plain).map_err(|_| anyhow::anyhow!("stored secret is not UTF-8"))
     }
 }
@@ -95,8 +93,8 @@ pub fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
 /// Hashes a user-key secret with argon2id (default parameters, random salt). CPU-heavy:
 /// call it on a blocking thread.
 pub fn hash_secret(secret: &str) -> anyhow::Result<String> {
-    let salt = SaltString::encode_b64(&random_bytes::<16>()?)
-        .map_err(|e| anyhow::anyhow!("salt: {e}"))?;
+    let salt =
+        SaltString::encode_b64(&random_bytes::<16>()?).map_err(|e| anyhow::anyhow!("salt: {e}"))?;
     Argon2::default()
         .hash_password(secret.as_bytes(), &salt)
         .map(|h| h.to_string())

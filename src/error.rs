@@ -112,7 +112,13 @@ impl ApiError {
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.code, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
     }
 }
 
@@ -137,7 +143,9 @@ impl From<DbError> for ApiError {
         match err {
             DbError::NotFound => ApiError::not_found("no such record"),
             DbError::Conflict(_) => ApiError::conflict("a record with that value already exists"),
-            DbError::MissingReference(_) => ApiError::not_found("a referenced record does not exist"),
+            DbError::MissingReference(_) => {
+                ApiError::not_found("a referenced record does not exist")
+            }
             DbError::Unavailable(cause) => ApiError::unavailable(cause),
             other => ApiError::internal(other),
         }

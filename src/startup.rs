@@ -33,7 +33,11 @@ impl Application {
         let applied = migrate::run_pending_off_thread(settings.database.url.clone()).await?;
         let secrets = bootstrap::resolve_secrets(&settings)?;
         let db = Db::connect(&settings.database).context("building the database pool")?;
-        tracing::info!(backend = db.backend_name(), migrations_applied = applied, "database ready");
+        tracing::info!(
+            backend = db.backend_name(),
+            migrations_applied = applied,
+            "database ready"
+        );
         bootstrap::seed_first_start(&db, &secrets.master_key).await?;
         if let Some((token, path)) = &secrets.generated_admin_token {
             // Shown once, on the terminal, so a newcomer can call the admin API right away.
@@ -75,10 +79,10 @@ impl Application {
                 .app_data(web::PathConfig::default().error_handler(routes::path_error))
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
-                .wrap(ErrorHandlers::new().handler(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    routes::method_not_allowed,
-                ))
+                .wrap(
+                    ErrorHandlers::new()
+                        .handler(StatusCode::METHOD_NOT_ALLOWED, routes::method_not_allowed),
+                )
                 .wrap(from_fn(telemetry::access_log))
                 .wrap(TracingLogger::<RequestSpan>::new())
         })

@@ -5,9 +5,7 @@ use diesel::prelude::*;
 
 use super::schema::{model_mappings, prices, upstream_keys, user_keys, users};
 use super::DbError;
-use crate::domain::{
-    ModelMapping, Price, Provider, UpstreamKey, User, UserKey, UserStatus,
-};
+use crate::domain::{ModelMapping, Price, Provider, UpstreamKey, User, UserKey, UserStatus};
 
 /// A `users` row.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

@@ -101,8 +101,16 @@ mod tests {
 
     #[test]
     fn malformed_keys_do_not_parse() {
-        for bad in ["", "sk-", "sk-0123", "pk-0123456789abcdef-abc", "sk-0123456789ABCDEF-abc",
-            "sk-0123456789abcdef-", "sk-0123456789abcdefxabc", "sk-0123456789abcdef-a b"] {
+        for bad in [
+            "",
+            "sk-",
+            "sk-0123",
+            "pk-0123456789abcdef-abc",
+            "sk-0123456789ABCDEF-abc",
+            "sk-0123456789abcdef-",
+            "sk-0123456789abcdefxabc",
+            "sk-0123456789abcdef-a b",
+        ] {
             assert!(PresentedKey::parse(bad).is_none(), "{bad}");
         }
     }

@@ -50,7 +50,9 @@ pub fn check_level(level: i32) -> Result<(), String> {
     if (1..=MAX_LEVEL).contains(&level) {
         Ok(())
     } else {
-        Err(format!("level must be between 1 and {MAX_LEVEL}, got {level}"))
+        Err(format!(
+            "level must be between 1 and {MAX_LEVEL}, got {level}"
+        ))
     }
 }
 
@@ -59,7 +61,9 @@ pub fn check_fallback_levels(level: i32, fallbacks: &[i32]) -> Result<(), String
     for (i, l) in fallbacks.iter().enumerate() {
         check_level(*l)?;
         if *l == level {
-            return Err(format!("fallback_levels must not repeat the user's level {level}"));
+            return Err(format!(
+                "fallback_levels must not repeat the user's level {level}"
+            ));
         }
         if fallbacks[..i].contains(l) {
             return Err(format!("fallback level {l} is listed twice"));
@@ -103,7 +107,10 @@ mod tests {
     fn cidrs_and_bare_addresses_parse_and_garbage_does_not() {
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("::1").unwrap().to_string(), "::1/128");
-        assert_eq!(parse_cidr("192.168.1.1").unwrap().to_string(), "192.168.1.1/32");
+        assert_eq!(
+            parse_cidr("192.168.1.1").unwrap().to_string(),
+            "192.168.1.1/32"
+        );
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("not-an-ip").is_err());
     }

@@ -24,13 +24,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 /// JSON bodies that fail to parse become 400 (413 when too large) in the contract's shape.
 pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
     let api = match &err {
-        JsonPayloadError::Overflow { limit } | JsonPayloadError::OverflowKnownLength { limit, .. } => {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request",
-                format!("request body is larger than the limit of {limit} bytes"),
-            )
-        }
+        JsonPayloadError::Overflow { limit }
+        | JsonPayloadError::OverflowKnownLength { limit, .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            format!("request body is larger than the limit of {limit} bytes"),
+        ),
         JsonPayloadError::ContentType => {
             ApiError::invalid("request body must be JSON with Content-Type: application/json")
         }
@@ -65,8 +64,12 @@ pub fn method_not_allowed<B>(
 ) -> actix_web::Result<ErrorHandlerResponse<B>> {
     let (req, _) = res.into_parts();
     let message = format!("{} is not allowed on {}", req.method(), req.path());
-    let response = ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message)
-        .error_response();
+    let response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    )
+    .error_response();
     let res: ServiceResponse<EitherBody<B, BoxBody>> =
         ServiceResponse::new(req, response).map_into_right_body();
     Ok(ErrorHandlerResponse::Response(res))

@@ -12,9 +12,7 @@ pub fn build(timeout: Duration) -> awc::Client {
         .with_safe_default_protocol_versions()
     {
         Ok(builder) => {
-            let mut config = builder
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let mut config = builder.with_root_certificates(roots).with_no_client_auth();
             config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             awc::Connector::new().rustls_0_23(Arc::new(config))
         }

@@ -18,7 +18,12 @@ pub enum ProbeOutcome {
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Asks the provider whether it accepts `secret`.
-pub async fn probe(client: &awc::Client, provider: Provider, base_url: &str, secret: &str) -> ProbeOutcome {
+pub async fn probe(
+    client: &awc::Client,
+    provider: Provider,
+    base_url: &str,
+    secret: &str,
+) -> ProbeOutcome {
     let url = format!("{}/models", base_url.trim_end_matches('/'));
     let request = client.get(url);
     let request = match provider {
@@ -34,12 +39,18 @@ pub async fn probe(client: &awc::Client, provider: Provider, base_url: &str, sec
             if status.is_success() || status.as_u16() == 429 {
                 ProbeOutcome::Valid
             } else if matches!(status.as_u16(), 401 | 403) {
-                ProbeOutcome::Rejected(format!("the provider refused the key ({})", status.as_u16()))
+                ProbeOutcome::Rejected(format!(
+                    "the provider refused the key ({})",
+                    status.as_u16()
+                ))
             } else {
                 ProbeOutcome::Rejected(format!("the provider answered {}", status.as_u16()))
             }
         }
-        Err(err) => ProbeOutcome::Rejected(format!("the provider could not be reached: {}", describe(&err))),
+        Err(err) => ProbeOutcome::Rejected(format!(
+            "the provider could not be reached: {}",
+            describe(&err)
+        )),
     }
 }
 

@@ -52,7 +52,9 @@ pub async fn create(
     check(rules::check_model_glob(&body.from))?;
     let to = body.to.trim();
     if to.is_empty() || to.len() > 256 || to.contains(['*', '?', '[', '{']) {
-        return Err(ApiError::invalid("to must be a model name (1 to 256 characters, no glob)"));
+        return Err(ApiError::invalid(
+            "to must be a model name (1 to 256 characters, no glob)",
+        ));
     }
     if let Some(user_id) = body.user_id.as_deref() {
         users::load(&state, user_id).await?;
@@ -93,7 +95,6 @@ pub async fn delete(
         })?;
     state.changed(Entity::ModelMapping, &id).await;
     tracing::info!(mapping_id = %id, "model mapping deleted");
-    Ok(HttpResponse::Ok().json(
-        serde_json::json!({"id": *id, "object": "model_mapping", "deleted": true}),
-    ))
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({"id": *id, "object": "model_mapping", "deleted": true})))
 }

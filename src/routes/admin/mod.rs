@@ -30,11 +30,7 @@ pub fn scope() -> actix_web::Scope<
 > {
     web::scope("/admin")
         .wrap(from_fn(require_admin_token))
-        .service(
-            web::resource("/users")
-                .post(users::create)
-                .get(users::list),
-        )
+        .service(web::resource("/users").post(users::create).get(users::list))
         .service(
             web::resource("/users/{id}")
                 .get(users::get)
@@ -75,7 +71,10 @@ async fn require_admin_token(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
     match check_admin_token(&req) {
-        Ok(()) => next.call(req).await.map(ServiceResponse::map_into_left_body),
+        Ok(()) => next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_left_body),
         Err(err) => Ok(req
             .into_response(err.error_response())
             .map_into_right_body()),
@@ -182,9 +181,7 @@ pub fn check(result: Result<(), String>) -> Result<(), ApiError> {
 }
 
 /// Reads a JSON body that may be left out entirely (an empty body means all defaults).
-pub fn optional_json<T: serde::de::DeserializeOwned + Default>(
-    body: &[u8],
-) -> Result<T, ApiError> {
+pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }

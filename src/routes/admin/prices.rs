@@ -54,7 +54,8 @@ impl From<&Price> for PriceView {
 }
 
 fn nanos(field: &str, usd: f64) -> Result<i64, ApiError> {
-    usd_to_nanos(usd).ok_or_else(|| ApiError::invalid(format!("{field} must be a non-negative number")))
+    usd_to_nanos(usd)
+        .ok_or_else(|| ApiError::invalid(format!("{field} must be a non-negative number")))
 }
 
 fn optional_nanos(field: &str, usd: Option<f64>) -> Result<Option<i64>, ApiError> {
@@ -75,7 +76,10 @@ pub async fn put(
     let price = Price {
         input_per_mtok_nanos: nanos("input_per_mtok", body.input_per_mtok)?,
         output_per_mtok_nanos: nanos("output_per_mtok", body.output_per_mtok)?,
-        cached_input_per_mtok_nanos: optional_nanos("cached_input_per_mtok", body.cached_input_per_mtok)?,
+        cached_input_per_mtok_nanos: optional_nanos(
+            "cached_input_per_mtok",
+            body.cached_input_per_mtok,
+        )?,
         reasoning_per_mtok_nanos: optional_nanos("reasoning_per_mtok", body.reasoning_per_mtok)?,
         per_image_nanos: optional_nanos("per_image", body.per_image)?,
         per_audio_second_nanos: optional_nanos("per_audio_second", body.per_audio_second)?,

@@ -122,7 +122,8 @@ fn check_weight(weight: i32) -> Result<(), ApiError> {
 }
 
 fn base_url_or_default(provider: Provider, base_url: Option<&str>) -> Result<String, ApiError> {
-    rules::check_base_url(base_url.unwrap_or(provider.default_base_url())).map_err(ApiError::invalid)
+    rules::check_base_url(base_url.unwrap_or(provider.default_base_url()))
+        .map_err(ApiError::invalid)
 }
 
 /// A new key record with `secret` sealed under the master key.
@@ -259,9 +260,8 @@ pub async fn delete(
         .map_err(|e| not_found_key(e, &id))?;
     state.changed(Entity::UpstreamKey, &id).await;
     tracing::info!(upstream_key_id = %id, "upstream key deleted");
-    Ok(HttpResponse::Ok().json(
-        serde_json::json!({"id": *id, "object": "upstream_key", "deleted": true}),
-    ))
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({"id": *id, "object": "upstream_key", "deleted": true})))
 }
 
 #[derive(Serialize)]
@@ -298,7 +298,9 @@ pub async fn discover(
         if key.provider == body.provider && key.base_url == base_url {
             match state.master_key.decrypt(&key.id, &key.secret_enc) {
                 Ok(secret) => known.push(secret),
-                Err(err) => tracing::warn!(upstream_key_id = %key.id, error = %err, "cannot read stored secret"),
+                Err(err) => {
+                    tracing::warn!(upstream_key_id = %key.id, error = %err, "cannot read stored secret")
+                }
             }
         }
     }
@@ -330,7 +332,14 @@ pub async fn discover(
         seen.push(secret);
         match outcome {
             probe::ProbeOutcome::Valid => {
-                let key = new_key(&state, body.provider, base_url.clone(), secret, level, models.clone())?;
+                let key = new_key(
+                    &state,
+                    body.provider,
+                    base_url.clone(),
+                    secret,
+                    level,
+                    models.clone(),
+                )?;
                 repo::upstream_keys::insert(&state.db, &key).await?;
                 state.changed(Entity::UpstreamKey, &key.id).await;
                 added.push(key.id);
@@ -341,7 +350,12 @@ pub async fn discover(
             }),
         }
     }
-    tracing::info!(added = added.len(), rejected = rejected.len(), provider = body.provider.as_str(), "upstream key discovery");
+    tracing::info!(
+        added = added.len(),
+        rejected = rejected.len(),
+        provider = body.provider.as_str(),
+        "upstream key discovery"
+    );
     Ok(HttpResponse::Ok().json(serde_json::json!({"added": added, "rejected": rejected})))
 }
 

@@ -99,7 +99,10 @@ impl UserFields {
         if let Some(levels) = self.fallback_levels {
             user.fallback_levels = levels;
         }
-        check(rules::check_fallback_levels(user.level, &user.fallback_levels))?;
+        check(rules::check_fallback_levels(
+            user.level,
+            &user.fallback_levels,
+        ))?;
         if let Some(cidrs) = self.ip_allowlist {
             user.ip_allowlist = cidrs
                 .iter()

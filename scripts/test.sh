@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit tests and the integration suite against real
+# PostgreSQL and Redis (SQLite is embedded). Works on a fresh machine: finds the services,
+# starts them if installed but stopped, installs them (Debian/Ubuntu, as root) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+PG_HOST=127.0.0.1
+PG_PORT=5432
+PG_USER=postgres
+PG_PASSWORD=postgres
+REDIS_URL="${SWITCHYARD_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+
+log() { printf '==> %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1; fi
+}
+
+apt_install() {
+  command -v apt-get >/dev/null || { echo "no apt-get: install $* by hand" >&2; exit 1; }
+  log "installing $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+pg_url() { echo "postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/${1:-postgres}"; }
+
+pg_ok() { psql "$(pg_url)" -Atqc 'SELECT 1' >/dev/null 2>&1; }
+
+ensure_postgres() {
+  command -v psql >/dev/null || apt_install postgresql-client
+  if ! pg_isready -h "$PG_HOST" -p "$PG_PORT" -q 2>/dev/null; then
+    ls -d /etc/postgresql/*/main >/dev/null 2>&1 || apt_install postgresql postgresql-client
+    log "starting PostgreSQL"
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+      as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+    for _ in $(seq 1 30); do pg_isready -h "$PG_HOST" -p "$PG_PORT" -q && break; sleep 1; done
+  fi
+  if ! pg_ok; then
+    # A packaged server asks for a password over TCP: give the postgres role a known one.
+    log "setting a password for the postgres role"
+    as_root runuser -u postgres -- psql -q -c "ALTER USER postgres PASSWORD '$PG_PASSWORD'" >/dev/null
+  fi
+  pg_ok || { echo "PostgreSQL is not reachable at $(pg_url | sed 's/:[^:@]*@/:***@/')" >&2; exit 1; }
+}
+
+redis_ok() { redis-cli -u "$REDIS_URL" ping 2>/dev/null | grep -q PONG; }
+
+ensure_redis() {
+  command -v redis-server >/dev/null || apt_install redis-server
+  command -v redis-cli >/dev/null || apt_install redis-tools
+  if ! redis_ok; then
+    log "starting Redis"
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    for _ in $(seq 1 30); do redis_ok && break; sleep 0.5; done
+  fi
+  redis_ok || { echo "Redis is not reachable at $REDIS_URL" >&2; exit 1; }
+}
+
+ensure_postgres
+ensure_redis
+
+# Each integration test creates its own database named sy_test_*; drop what earlier runs left.
+log "dropping stale test databases"
+psql "$(pg_url)" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'sy\_test\_%'" |
+  while read -r db; do psql "$(pg_url)" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null; done
+
+export SWITCHYARD_TEST_PG_URL="$(pg_url)"
+export SWITCHYARD_TEST_REDIS_URL="$REDIS_URL"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+log "cargo test"
+cargo test --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/switchyard-test.log"

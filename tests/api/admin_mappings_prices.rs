@@ -1,0 +1,153 @@
+//! `/admin/model-mappings` and `/admin/prices`.
+
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{assert_error, spawn_app, Backend};
+use crate::on_both_backends;
+
+on_both_backends!(
+    mappings_are_created_listed_and_deleted,
+    bad_mappings_are_refused,
+    prices_are_set_replaced_and_listed,
+    bad_prices_are_refused,
+);
+
+async fn mappings_are_created_listed_and_deleted(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let user = app.create_user(json!({})).await;
+    let user_id = user["id"].as_str().unwrap();
+    let (status, system) = app
+        .admin_json(
+            Method::POST,
+            "/admin/model-mappings",
+            Some(json!({"from": "gpt-4*", "to": "gpt-4o-mini"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{system}");
+    assert_eq!(system["user_id"], json!(null));
+    let (status, own) = app
+        .admin_json(
+            Method::POST,
+            "/admin/model-mappings",
+            Some(json!({"from": "fast", "to": "gpt-4o-mini", "user_id": user_id})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_eq!(own["user_id"], user_id);
+
+    let (_, list) = app
+        .admin_json(Method::GET, "/admin/model-mappings", None)
+        .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert_eq!(list["has_more"], false);
+
+    let path = format!("/admin/model-mappings/{}", system["id"].as_str().unwrap());
+    let (status, _) = app.admin_json(Method::DELETE, &path, None).await;
+    assert_eq!(status, 200);
+    assert_error(
+        app.admin_json(Method::DELETE, &path, None).await,
+        404,
+        "not_found",
+    );
+    let (_, list) = app
+        .admin_json(Method::GET, "/admin/model-mappings", None)
+        .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+
+    // A user's own mappings go with the user.
+    app.admin_json(Method::DELETE, &format!("/admin/users/{user_id}"), None)
+        .await;
+    let (_, list) = app
+        .admin_json(Method::GET, "/admin/model-mappings", None)
+        .await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+}
+
+async fn bad_mappings_are_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for body in [
+        json!({"from": "gpt-[", "to": "x"}),
+        json!({"from": "a", "to": ""}),
+        json!({"from": "a", "to": "b*"}),
+        json!({"from": "a"}),
+        json!({"from": "a", "to": "b", "extra": 1}),
+    ] {
+        let result = app
+            .admin_json(Method::POST, "/admin/model-mappings", Some(body.clone()))
+            .await;
+        assert_eq!(result.0, 400, "{body}: {}", result.1);
+        assert_error(result, 400, "invalid_request");
+    }
+    assert_error(
+        app.admin_json(
+            Method::POST,
+            "/admin/model-mappings",
+            Some(json!({"from": "a", "to": "b", "user_id": "usr_nobody"})),
+        )
+        .await,
+        404,
+        "not_found",
+    );
+}
+
+async fn prices_are_set_replaced_and_listed(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (status, price) = app
+        .admin_json(
+            Method::PUT,
+            "/admin/prices/gpt-4o",
+            Some(json!({"input_per_mtok": 2.5, "output_per_mtok": 10.0,
+                        "cached_input_per_mtok": 1.25})),
+        )
+        .await;
+    assert_eq!(status, 200, "{price}");
+    assert_eq!(price["model"], "gpt-4o");
+    assert_eq!(price["input_per_mtok"], json!(2.5));
+    assert_eq!(price["cached_input_per_mtok"], json!(1.25));
+    assert_eq!(price["reasoning_per_mtok"], json!(null));
+    let (_, replaced) = app
+        .admin_json(
+            Method::PUT,
+            "/admin/prices/gpt-4o",
+            Some(json!({"input_per_mtok": 0.15, "output_per_mtok": 0.6})),
+        )
+        .await;
+    assert_eq!(replaced["input_per_mtok"], json!(0.15));
+    assert_eq!(replaced["cached_input_per_mtok"], json!(null));
+    app.admin_json(
+        Method::PUT,
+        "/admin/prices/dall-e-3",
+        Some(json!({"input_per_mtok": 0, "output_per_mtok": 0, "per_image": 0.04})),
+    )
+    .await;
+    let (_, list) = app.admin_json(Method::GET, "/admin/prices", None).await;
+    let models: Vec<_> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["dall-e-3", "gpt-4o"]);
+    assert_eq!(list["data"][0]["per_image"], json!(0.04));
+    assert_eq!(list["data"][1]["output_per_mtok"], json!(0.6));
+}
+
+async fn bad_prices_are_refused(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for body in [
+        json!({"input_per_mtok": -1, "output_per_mtok": 1}),
+        json!({"input_per_mtok": 1}),
+        json!({"input_per_mtok": "cheap", "output_per_mtok": 1}),
+        json!({"input_per_mtok": 1, "output_per_mtok": 1, "per_image": -0.5}),
+        json!({"input_per_mtok": 1, "output_per_mtok": 1, "per_token": 1}),
+    ] {
+        let result = app
+            .admin_json(Method::PUT, "/admin/prices/gpt-4o", Some(body.clone()))
+            .await;
+        assert_eq!(result.0, 400, "{body}: {}", result.1);
+        assert_error(result, 400, "invalid_request");
+    }
+    let (_, list) = app.admin_json(Method::GET, "/admin/prices", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+}

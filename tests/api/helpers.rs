@@ -1,0 +1,288 @@
+//! Test fixtures: the real application on a random port against a fresh SQLite file or a fresh
+//! PostgreSQL database, a scriptable mock provider, and a client with the admin token.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use serde_json::{json, Value};
+use switchyard::config::Settings;
+use switchyard::crypto::MasterKey;
+use switchyard::startup::Application;
+
+/// The storage backend a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs one async test body on both backends, as two test functions.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[actix_web::test]
+                async fn sqlite() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+                #[actix_web::test]
+                async fn postgres() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+/// The server's PostgreSQL, where each test creates its own database.
+pub fn pg_admin_url() -> String {
+    std::env::var("SWITCHYARD_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn replace_db_name(url: &str, name: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{name}")
+}
+
+/// A fresh, empty database for one test: its URL.
+pub async fn fresh_database_url(backend: Backend) -> (String, Option<tempdir::Dir>) {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempdir::Dir::new();
+            let url = format!("sqlite://{}", dir.path().join("switchyard.db").display());
+            (url, Some(dir))
+        }
+        Backend::Postgres => {
+            let name = format!("sy_test_{}", uuid::Uuid::new_v4().simple());
+            let admin = pg_admin_url();
+            let mut conn = AsyncPgConnection::establish(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL unreachable (SWITCHYARD_TEST_PG_URL): {e}"));
+            conn.batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                .await
+                .expect("create test database");
+            (replace_db_name(&admin, &name), None)
+        }
+    }
+}
+
+/// Temporary directories removed on drop.
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory under the system temp dir, deleted with its contents on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        /// Creates a new empty directory.
+        pub fn new() -> Self {
+            let path =
+                std::env::temp_dir().join(format!("switchyard-test-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir_all(&path).expect("create temp dir");
+            Dir(path)
+        }
+
+        /// Its path.
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A running application and what a test needs to talk to it.
+pub struct TestApp {
+    pub address: String,
+    pub admin_token: String,
+    pub master_key: String,
+    pub database_url: String,
+    pub http: reqwest::Client,
+    _dir: Option<tempdir::Dir>,
+}
+
+/// The settings a test app runs with: a random port, one worker, the given database.
+pub fn test_settings(database_url: &str, admin_token: &str, master_key: &str) -> Settings {
+    let env = [
+        ("SWITCHYARD_LISTEN", "127.0.0.1:0"),
+        ("SWITCHYARD_DATABASE_URL", database_url),
+        ("SWITCHYARD_ADMIN_TOKEN", admin_token),
+        ("SWITCHYARD_MASTER_KEY", master_key),
+        ("SWITCHYARD_SERVER__WORKERS", "1"),
+        ("SWITCHYARD_SERVER__SHUTDOWN_TIMEOUT_SECS", "1"),
+        ("SWITCHYARD_DATABASE__MAX_CONNECTIONS", "4"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()));
+    Settings::load_from(None, env).expect("test settings")
+}
+
+/// Starts the application on `backend` with a fresh database.
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let (database_url, dir) = fresh_database_url(backend).await;
+    let admin_token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+    let master_key = MasterKey::generate_base64().unwrap();
+    let settings = test_settings(&database_url, &admin_token, &master_key);
+    let app = Application::build(settings).await.expect("build app");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    actix_web::rt::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        admin_token,
+        master_key,
+        database_url,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+impl TestApp {
+    /// A request to `path` with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.address))
+            .bearer_auth(&self.admin_token)
+    }
+
+    /// Sends an admin call and returns its status and JSON body (Null when empty).
+    pub async fn admin_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self.admin(method, path);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        into_json(request.send().await.expect("admin call")).await
+    }
+
+    /// Creates a user with `fields` (a name is added when missing) and returns its JSON.
+    pub async fn create_user(&self, mut fields: Value) -> Value {
+        if fields.get("name").is_none() {
+            fields["name"] = json!(format!("user-{}", uuid::Uuid::new_v4().simple()));
+        }
+        let (status, body) = self
+            .admin_json(reqwest::Method::POST, "/admin/users", Some(fields))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    /// Creates a key for `user_id` and returns (key id, full key).
+    pub async fn create_key(&self, user_id: &str, body: Value) -> (String, String) {
+        let (status, body) = self
+            .admin_json(
+                reqwest::Method::POST,
+                &format!("/admin/users/{user_id}/keys"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// A new active user with one key: (user id, full key).
+    pub async fn user_with_key(&self) -> (String, String) {
+        let user = self.create_user(json!({})).await;
+        let user_id = user["id"].as_str().unwrap().to_owned();
+        let (_, key) = self.create_key(&user_id, json!({})).await;
+        (user_id, key)
+    }
+
+    /// `GET /v1/models` with the key as a bearer token: status and body.
+    pub async fn call_with_key(&self, key: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}/v1/models", self.address))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("data-plane call");
+        into_json(response).await
+    }
+
+    /// The storage layer on the same database, to check what is stored.
+    pub fn db(&self) -> switchyard::db::Db {
+        let settings = test_settings(&self.database_url, &self.admin_token, &self.master_key);
+        switchyard::db::Db::connect(&settings.database).expect("db")
+    }
+}
+
+/// Status and JSON body of a response (Null when the body is empty).
+pub async fn into_json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"))
+    };
+    (status, body)
+}
+
+/// Asserts the contract's error shape with `status` and `code`.
+pub fn assert_error(actual: (u16, Value), status: u16, code: &str) {
+    let (got_status, body) = actual;
+    assert_eq!(got_status, status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+}
+
+/// A mock provider answering `GET /models`: 200 for secrets starting with `good`, 429 for
+/// `busy`, 401 otherwise. Returns its base URL.
+pub fn spawn_mock_provider() -> String {
+    async fn models(req: HttpRequest) -> HttpResponse {
+        let headers = req.headers();
+        let secret = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+            .or_else(|| headers.get("x-goog-api-key").and_then(|v| v.to_str().ok()))
+            .unwrap_or("");
+        if secret.starts_with("good") {
+            HttpResponse::Ok().json(json!({"object": "list", "data": []}))
+        } else if secret.starts_with("busy") {
+            HttpResponse::TooManyRequests().json(json!({"error": {"message": "slow down"}}))
+        } else {
+            HttpResponse::Unauthorized().json(json!({"error": {"message": "bad key"}}))
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = HttpServer::new(|| App::new().route("/v1/models", web::get().to(models)))
+        .workers(1)
+        .listen(listener)
+        .unwrap()
+        .run();
+    actix_web::rt::spawn(server);
+    format!("http://127.0.0.1:{port}/v1")
+}
+
+/// A port that was free a moment ago, for a child process to bind.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The built `switchyard` binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real application over HTTP, on SQLite and on PostgreSQL.
+
+mod admin_mappings_prices;
+mod admin_upstream_keys;
+mod admin_user_keys;
+mod admin_users;
+mod auth;
+mod helpers;
+mod operations;

@@ -1,0 +1,437 @@
+//! The real binary: first start, migrations, readiness, SIGTERM, refusal without a master key,
+//! and no secret in any log line at any level.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use reqwest::Method;
+use serde_json::{json, Value};
+use switchyard::crypto::MasterKey;
+
+use crate::helpers::{
+    binary, free_port, fresh_database_url, into_json, pg_admin_url, spawn_app, spawn_mock_provider,
+    tempdir, Backend,
+};
+use crate::on_both_backends;
+
+/// A `switchyard serve` child process with its output going to a file.
+struct Server {
+    child: Child,
+    address: String,
+    log_path: std::path::PathBuf,
+}
+
+impl Server {
+    /// Starts the binary in `dir` with `env` (and a fresh port), waiting until `/healthz` answers.
+    async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let port = free_port();
+        let log_path = dir.join(format!("switchyard-{port}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut command = Command::new(binary());
+        command
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SWITCHYARD_SERVER__WORKERS", "1")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("start switchyard");
+        let server = Server {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+            log_path,
+        };
+        server.wait_healthy().await;
+        server
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::Client::new();
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/healthz", self.address)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("switchyard did not become healthy:\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn admin(
+    address: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .request(method, format!("{address}{path}"))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    into_json(request.send().await.unwrap()).await
+}
+
+#[actix_web::test]
+async fn first_start_on_sqlite_needs_nothing_and_prints_the_admin_token_once() {
+    let dir = tempdir::Dir::new();
+    let env = [("OPENAI_API_KEY", "openai-from-env-4321")];
+    let server = Server::start(dir.path(), &env).await;
+    assert!(dir.path().join("switchyard.db").exists());
+    let token = std::fs::read_to_string(dir.path().join("switchyard.admin_token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    #[cfg(unix)]
+    for file in ["switchyard.admin_token", "switchyard.master_key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    assert!(
+        server.log().contains(&token),
+        "the generated token is printed"
+    );
+
+    // The provider key from the environment is a level-1 upstream key, shown only by its hint.
+    let (status, keys) = admin(
+        &server.address,
+        &token,
+        Method::GET,
+        "/admin/upstream-keys",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{keys}");
+    let keys = keys["data"].as_array().unwrap().clone();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0]["provider"], "openai");
+    assert_eq!(keys[0]["level"], 1);
+    assert_eq!(keys[0]["secret_hint"], "...4321");
+    let (status, _) = server.terminate();
+    assert!(status.success());
+
+    // A second start reuses the files, prints no token and adds no key again.
+    let server = Server::start(dir.path(), &[("OPENAI_API_KEY", "another-env-key-8765")]).await;
+    assert!(
+        !server.log().contains(&token),
+        "the token is printed only on first start"
+    );
+    let (_, keys) = admin(
+        &server.address,
+        &token,
+        Method::GET,
+        "/admin/upstream-keys",
+        None,
+    )
+    .await;
+    assert_eq!(keys["data"].as_array().unwrap().len(), 1);
+}
+
+#[actix_web::test]
+async fn sigterm_stops_the_server_with_exit_code_zero() {
+    let dir = tempdir::Dir::new();
+    let server = Server::start(dir.path(), &[("SWITCHYARD_ADMIN_TOKEN", "t-sigterm")]).await;
+    let (status, log) = server.terminate();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(log.contains("switchyard stopped"), "{log}");
+}
+
+#[actix_web::test]
+async fn postgres_without_a_master_key_refuses_to_start() {
+    let dir = tempdir::Dir::new();
+    let output = Command::new(binary())
+        .current_dir(dir.path())
+        .env_clear()
+        .env("SWITCHYARD_DATABASE_URL", pg_admin_url())
+        .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("SWITCHYARD_MASTER_KEY is required"), "{text}");
+}
+
+#[actix_web::test]
+async fn a_bad_master_key_or_database_url_is_a_clear_start_up_error() {
+    let dir = tempdir::Dir::new();
+    for (name, value, expected) in [
+        ("SWITCHYARD_MASTER_KEY", "too-short", "master key"),
+        ("SWITCHYARD_DATABASE_URL", "mysql://nope", "postgres://"),
+    ] {
+        let output = Command::new(binary())
+            .current_dir(dir.path())
+            .env_clear()
+            .env(name, value)
+            .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(text.contains(expected), "{name}: {text}");
+        assert!(
+            !text.contains(value) || name == "SWITCHYARD_DATABASE_URL",
+            "{text}"
+        );
+    }
+}
+
+on_both_backends!(migrate_subcommand_applies_migrations_once);
+
+async fn migrate_subcommand_applies_migrations_once(backend: Backend) {
+    let (url, dir) = fresh_database_url(backend).await;
+    let work = tempdir::Dir::new();
+    let run = || {
+        Command::new(binary())
+            .arg("migrate")
+            .current_dir(dir.as_ref().map(|d| d.path()).unwrap_or(work.path()))
+            .env("SWITCHYARD_DATABASE_URL", &url)
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stdout)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("applied=1"));
+    let second = run();
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stdout).contains("applied=0"));
+}
+
+#[actix_web::test]
+async fn replicas_migrating_one_postgres_at_once_do_not_race() {
+    let (url, _) = fresh_database_url(Backend::Postgres).await;
+    let children: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new(binary())
+                .arg("migrate")
+                .env("SWITCHYARD_DATABASE_URL", &url)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut applied = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        applied.push(text.contains("applied=1"));
+    }
+    assert_eq!(
+        applied.iter().filter(|a| **a).count(),
+        1,
+        "exactly one replica migrated"
+    );
+}
+
+#[actix_web::test]
+async fn readyz_follows_the_database_and_recovers() {
+    let app = spawn_app(Backend::Postgres).await;
+    let client = reqwest::Client::new();
+    let ready = || async {
+        client
+            .get(format!("{}/readyz", app.address))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready().await, 200);
+    let name = app.database_url.rsplit('/').next().unwrap().to_owned();
+    let mut admin_conn = AsyncPgConnection::establish(&pg_admin_url()).await.unwrap();
+    // Take the database away: rename it and end every session on it.
+    admin_conn
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ready().await, 503);
+    assert_eq!(
+        into_json(
+            client
+                .get(format!("{}/healthz", app.address))
+                .send()
+                .await
+                .unwrap()
+        )
+        .await
+        .0,
+        200
+    );
+    admin_conn
+        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready().await != 200 {
+        assert!(Instant::now() < deadline, "readyz did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+on_both_backends!(no_secret_reaches_the_logs_at_trace_level);
+
+async fn no_secret_reaches_the_logs_at_trace_level(backend: Backend) {
+    let (url, db_dir) = fresh_database_url(backend).await;
+    let work = tempdir::Dir::new();
+    let dir = db_dir.as_ref().map(|d| d.path()).unwrap_or(work.path());
+    let admin_token = format!("admin-token-{}", uuid::Uuid::new_v4().simple());
+    let master_key = MasterKey::generate_base64().unwrap();
+    let env_secret = format!("env-openai-secret-{}", uuid::Uuid::new_v4().simple());
+    let server = Server::start(
+        dir,
+        &[
+            ("SWITCHYARD_DATABASE_URL", &url),
+            ("SWITCHYARD_ADMIN_TOKEN", &admin_token),
+            ("SWITCHYARD_MASTER_KEY", &master_key),
+            ("SWITCHYARD_LOG__LEVEL", "trace"),
+            ("OPENAI_API_KEY", &env_secret),
+        ],
+    )
+    .await;
+    let address = server.address.clone();
+    let call = |method: Method, path: String, body: Option<Value>| {
+        let (address, token) = (address.clone(), admin_token.clone());
+        async move { admin(&address, &token, method, &path, body).await }
+    };
+
+    let (_, user) = call(
+        Method::POST,
+        "/admin/users".into(),
+        Some(json!({"name": "logged"})),
+    )
+    .await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+    let (_, created) = call(
+        Method::POST,
+        format!("/admin/users/{user_id}/keys"),
+        Some(json!({})),
+    )
+    .await;
+    let user_key = created["key"].as_str().unwrap().to_owned();
+    let key_secret = user_key.rsplit_once('-').unwrap().1.to_owned();
+    let upstream_secret = format!("upstream-secret-{}", uuid::Uuid::new_v4().simple());
+    let (_, upstream) = call(
+        Method::POST,
+        "/admin/upstream-keys".into(),
+        Some(json!({"provider": "openai", "secret": upstream_secret})),
+    )
+    .await;
+    let patched_secret = format!("patched-secret-{}", uuid::Uuid::new_v4().simple());
+    call(
+        Method::PATCH,
+        format!("/admin/upstream-keys/{}", upstream["id"].as_str().unwrap()),
+        Some(json!({"secret": patched_secret})),
+    )
+    .await;
+    let mock = spawn_mock_provider();
+    let good_candidate = format!("good-{}", uuid::Uuid::new_v4().simple());
+    let bad_candidate = format!("bad-{}", uuid::Uuid::new_v4().simple());
+    call(
+        Method::POST,
+        "/admin/upstream-keys/discover".into(),
+        Some(json!({"provider": "openai", "base_url": mock, "candidates": [good_candidate, bad_candidate]})),
+    )
+    .await;
+    // Bad input that carries a secret-like value.
+    call(
+        Method::POST,
+        "/admin/upstream-keys".into(),
+        Some(json!({"provider": "nope", "secret": upstream_secret})),
+    )
+    .await;
+
+    let client = reqwest::Client::new();
+    let models = format!("{address}/v1/models");
+    for request in [
+        client.get(&models).bearer_auth(&user_key),
+        client.get(&models).header("x-api-key", &user_key),
+        client.get(format!("{models}?key={user_key}")),
+        client.get(&models).bearer_auth(format!("{user_key}x")),
+        client
+            .get(format!("{address}/admin/users"))
+            .bearer_auth(format!("{admin_token}-wrong")),
+    ] {
+        request.send().await.unwrap();
+    }
+    let (status, log) = server.terminate();
+    assert!(status.success());
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "trace logging is on"
+    );
+    for secret in [
+        &admin_token,
+        &master_key,
+        &user_key,
+        &key_secret,
+        &upstream_secret,
+        &patched_secret,
+        &good_candidate,
+        &bad_candidate,
+        &env_secret,
+    ] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a secret reached the log:\n{log}"
+        );
+    }
+}
