@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
+    pub upstream: UpstreamSettings,
     pub redis: RedisSettings,
     pub auth: AuthSettings,
     pub log: LogSettings,
@@ -30,6 +31,19 @@ pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: usize,
     pub acquire_timeout_secs: u64,
+}
+
+/// Calls to providers: timeouts, retries and key health.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpstreamSettings {
+    pub connect_timeout_secs: u64,
+    pub first_byte_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_attempts: u32,
+    pub total_deadline_secs: u64,
+    pub default_cooldown_secs: u64,
+    pub breaker_failures: u32,
+    pub breaker_open_secs: u64,
 }
 
 /// Redis, when replicas share state.
@@ -151,6 +165,10 @@ impl Settings {
         anyhow::ensure!(
             self.database.max_connections > 0,
             "database.max_connections must be at least 1"
+        );
+        anyhow::ensure!(
+            self.upstream.max_attempts > 0 && self.upstream.breaker_failures > 0,
+            "upstream.max_attempts and upstream.breaker_failures must be at least 1"
         );
         anyhow::ensure!(
             self.auth.key_cache_size > 0 && self.auth.user_cache_size > 0,

@@ -2,6 +2,7 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Actor;
 use actix_web::dev::Server;
@@ -12,6 +13,10 @@ use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
 use crate::actors::config_sync::ConfigSyncActor;
+use crate::actors::key_pool::PoolPolicy;
+use crate::proxy::Proxy;
+use crate::routing::{KeyPools, ModelMapper};
+use crate::upstream;
 use crate::auth::{AuthCache, Authenticator};
 use crate::bootstrap;
 use crate::config::Settings;
@@ -52,7 +57,27 @@ impl Application {
             settings.auth.key_cache_size,
             settings.auth.user_cache_size,
         ));
-        let config_sync = ConfigSyncActor::new(auth_cache.clone()).start();
+        let pools = KeyPools::new(
+            db.clone(),
+            secrets.master_key.clone(),
+            PoolPolicy {
+                breaker_failures: settings.upstream.breaker_failures,
+                breaker_open: Duration::from_secs(settings.upstream.breaker_open_secs),
+            },
+        );
+        pools.reload().await.context("loading upstream keys")?;
+        let mapper = Arc::new(ModelMapper::default());
+        mapper.reload(&db).await.context("loading model mappings")?;
+        let config_sync =
+            ConfigSyncActor::new(auth_cache.clone(), pools.clone(), mapper.clone(), db.clone())
+                .start();
+        let proxy = web::Data::new(Proxy {
+            pools,
+            mapper,
+            settings: settings.upstream.clone(),
+        });
+        let connect_timeout = Duration::from_secs(settings.upstream.connect_timeout_secs);
+        let first_byte_timeout = Duration::from_secs(settings.upstream.first_byte_timeout_secs);
         let state = web::Data::new(AppState {
             db: db.clone(),
             master_key: secrets.master_key,
@@ -67,6 +92,12 @@ impl Application {
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
             App::new()
+                // awc clients are per thread; this closure runs once per worker.
+                .app_data(web::Data::new(upstream::client::build(
+                    connect_timeout,
+                    first_byte_timeout,
+                )))
+                .app_data(proxy.clone())
                 .app_data(state.clone())
                 .app_data(authenticator.clone())
                 .app_data(
@@ -81,7 +112,8 @@ impl Application {
                 .default_service(web::to(routes::not_found))
                 .wrap(
                     ErrorHandlers::new()
-                        .handler(StatusCode::METHOD_NOT_ALLOWED, routes::method_not_allowed),
+                        .handler(StatusCode::METHOD_NOT_ALLOWED, routes::json_error_page)
+                        .handler(StatusCode::PAYLOAD_TOO_LARGE, routes::json_error_page),
                 )
                 .wrap(from_fn(telemetry::access_log))
                 .wrap(TracingLogger::<RequestSpan>::new())

@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, Context, Handler, Message};
+use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
 use crate::auth::AuthCache;
+use crate::db::Db;
+use crate::routing::{KeyPools, ModelMapper};
 
 /// The kinds of record an admin can change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +30,25 @@ pub struct Changed {
 /// Owns the reaction to configuration changes.
 pub struct ConfigSyncActor {
     auth_cache: Arc<AuthCache>,
+    pools: Arc<KeyPools>,
+    mapper: Arc<ModelMapper>,
+    db: Db,
 }
 
 impl ConfigSyncActor {
-    /// An actor that invalidates `auth_cache`.
-    pub fn new(auth_cache: Arc<AuthCache>) -> Self {
-        ConfigSyncActor { auth_cache }
+    /// An actor that invalidates `auth_cache` and reloads the pools and the mappings.
+    pub fn new(
+        auth_cache: Arc<AuthCache>,
+        pools: Arc<KeyPools>,
+        mapper: Arc<ModelMapper>,
+        db: Db,
+    ) -> Self {
+        ConfigSyncActor {
+            auth_cache,
+            pools,
+            mapper,
+            db,
+        }
     }
 }
 
@@ -42,16 +57,43 @@ impl Actor for ConfigSyncActor {
 }
 
 impl Handler<Changed> for ConfigSyncActor {
-    type Result = ();
+    // Reloads finish before the reply, so the admin's answer means the change is in force.
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: Changed, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Changed, _: &mut Self::Context) -> Self::Result {
         tracing::debug!(entity = ?msg.entity, id = %msg.id, "configuration changed");
+        let db = self.db.clone();
         match msg.entity {
-            Entity::User => self.auth_cache.invalidate_user(&msg.id),
-            Entity::UserKey => self.auth_cache.invalidate_key(&msg.id),
-            // Routing state (pools, mappings, prices) is read from the database per change
-            // by the data plane; nothing is cached for it here yet.
-            Entity::UpstreamKey | Entity::ModelMapping | Entity::Price => {}
+            Entity::User => {
+                self.auth_cache.invalidate_user(&msg.id);
+                // A deleted user's own mappings went with it.
+                let mapper = self.mapper.clone();
+                Box::pin(async move { reload_mappings(&mapper, &db).await })
+            }
+            Entity::UserKey => {
+                self.auth_cache.invalidate_key(&msg.id);
+                Box::pin(async {})
+            }
+            Entity::UpstreamKey => {
+                let pools = self.pools.clone();
+                Box::pin(async move {
+                    if let Err(err) = pools.reload().await {
+                        tracing::error!(error = %err, "reloading upstream keys failed");
+                    }
+                })
+            }
+            Entity::ModelMapping => {
+                let mapper = self.mapper.clone();
+                Box::pin(async move { reload_mappings(&mapper, &db).await })
+            }
+            // Prices are read by metering, which is not cached yet.
+            Entity::Price => Box::pin(async {}),
         }
+    }
+}
+
+async fn reload_mappings(mapper: &ModelMapper, db: &Db) {
+    if let Err(err) = mapper.reload(db).await {
+        tracing::error!(error = %err, "reloading model mappings failed");
     }
 }

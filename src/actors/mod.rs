@@ -1,3 +1,4 @@
 //! Actors, each the only owner of one concern's mutable state.
 
 pub mod config_sync;
+pub mod key_pool;

@@ -4,7 +4,6 @@ pub mod admin;
 pub mod health;
 pub mod models;
 
-use actix_web::body::{BoxBody, EitherBody};
 use actix_web::dev::ServiceResponse;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
@@ -12,12 +11,19 @@ use actix_web::middleware::ErrorHandlerResponse;
 use actix_web::{web, HttpRequest, ResponseError};
 
 use crate::error::ApiError;
+use crate::proxy;
 
 /// Registers every route on `cfg`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/healthz").get(health::healthz))
         .service(web::resource("/readyz").get(health::readyz))
         .service(web::resource("/v1/models").get(models::list))
+        .service(web::resource("/v1/chat/completions").post(proxy::forward_json))
+        .service(web::resource("/v1/completions").post(proxy::forward_json))
+        .service(web::resource("/v1/embeddings").post(proxy::forward_json))
+        .service(web::resource("/v1/responses").post(proxy::forward_json))
+        .service(web::resource("/v1/images/generations").post(proxy::forward_json))
+        .service(web::resource("/v1/audio/speech").post(proxy::forward_json))
         .service(admin::scope());
 }
 
@@ -58,19 +64,25 @@ pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiE
     )))
 }
 
-/// A known path asked with the wrong method: 405 in the contract's shape instead of an empty body.
-pub fn method_not_allowed<B>(
-    res: ServiceResponse<B>,
-) -> actix_web::Result<ErrorHandlerResponse<B>> {
+/// Error responses that actix renders itself (405 for a known path with the wrong method, 413
+/// from a body limit) get the contract's JSON shape; JSON errors of our own pass unchanged.
+pub fn json_error_page<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_json = res
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
     let (req, _) = res.into_parts();
-    let message = format!("{} is not allowed on {}", req.method(), req.path());
-    let response = ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        message,
-    )
-    .error_response();
-    let res: ServiceResponse<EitherBody<B, BoxBody>> =
-        ServiceResponse::new(req, response).map_into_right_body();
+    let error = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(status, "invalid_request", "request body is larger than the limit")
+    } else {
+        let message = format!("{} is not allowed on {}", req.method(), req.path());
+        ApiError::new(status, "method_not_allowed", message)
+    };
+    let res = ServiceResponse::new(req, error.error_response()).map_into_right_body();
     Ok(ErrorHandlerResponse::Response(res))
 }

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A client for provider calls. awc clients are not `Send`: build one per worker thread.
-pub fn build(timeout: Duration) -> awc::Client {
+/// A client for provider calls: `connect` bounds opening a connection, `timeout` the wait for
+/// a response head. awc clients are not `Send`: build one per worker thread.
+pub fn build(connect: Duration, timeout: Duration) -> awc::Client {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -20,10 +21,27 @@ pub fn build(timeout: Duration) -> awc::Client {
             tracing::error!(error = %err, "TLS set-up failed; only plain HTTP upstreams will work");
             awc::Connector::new()
         }
-    };
+    }
+    .timeout(connect)
+    // Keep-alive connections to providers are the cheapest part of a call: allow plenty.
+    .limit(4096);
     awc::Client::builder()
         .connector(connector)
         .timeout(timeout)
         .disable_redirects()
         .finish()
+}
+
+/// The kind of a failed send, for logs and reasons shown to admins. Only the kind: an error's
+/// full chain is not needed and is not worth the risk of echoing a request.
+pub fn describe(err: &awc::error::SendRequestError) -> &'static str {
+    use awc::error::SendRequestError as E;
+    match err {
+        E::Timeout => "timed out",
+        E::Connect(_) => "connection failed",
+        E::Send(_) => "connection reset while sending",
+        E::Response(_) => "malformed response",
+        E::Url(_) => "bad URL",
+        _ => "request failed",
+    }
 }

@@ -49,19 +49,7 @@ pub async fn probe(
         }
         Err(err) => ProbeOutcome::Rejected(format!(
             "the provider could not be reached: {}",
-            describe(&err)
+            super::client::describe(&err)
         )),
-    }
-}
-
-// awc's errors do not include request headers, so they cannot carry the secret; keep only the
-// kind of failure, not the full chain.
-fn describe(err: &awc::error::SendRequestError) -> &'static str {
-    use awc::error::SendRequestError as E;
-    match err {
-        E::Timeout => "timed out",
-        E::Connect(_) => "connection failed",
-        E::Url(_) => "bad URL",
-        _ => "request failed",
     }
 }

@@ -1,5 +1,6 @@
 //! The `upstream_keys` table.
 
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
@@ -91,4 +92,30 @@ pub async fn delete(db: &Db, id: &str) -> Result<(), DbError> {
         return Err(DbError::NotFound);
     }
     Ok(())
+}
+
+/// Records that a key rests until `until` after a 429.
+pub async fn set_cooldown(db: &Db, id: &str, until: NaiveDateTime) -> Result<(), DbError> {
+    with_conn!(db, |conn| {
+        diesel::update(upstream_keys::table.find(id))
+            .set(upstream_keys::cooldown_until.eq(until))
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
+}
+
+/// Records that the provider refused a key, disabling it until an admin re-enables it.
+pub async fn set_rejected(db: &Db, id: &str, reason: &str) -> Result<(), DbError> {
+    let now = crate::domain::now();
+    with_conn!(db, |conn| {
+        diesel::update(upstream_keys::table.find(id))
+            .set((
+                upstream_keys::disabled_at.eq(now),
+                upstream_keys::disabled_reason.eq(reason),
+            ))
+            .execute(conn)
+            .await?;
+        Ok(())
+    })
 }

@@ -305,7 +305,7 @@ pub async fn discover(
         }
     }
 
-    let http = client::build(probe::PROBE_TIMEOUT);
+    let http = client::build(probe::PROBE_TIMEOUT, probe::PROBE_TIMEOUT);
     let outcomes = join_all(candidates.iter().map(|secret| {
         let http = &http;
         let duplicate = known.iter().any(|k| crypto::constant_time_eq(k, secret));

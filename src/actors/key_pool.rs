@@ -1,0 +1,299 @@
+//! `KeyPoolActor`: one per level, the only owner of that level's upstream keys, their
+//! round-robin state, cooldowns and health.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Context, Handler, Message, MessageResult};
+use chrono::NaiveDateTime;
+use globset::GlobSet;
+
+use crate::db::{repo, Db};
+use crate::domain::{Provider, UpstreamKey};
+
+/// A key as a pool holds it: the secret decrypted, the model globs compiled.
+#[derive(Clone)]
+pub struct PoolKey {
+    pub id: String,
+    pub provider: Provider,
+    pub base_url: Arc<str>,
+    pub secret: Arc<str>,
+    /// Models this key may serve; `None` = all.
+    pub models: Option<Arc<GlobSet>>,
+    pub weight: i64,
+    pub enabled: bool,
+    /// Disabled because the provider refused the key (401/403).
+    pub rejected: bool,
+    pub cooldown_until: Option<NaiveDateTime>,
+}
+
+impl std::fmt::Debug for PoolKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolKey").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// A key handed out for one attempt.
+#[derive(Clone)]
+pub struct LeasedKey {
+    pub id: String,
+    pub provider: Provider,
+    pub base_url: Arc<str>,
+    pub secret: Arc<str>,
+}
+
+/// Asks for the next key able to serve `model`, skipping `exclude` (keys already tried).
+#[derive(Message)]
+#[rtype(result = "Option<LeasedKey>")]
+pub struct Lease {
+    pub provider: Provider,
+    pub model: String,
+    pub exclude: Vec<String>,
+}
+
+/// How an attempt with a key ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider answered (2xx or a caller's error such as 400).
+    Success,
+    /// 429: rest the key for this long.
+    RateLimited(Duration),
+    /// 401/403: the provider refused the key itself.
+    Rejected(u16),
+    /// 5xx, a refused or reset connection, or a timeout.
+    Failed,
+}
+
+/// Reports the outcome of an attempt with key `key_id`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Report {
+    pub key_id: String,
+    pub outcome: Outcome,
+}
+
+/// Replaces the pool's keys (after an admin change), keeping runtime state of keys that stay.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetKeys(pub Vec<PoolKey>);
+
+/// Health rules of a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolPolicy {
+    /// Consecutive failures that open a key's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the key out.
+    pub breaker_open: Duration,
+}
+
+struct Slot {
+    key: PoolKey,
+    /// Smooth weighted round robin's running weight.
+    current: i64,
+    consecutive_failures: u32,
+    /// Breaker or 429 rest, in monotonic time.
+    resting_until: Option<Instant>,
+}
+
+impl Slot {
+    fn can_serve(&self, msg: &Lease, now: Instant) -> bool {
+        let key = &self.key;
+        key.enabled
+            && !key.rejected
+            && key.provider == msg.provider
+            && self.resting_until.is_none_or(|t| t <= now)
+            && key.models.as_ref().is_none_or(|m| m.is_match(&msg.model))
+            && !msg.exclude.contains(&key.id)
+    }
+}
+
+/// The keys of one level.
+pub struct KeyPoolActor {
+    level: i32,
+    slots: Vec<Slot>,
+    policy: PoolPolicy,
+    db: Db,
+}
+
+impl KeyPoolActor {
+    /// A pool for `level` holding `keys`.
+    pub fn new(level: i32, keys: Vec<PoolKey>, policy: PoolPolicy, db: Db) -> Self {
+        let mut pool = KeyPoolActor {
+            level,
+            slots: Vec::new(),
+            policy,
+            db,
+        };
+        pool.set_keys(keys);
+        pool
+    }
+
+    fn set_keys(&mut self, keys: Vec<PoolKey>) {
+        let mut old: HashMap<String, Slot> = self
+            .slots
+            .drain(..)
+            .map(|s| (s.key.id.clone(), s))
+            .collect();
+        let now_wall = crate::domain::now();
+        self.slots = keys
+            .into_iter()
+            .map(|key| {
+                let stored_rest = rest_from_wall_clock(key.cooldown_until, now_wall);
+                match old.remove(&key.id) {
+                    Some(mut slot) => {
+                        slot.resting_until = later(slot.resting_until, stored_rest);
+                        slot.key = key;
+                        slot
+                    }
+                    None => Slot {
+                        key,
+                        current: 0,
+                        consecutive_failures: 0,
+                        resting_until: stored_rest,
+                    },
+                }
+            })
+            .collect();
+    }
+
+    /// Smooth weighted round robin (nginx's): every eligible key gains its weight, the
+    /// richest is picked and pays back the total, which spreads picks evenly by weight.
+    fn lease(&mut self, msg: &Lease) -> Option<LeasedKey> {
+        let now = Instant::now();
+        let mut total = 0;
+        let mut best: Option<usize> = None;
+        for i in 0..self.slots.len() {
+            if !self.slots[i].can_serve(msg, now) {
+                continue;
+            }
+            let slot = &mut self.slots[i];
+            slot.current += slot.key.weight;
+            total += slot.key.weight;
+            if best.is_none_or(|b| self.slots[i].current > self.slots[b].current) {
+                best = Some(i);
+            }
+        }
+        let slot = &mut self.slots[best?];
+        slot.current -= total;
+        Some(LeasedKey {
+            id: slot.key.id.clone(),
+            provider: slot.key.provider,
+            base_url: slot.key.base_url.clone(),
+            secret: slot.key.secret.clone(),
+        })
+    }
+
+    fn report(&mut self, msg: Report) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.key.id == msg.key_id) else {
+            return;
+        };
+        let now = Instant::now();
+        match msg.outcome {
+            Outcome::Success => slot.consecutive_failures = 0,
+            Outcome::RateLimited(rest) => {
+                slot.resting_until = later(slot.resting_until, Some(now + rest));
+                let until = crate::domain::now()
+                    + chrono::Duration::from_std(rest).unwrap_or(chrono::Duration::zero());
+                tracing::info!(level = self.level, upstream_key_id = %slot.key.id, rest_secs = rest.as_secs(), "upstream key rate limited; cooling down");
+                persist_cooldown(self.db.clone(), slot.key.id.clone(), until);
+            }
+            Outcome::Rejected(status) => {
+                slot.key.rejected = true;
+                tracing::warn!(level = self.level, upstream_key_id = %slot.key.id, status, "provider refused the upstream key; disabled");
+                persist_rejection(self.db.clone(), slot.key.id.clone(), status);
+            }
+            Outcome::Failed => {
+                slot.consecutive_failures += 1;
+                if slot.consecutive_failures >= self.policy.breaker_failures {
+                    slot.consecutive_failures = 0;
+                    slot.resting_until = later(slot.resting_until, Some(now + self.policy.breaker_open));
+                    tracing::warn!(level = self.level, upstream_key_id = %slot.key.id, "upstream key failing; circuit open");
+                }
+            }
+        }
+    }
+}
+
+fn later(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn rest_from_wall_clock(until: Option<NaiveDateTime>, now: NaiveDateTime) -> Option<Instant> {
+    let remaining = (until? - now).to_std().ok()?;
+    Some(Instant::now() + remaining)
+}
+
+// State changes are written after the fact, off the request path, so the admin view and other
+// replicas see them; a failed write only costs the admin view its freshness.
+fn persist_cooldown(db: Db, key_id: String, until: NaiveDateTime) {
+    actix::spawn(async move {
+        if let Err(err) = repo::upstream_keys::set_cooldown(&db, &key_id, until).await {
+            tracing::warn!(upstream_key_id = %key_id, error = %err, "could not record cooldown");
+        }
+    });
+}
+
+fn persist_rejection(db: Db, key_id: String, status: u16) {
+    actix::spawn(async move {
+        let reason = format!("the provider refused the key ({status})");
+        if let Err(err) = repo::upstream_keys::set_rejected(&db, &key_id, &reason).await {
+            tracing::warn!(upstream_key_id = %key_id, error = %err, "could not record disabled key");
+        }
+    });
+}
+
+impl Actor for KeyPoolActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Lease> for KeyPoolActor {
+    type Result = MessageResult<Lease>;
+
+    fn handle(&mut self, msg: Lease, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.lease(&msg))
+    }
+}
+
+impl Handler<Report> for KeyPoolActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Report, _: &mut Self::Context) {
+        self.report(msg);
+    }
+}
+
+impl Handler<SetKeys> for KeyPoolActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetKeys, _: &mut Self::Context) {
+        self.set_keys(msg.0);
+    }
+}
+
+/// Turns a stored key into a pool key, decrypting its secret.
+pub fn pool_key(key: &UpstreamKey, master: &crate::crypto::MasterKey) -> anyhow::Result<PoolKey> {
+    let models = if key.models.is_empty() {
+        None
+    } else {
+        let mut set = globset::GlobSetBuilder::new();
+        for g in &key.models {
+            set.add(globset::Glob::new(g)?);
+        }
+        Some(Arc::new(set.build()?))
+    };
+    Ok(PoolKey {
+        id: key.id.clone(),
+        provider: key.provider,
+        base_url: key.base_url.as_str().into(),
+        secret: master.decrypt(&key.id, &key.secret_enc)?.into(),
+        models,
+        weight: i64::from(key.weight.max(1)),
+        enabled: key.enabled,
+        rejected: key.disabled_at.is_some(),
+        cooldown_until: key.cooldown_until,
+    })
+}

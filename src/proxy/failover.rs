@@ -1,0 +1,167 @@
+//! Retry and failover: the next key of the level, then the user's fallback levels, until a
+//! provider answers, the attempts run out or the deadline passes. Nothing has reached the
+//! client yet, so every failure here is invisible to it.
+
+use std::time::{Duration, Instant};
+
+use actix_web::http::StatusCode;
+use awc::error::SendRequestError;
+
+use super::{Call, Proxy};
+use crate::actors::key_pool::{Lease, LeasedKey, Outcome, Report};
+use crate::domain::Provider;
+use crate::error::ApiError;
+
+/// An upstream response whose head has arrived.
+pub type UpstreamResponse = awc::ClientResponse;
+
+/// How the attempts ended.
+pub struct Answered {
+    /// The response to relay, or the gateway error for the client.
+    pub result: Result<UpstreamResponse, ApiError>,
+    pub attempts: u32,
+    /// The key (and its level) that answered.
+    pub key_id: Option<String>,
+    pub level: i32,
+}
+
+/// Why the last attempt failed, which decides the gateway error.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LastFailure {
+    None,
+    Timeout,
+    Upstream,
+}
+
+/// Tries keys until one answers with something other than a 429, 5xx, 401/403, refused or
+/// reset connection, or timeout.
+pub async fn send(client: &awc::Client, proxy: &Proxy, call: &Call, levels: &[i32]) -> Answered {
+    let settings = &proxy.settings;
+    let deadline = Instant::now() + Duration::from_secs(settings.total_deadline_secs);
+    let first_byte = Duration::from_secs(settings.first_byte_timeout_secs);
+    let mut attempts = 0;
+    let mut last = LastFailure::None;
+    'levels: for &level in levels {
+        let Some(pool) = proxy.pools.pool(level) else {
+            continue;
+        };
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let now = Instant::now();
+            if attempts >= settings.max_attempts || now >= deadline {
+                break 'levels;
+            }
+            let lease = Lease {
+                provider: Provider::OpenAi,
+                model: call.upstream_model().to_owned(),
+                exclude: tried.clone(),
+            };
+            let Ok(Some(key)) = pool.send(lease).await else {
+                continue 'levels;
+            };
+            tried.push(key.id.clone());
+            attempts += 1;
+            let timeout = first_byte.min(deadline - now);
+            let outcome = attempt(client, &key, call, timeout).await;
+            let report = |outcome| {
+                pool.do_send(Report {
+                    key_id: key.id.clone(),
+                    outcome,
+                })
+            };
+            match outcome {
+                Ok(response) => {
+                    let status = response.status();
+                    if status == StatusCode::TOO_MANY_REQUESTS {
+                        report(Outcome::RateLimited(retry_after(&response, settings.default_cooldown_secs)));
+                        tracing::info!(upstream_key_id = %key.id, level, "upstream 429; trying the next key");
+                        last = LastFailure::Upstream;
+                    } else if matches!(status.as_u16(), 401 | 403) {
+                        report(Outcome::Rejected(status.as_u16()));
+                        last = LastFailure::Upstream;
+                    } else if status.is_server_error() {
+                        report(Outcome::Failed);
+                        tracing::info!(upstream_key_id = %key.id, level, status = status.as_u16(), "upstream error; trying the next key");
+                        last = LastFailure::Upstream;
+                    } else {
+                        report(Outcome::Success);
+                        return Answered {
+                            result: Ok(response),
+                            attempts,
+                            key_id: Some(key.id.clone()),
+                            level,
+                        };
+                    }
+                }
+                Err(err) => {
+                    report(Outcome::Failed);
+                    let timed_out = matches!(err, SendRequestError::Timeout);
+                    tracing::info!(upstream_key_id = %key.id, level, timed_out, error = crate::upstream::client::describe(&err), "upstream unreachable; trying the next key");
+                    last = if timed_out {
+                        LastFailure::Timeout
+                    } else {
+                        LastFailure::Upstream
+                    };
+                }
+            }
+        }
+    }
+    let result = Err(match last {
+        LastFailure::None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_upstream_available",
+            format!("no upstream key can serve model `{}` now", call.model),
+        ),
+        LastFailure::Timeout => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "the upstream provider did not answer in time",
+        ),
+        LastFailure::Upstream => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "every eligible upstream key failed",
+        ),
+    });
+    Answered {
+        result,
+        attempts,
+        key_id: None,
+        level: levels.first().copied().unwrap_or_default(),
+    }
+}
+
+/// One attempt with one key.
+async fn attempt(
+    client: &awc::Client,
+    key: &LeasedKey,
+    call: &Call,
+    timeout: Duration,
+) -> Result<UpstreamResponse, SendRequestError> {
+    let url = format!("{}{}", key.base_url, call.path);
+    let mut request = client
+        .post(url)
+        .timeout(timeout)
+        .bearer_auth(&*key.secret);
+    if let Some(content_type) = &call.content_type {
+        request = request.insert_header(("content-type", content_type.as_str()));
+    }
+    if call.stream {
+        request = request.insert_header(("accept", "text/event-stream"));
+    }
+    request.send_body(call.body.clone()).await
+}
+
+/// The rest a 429 asks for: `Retry-After` in seconds, else the configured default (at most an
+/// hour, so a silly header cannot bench a key for good).
+fn retry_after(response: &UpstreamResponse, default_secs: u64) -> Duration {
+    let secs = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| s.ceil() as u64)
+        .unwrap_or(default_secs);
+    Duration::from_secs(secs.min(3600))
+}

@@ -1,0 +1,120 @@
+//! The data plane: OpenAI-compatible calls forwarded to a leased upstream key, with retry and
+//! failover, streamed back as they arrive.
+
+pub mod failover;
+pub mod relay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web::Bytes;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use serde_json::{Map, Value};
+use tracing_actix_web::RootSpan;
+
+use crate::auth::Principal;
+use crate::config::UpstreamSettings;
+use crate::error::ApiError;
+use crate::routing::{KeyPools, ModelMapper};
+
+/// What the data plane shares across workers.
+pub struct Proxy {
+    pub pools: Arc<KeyPools>,
+    pub mapper: Arc<ModelMapper>,
+    pub settings: UpstreamSettings,
+}
+
+/// One client call, parsed: what was asked, where it goes, what to send.
+pub struct Call {
+    /// The upstream path after the provider's base URL, e.g. `/chat/completions`.
+    pub path: String,
+    /// The model the client asked for (what it will see in answers).
+    pub model: String,
+    /// The model sent upstream when a mapping applies.
+    pub mapped: Option<Arc<str>>,
+    /// The body to send upstream.
+    pub body: Bytes,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The request's content type, passed on.
+    pub content_type: Option<String>,
+}
+
+impl Call {
+    /// The model to ask the upstream for.
+    pub fn upstream_model(&self) -> &str {
+        self.mapped.as_deref().unwrap_or(&self.model)
+    }
+}
+
+/// Reads a JSON call body: an object with a string `model`. When a mapping applies the body is
+/// re-serialised with the mapped model; otherwise it goes upstream byte for byte.
+fn parse_json_call(
+    req: &HttpRequest,
+    body: Bytes,
+    principal: &Principal,
+    mapper: &ModelMapper,
+) -> Result<Call, ApiError> {
+    let mut object: Map<String, Value> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("request body must be a JSON object: {e}")))?;
+    let model = match object.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => return Err(ApiError::invalid("request body must have a string `model`")),
+    };
+    let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let mapped = mapper.resolve(&principal.user.id, &model);
+    let body = match &mapped {
+        Some(to) => {
+            object.insert("model".into(), Value::String(to.to_string()));
+            Bytes::from(serde_json::to_vec(&object).map_err(ApiError::internal)?)
+        }
+        None => body,
+    };
+    Ok(Call {
+        path: upstream_path(req.path()),
+        model,
+        mapped,
+        body,
+        stream,
+        content_type: Some("application/json".into()),
+    })
+}
+
+/// `/v1/chat/completions` → `/chat/completions`: provider base URLs end with their version.
+fn upstream_path(path: &str) -> String {
+    path.strip_prefix("/v1").unwrap_or(path).to_owned()
+}
+
+/// `POST` of every JSON route: chat and text completions, embeddings, responses, images and
+/// speech.
+pub async fn forward_json(
+    req: HttpRequest,
+    body: Bytes,
+    principal: Principal,
+    proxy: web::Data<Proxy>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, ApiError> {
+    let call = parse_json_call(&req, body, &principal, &proxy.mapper)?;
+    record(&req, "model", &call.model);
+    record(&req, "upstream_model", call.upstream_model());
+    let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
+    levels.push(principal.user.level);
+    levels.extend(principal.user.fallback_levels.iter().copied());
+    let answered = failover::send(&client, &proxy, &call, &levels).await;
+    if let Some(span) = req.extensions().get::<RootSpan>() {
+        span.record("attempts", answered.attempts);
+        if let Some(key) = &answered.key_id {
+            span.record("upstream_key_id", key.as_str());
+            span.record("level", answered.level);
+        }
+    }
+    let response = answered.result?;
+    let idle = Duration::from_secs(proxy.settings.idle_timeout_secs);
+    relay::respond(response, &call, idle).await
+}
+
+fn record(req: &HttpRequest, field: &'static str, value: &str) {
+    if let Some(span) = req.extensions().get::<RootSpan>() {
+        span.record(field, value);
+    }
+}

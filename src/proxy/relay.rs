@@ -1,0 +1,228 @@
+//! Relaying an upstream answer: chunk by chunk as it arrives, with an idle timeout, the
+//! client's model name restored when a mapping changed it, and an error event (never a normal
+//! end) when a stream breaks.
+
+use std::time::Duration;
+
+use actix_web::http::header::{HeaderName, CACHE_CONTROL, CONTENT_TYPE};
+use actix_web::web::{Bytes, BytesMut};
+use actix_web::HttpResponse;
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+
+use super::failover::UpstreamResponse;
+use super::Call;
+use crate::error::ApiError;
+
+/// Largest non-streamed body read whole to restore a mapped model name.
+const MAX_REWRITE_BODY: usize = 64 * 1024 * 1024;
+
+/// Response headers passed on from the provider; the rest (its rate limits, cookies, ids)
+/// describe the upstream key, not the caller's call.
+const PASSED_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, CACHE_CONTROL];
+
+/// Builds the client's response from the upstream's.
+pub async fn respond(
+    mut upstream: UpstreamResponse,
+    call: &Call,
+    idle: Duration,
+) -> Result<HttpResponse, ApiError> {
+    let mut response = HttpResponse::build(upstream.status());
+    for name in &PASSED_HEADERS {
+        if let Some(value) = upstream.headers().get(name) {
+            response.insert_header((name.clone(), value.clone()));
+        }
+    }
+    let is_sse = upstream
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_sse {
+        response.insert_header((CACHE_CONTROL, "no-cache"));
+    }
+    let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
+    match (rename, is_sse) {
+        (Some(model), false) => {
+            // A whole JSON answer: restore the model name the client asked for.
+            let body = upstream
+                .body()
+                .limit(MAX_REWRITE_BODY)
+                .await
+                .map_err(|e| ApiError::new(actix_web::http::StatusCode::BAD_GATEWAY, "upstream_error", format!("reading the upstream answer failed: {e}")))?;
+            Ok(response.body(rename_model_in_json(&body, &model)))
+        }
+        (rename, _) => {
+            let rewriter = rename.map(SseRenamer::new);
+            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter)))
+        }
+    }
+}
+
+/// The upstream body as a stream for the client, with an idle timeout between chunks.
+fn relay_stream<S>(
+    upstream: S,
+    idle: Duration,
+    is_sse: bool,
+    renamer: Option<SseRenamer>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
+where
+    S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
+{
+    struct State<S> {
+        upstream: S,
+        renamer: Option<SseRenamer>,
+        finished: bool,
+    }
+    let state = State {
+        upstream,
+        renamer,
+        finished: false,
+    };
+    futures_util::stream::unfold(state, move |mut st| async move {
+        loop {
+            if st.finished {
+                return None;
+            }
+            match tokio::time::timeout(idle, st.upstream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    let out = match &mut st.renamer {
+                        Some(renamer) => renamer.push(&chunk),
+                        None => chunk,
+                    };
+                    if !out.is_empty() {
+                        return Some((Ok(out), st));
+                    }
+                }
+                Ok(None) => {
+                    st.finished = true;
+                    let rest = st.renamer.as_mut().map(SseRenamer::finish).unwrap_or_default();
+                    if !rest.is_empty() {
+                        return Some((Ok(rest), st));
+                    }
+                }
+                Ok(Some(Err(_))) | Err(_) => {
+                    st.finished = true;
+                    tracing::warn!("upstream stream broke after the first byte");
+                    if is_sse {
+                        // Tell the SDK the stream failed; a silent end would look complete.
+                        return Some((Ok(Bytes::from_static(STREAM_ERROR_EVENT)), st));
+                    }
+                    let err = std::io::Error::other("upstream stream interrupted");
+                    return Some((Err(err), st));
+                }
+            }
+        }
+    })
+}
+
+const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
+
+/// Sets `model` in a JSON object body; anything else passes unchanged.
+fn rename_model_in_json(body: &[u8], model: &str) -> Bytes {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut object)) if object.contains_key("model") => {
+            object.insert("model".into(), Value::String(model.to_owned()));
+            serde_json::to_vec(&object)
+                .map(Bytes::from)
+                .unwrap_or_else(|_| Bytes::copy_from_slice(body))
+        }
+        _ => Bytes::copy_from_slice(body),
+    }
+}
+
+/// Restores the client's model name in each `data:` line of an SSE stream, passing complete
+/// lines on at once and holding only a partial last line until its end arrives.
+pub struct SseRenamer {
+    model: String,
+    pending: BytesMut,
+}
+
+impl SseRenamer {
+    fn new(model: String) -> Self {
+        SseRenamer {
+            model,
+            pending: BytesMut::new(),
+        }
+    }
+
+    /// Takes a chunk; returns the complete lines it finished, renamed.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let Some(last_newline) = self.pending.iter().rposition(|b| *b == b'\n') else {
+            return Bytes::new();
+        };
+        let complete = self.pending.split_to(last_newline + 1);
+        let mut out = BytesMut::with_capacity(complete.len() + 16);
+        for line in complete.split_inclusive(|b| *b == b'\n') {
+            self.rename_line(line, &mut out);
+        }
+        out.freeze()
+    }
+
+    /// The stream ended: whatever partial line is left, renamed.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split();
+        let mut out = BytesMut::new();
+        if !rest.is_empty() {
+            self.rename_line(&rest, &mut out);
+        }
+        out.freeze()
+    }
+
+    fn rename_line(&self, line: &[u8], out: &mut BytesMut) {
+        let content = line.strip_suffix(b"\n").unwrap_or(line);
+        let (content, cr) = match content.strip_suffix(b"\r") {
+            Some(c) => (c, true),
+            None => (content, false),
+        };
+        let payload = content.strip_prefix(b"data:").map(<[u8]>::trim_ascii_start);
+        let renamed = payload
+            .filter(|p| p.first() == Some(&b'{'))
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            .and_then(|value| match value {
+                Value::Object(mut object) if object.contains_key("model") => {
+                    object.insert("model".into(), Value::String(self.model.clone()));
+                    serde_json::to_vec(&object).ok()
+                }
+                _ => None,
+            });
+        match renamed {
+            Some(json) => {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&json);
+                if cr {
+                    out.extend_from_slice(b"\r");
+                }
+                if line.ends_with(b"\n") {
+                    out.extend_from_slice(b"\n");
+                }
+            }
+            None => out.extend_from_slice(line),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_lines_get_the_asked_model_even_when_split_across_chunks() {
+        let mut r = SseRenamer::new("asked".into());
+        let a = r.push(b"data: {\"id\":1,\"model\":\"real\"}\n\ndata: {\"mo");
+        assert_eq!(&a[..], b"data: {\"id\":1,\"model\":\"asked\"}\n\n");
+        let b = r.push(b"del\":\"real\"}\n\ndata: [DONE]\n\n");
+        assert_eq!(&b[..], b"data: {\"model\":\"asked\"}\n\ndata: [DONE]\n\n");
+        assert!(r.finish().is_empty());
+    }
+
+    #[test]
+    fn json_bodies_get_the_asked_model() {
+        let out = rename_model_in_json(br#"{"model":"real","x":1}"#, "asked");
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "asked");
+        assert_eq!(v["x"], 1);
+        assert_eq!(&rename_model_in_json(b"not json", "a")[..], b"not json");
+    }
+}
