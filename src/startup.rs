@@ -14,16 +14,16 @@ use tracing_actix_web::TracingLogger;
 
 use crate::actors::config_sync::ConfigSyncActor;
 use crate::actors::key_pool::PoolPolicy;
-use crate::proxy::Proxy;
-use crate::routing::{KeyPools, ModelMapper};
-use crate::upstream;
 use crate::auth::{AuthCache, Authenticator};
 use crate::bootstrap;
 use crate::config::Settings;
 use crate::db::{migrate, Db};
+use crate::proxy::Proxy;
 use crate::routes;
+use crate::routing::{KeyPools, ModelMapper};
 use crate::state::AppState;
 use crate::telemetry::{self, RequestSpan};
+use crate::upstream;
 
 /// A built, bound, not yet running service.
 pub struct Application {
@@ -68,9 +68,13 @@ impl Application {
         pools.reload().await.context("loading upstream keys")?;
         let mapper = Arc::new(ModelMapper::default());
         mapper.reload(&db).await.context("loading model mappings")?;
-        let config_sync =
-            ConfigSyncActor::new(auth_cache.clone(), pools.clone(), mapper.clone(), db.clone())
-                .start();
+        let config_sync = ConfigSyncActor::new(
+            auth_cache.clone(),
+            pools.clone(),
+            mapper.clone(),
+            db.clone(),
+        )
+        .start();
         let proxy = web::Data::new(Proxy {
             pools,
             mapper,

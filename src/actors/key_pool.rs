@@ -30,7 +30,9 @@ pub struct PoolKey {
 
 impl std::fmt::Debug for PoolKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PoolKey").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("PoolKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -207,7 +209,8 @@ impl KeyPoolActor {
                 slot.consecutive_failures += 1;
                 if slot.consecutive_failures >= self.policy.breaker_failures {
                     slot.consecutive_failures = 0;
-                    slot.resting_until = later(slot.resting_until, Some(now + self.policy.breaker_open));
+                    slot.resting_until =
+                        later(slot.resting_until, Some(now + self.policy.breaker_open));
                     tracing::warn!(level = self.level, upstream_key_id = %slot.key.id, "upstream key failing; circuit open");
                 }
             }

@@ -73,7 +73,10 @@ pub async fn send(client: &awc::Client, proxy: &Proxy, call: &Call, levels: &[i3
                 Ok(response) => {
                     let status = response.status();
                     if status == StatusCode::TOO_MANY_REQUESTS {
-                        report(Outcome::RateLimited(retry_after(&response, settings.default_cooldown_secs)));
+                        report(Outcome::RateLimited(retry_after(
+                            &response,
+                            settings.default_cooldown_secs,
+                        )));
                         tracing::info!(upstream_key_id = %key.id, level, "upstream 429; trying the next key");
                         last = LastFailure::Upstream;
                     } else if matches!(status.as_u16(), 401 | 403) {
@@ -139,10 +142,7 @@ async fn attempt(
     timeout: Duration,
 ) -> Result<UpstreamResponse, SendRequestError> {
     let url = format!("{}{}", key.base_url, call.path);
-    let mut request = client
-        .post(url)
-        .timeout(timeout)
-        .bearer_auth(&*key.secret);
+    let mut request = client.post(url).timeout(timeout).bearer_auth(&*key.secret);
     if let Some(content_type) = &call.content_type {
         request = request.insert_header(("content-type", content_type.as_str()));
     }

@@ -61,7 +61,10 @@ fn parse_json_call(
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(ApiError::invalid("request body must have a string `model`")),
     };
-    let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = object
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let mapped = mapper.resolve(&principal.user.id, &model);
     let body = match &mapped {
         Some(to) => {

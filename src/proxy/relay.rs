@@ -45,16 +45,23 @@ pub async fn respond(
     match (rename, is_sse) {
         (Some(model), false) => {
             // A whole JSON answer: restore the model name the client asked for.
-            let body = upstream
-                .body()
-                .limit(MAX_REWRITE_BODY)
-                .await
-                .map_err(|e| ApiError::new(actix_web::http::StatusCode::BAD_GATEWAY, "upstream_error", format!("reading the upstream answer failed: {e}")))?;
+            let body = upstream.body().limit(MAX_REWRITE_BODY).await.map_err(|e| {
+                ApiError::new(
+                    actix_web::http::StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!("reading the upstream answer failed: {e}"),
+                )
+            })?;
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
         (rename, _) => {
             let rewriter = rename.map(SseRenamer::new);
-            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter)))
+            // OpenAI's chat and text completion streams always end with `data: [DONE]`; awc
+            // reports a connection lost mid-body as a normal end, so its absence is the tell.
+            let done = (is_sse
+                && matches!(call.path.as_str(), "/chat/completions" | "/completions"))
+            .then(DoneWatcher::default);
+            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done)))
         }
     }
 }
@@ -65,6 +72,7 @@ fn relay_stream<S>(
     idle: Duration,
     is_sse: bool,
     renamer: Option<SseRenamer>,
+    done: Option<DoneWatcher>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
@@ -72,11 +80,13 @@ where
     struct State<S> {
         upstream: S,
         renamer: Option<SseRenamer>,
+        done: Option<DoneWatcher>,
         finished: bool,
     }
     let state = State {
         upstream,
         renamer,
+        done,
         finished: false,
     };
     futures_util::stream::unfold(state, move |mut st| async move {
@@ -86,6 +96,9 @@ where
             }
             match tokio::time::timeout(idle, st.upstream.next()).await {
                 Ok(Some(Ok(chunk))) => {
+                    if let Some(done) = &mut st.done {
+                        done.observe(&chunk);
+                    }
                     let out = match &mut st.renamer {
                         Some(renamer) => renamer.push(&chunk),
                         None => chunk,
@@ -94,9 +107,18 @@ where
                         return Some((Ok(out), st));
                     }
                 }
+                Ok(None) if st.done.as_ref().is_some_and(|d| !d.seen) => {
+                    st.finished = true;
+                    tracing::warn!("upstream stream ended without [DONE]");
+                    return Some((Ok(Bytes::from_static(STREAM_ERROR_EVENT)), st));
+                }
                 Ok(None) => {
                     st.finished = true;
-                    let rest = st.renamer.as_mut().map(SseRenamer::finish).unwrap_or_default();
+                    let rest = st
+                        .renamer
+                        .as_mut()
+                        .map(SseRenamer::finish)
+                        .unwrap_or_default();
                     if !rest.is_empty() {
                         return Some((Ok(rest), st));
                     }
@@ -117,6 +139,33 @@ where
 }
 
 const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
+
+/// Watches a stream for OpenAI's closing `data: [DONE]`, across chunk boundaries.
+#[derive(Default)]
+struct DoneWatcher {
+    tail: Vec<u8>,
+    seen: bool,
+}
+
+impl DoneWatcher {
+    const MARKER: &'static [u8] = b"data: [DONE]";
+
+    fn observe(&mut self, chunk: &[u8]) {
+        if self.seen {
+            return;
+        }
+        self.tail.extend_from_slice(chunk);
+        self.seen = self
+            .tail
+            .windows(Self::MARKER.len())
+            .any(|w| w == Self::MARKER);
+        // Only the last few bytes can start a marker split by the next chunk.
+        let keep = Self::MARKER.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+    }
+}
 
 /// Sets `model` in a JSON object body; anything else passes unchanged.
 fn rename_model_in_json(body: &[u8], model: &str) -> Bytes {
@@ -215,6 +264,15 @@ mod tests {
         let b = r.push(b"del\":\"real\"}\n\ndata: [DONE]\n\n");
         assert_eq!(&b[..], b"data: {\"model\":\"asked\"}\n\ndata: [DONE]\n\n");
         assert!(r.finish().is_empty());
+    }
+
+    #[test]
+    fn done_is_seen_even_when_split() {
+        let mut w = DoneWatcher::default();
+        w.observe(b"data: {}\n\ndata: [DO");
+        assert!(!w.seen);
+        w.observe(b"NE]\n\n");
+        assert!(w.seen);
     }
 
     #[test]

@@ -78,7 +78,11 @@ pub fn json_error_page<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHan
     let status = res.status();
     let (req, _) = res.into_parts();
     let error = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(status, "invalid_request", "request body is larger than the limit")
+        ApiError::new(
+            status,
+            "invalid_request",
+            "request body is larger than the limit",
+        )
     } else {
         let message = format!("{} is not allowed on {}", req.method(), req.path());
         ApiError::new(status, "method_not_allowed", message)

@@ -113,9 +113,18 @@ mod tests {
             mapping("gpt-4o", "sys-exact", None),
             mapping("gpt-4*", "alice-glob", Some("alice")),
         ]);
-        assert_eq!(mapper.resolve("bob", "gpt-4o").as_deref(), Some("sys-exact"));
-        assert_eq!(mapper.resolve("bob", "gpt-4-turbo").as_deref(), Some("sys-glob"));
-        assert_eq!(mapper.resolve("alice", "gpt-4o").as_deref(), Some("alice-glob"));
+        assert_eq!(
+            mapper.resolve("bob", "gpt-4o").as_deref(),
+            Some("sys-exact")
+        );
+        assert_eq!(
+            mapper.resolve("bob", "gpt-4-turbo").as_deref(),
+            Some("sys-glob")
+        );
+        assert_eq!(
+            mapper.resolve("alice", "gpt-4o").as_deref(),
+            Some("alice-glob")
+        );
         assert_eq!(mapper.resolve("alice", "claude"), None);
     }
 }

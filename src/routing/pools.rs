@@ -43,7 +43,9 @@ impl KeyPools {
             match pool_key(key, &self.master_key) {
                 Ok(pk) => by_level.entry(key.level).or_default().push(pk),
                 // A secret that does not decrypt (another master key) cannot be used; say so.
-                Err(err) => tracing::error!(upstream_key_id = %key.id, error = %err, "upstream key unusable"),
+                Err(err) => {
+                    tracing::error!(upstream_key_id = %key.id, error = %err, "upstream key unusable")
+                }
             }
         }
         let mut pools = self.pools.write();

@@ -119,6 +119,8 @@ pub fn test_settings(database_url: &str, admin_token: &str, master_key: &str) ->
         ("SWITCHYARD_SERVER__WORKERS", "1"),
         ("SWITCHYARD_SERVER__SHUTDOWN_TIMEOUT_SECS", "1"),
         ("SWITCHYARD_DATABASE__MAX_CONNECTIONS", "4"),
+        ("SWITCHYARD_UPSTREAM__FIRST_BYTE_TIMEOUT_SECS", "1"),
+        ("SWITCHYARD_UPSTREAM__IDLE_TIMEOUT_SECS", "2"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
@@ -212,6 +214,26 @@ impl TestApp {
             .await
             .expect("data-plane call");
         into_json(response).await
+    }
+
+    /// Adds an upstream key and returns its id.
+    pub async fn add_upstream(&self, fields: Value) -> String {
+        let (status, body) = self
+            .admin_json(reqwest::Method::POST, "/admin/upstream-keys", Some(fields))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST /v1/chat/completions` with `key` and `body`.
+    pub async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.address))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("chat call")
     }
 
     /// The storage layer on the same database, to check what is stored.

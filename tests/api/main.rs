@@ -6,4 +6,6 @@ mod admin_user_keys;
 mod admin_users;
 mod auth;
 mod helpers;
+mod mock_upstream;
 mod operations;
+mod proxy;

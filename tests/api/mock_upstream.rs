@@ -1,0 +1,168 @@
+//! A mock OpenAI-compatible provider: a real HTTP server whose behaviour is chosen by the
+//! upstream secret's prefix, and which records every call it receives.
+//!
+//! | secret prefix | answer |
+//! | --- | --- |
+//! | `ok` | 200: a chat completion (or an SSE stream when `stream: true`) |
+//! | `r429` | 429 with `Retry-After: 7` |
+//! | `r500` | 500 |
+//! | `r401` | 401 |
+//! | `r400` | 400 with a provider error body (the caller's fault) |
+//! | `slow` | waits 3 s, then answers like `ok` |
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::web::{Bytes, Data};
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures_util::stream;
+use serde_json::{json, Value};
+
+/// One call the mock received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub secret: String,
+    pub path: String,
+    pub body: Value,
+}
+
+/// A running mock provider.
+#[derive(Clone)]
+pub struct MockUpstream {
+    pub base_url: String,
+    calls: Arc<Mutex<Vec<Received>>>,
+}
+
+impl MockUpstream {
+    /// Starts the mock on a random port.
+    pub fn start() -> MockUpstream {
+        let calls: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let shared = Data::new(calls.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(shared.clone())
+                .default_service(web::to(handle))
+        })
+        .workers(1)
+        .listen(listener)
+        .unwrap()
+        .run();
+        actix_web::rt::spawn(server);
+        MockUpstream {
+            base_url: format!("http://127.0.0.1:{port}/v1"),
+            calls,
+        }
+    }
+
+    /// Every call received so far.
+    pub fn calls(&self) -> Vec<Received> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// How many calls used `secret`.
+    pub fn calls_with(&self, secret: &str) -> usize {
+        self.calls().iter().filter(|c| c.secret == secret).count()
+    }
+}
+
+async fn handle(
+    req: HttpRequest,
+    body: Bytes,
+    calls: Data<Arc<Mutex<Vec<Received>>>>,
+) -> HttpResponse {
+    let secret = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    calls.lock().unwrap().push(Received {
+        secret: secret.clone(),
+        path: req.path().to_owned(),
+        body: body.clone(),
+    });
+    let model = body["model"].as_str().unwrap_or("none").to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    if secret.starts_with("r429") {
+        return HttpResponse::TooManyRequests()
+            .insert_header(("retry-after", "7"))
+            .json(json!({"error": {"message": "rate limited", "type": "requests"}}));
+    }
+    if secret.starts_with("r500") {
+        return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom"}}));
+    }
+    if secret.starts_with("r401") {
+        return HttpResponse::Unauthorized()
+            .json(json!({"error": {"message": "bad key", "code": "invalid_api_key"}}));
+    }
+    if secret.starts_with("r400") {
+        return HttpResponse::BadRequest().json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": null}}));
+    }
+    if secret.starts_with("slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    if stream {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(sse(&chunk(&model, "Hel", None))),
+            Ok(sse(&chunk(&model, "lo", None))),
+            Ok(sse(&chunk(&model, "", Some("stop")))),
+            Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+        ];
+        return HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .streaming(stream::iter(chunks));
+    }
+    HttpResponse::Ok().json(json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }))
+}
+
+fn chunk(model: &str, content: &str, finish: Option<&str>) -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    })
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// A provider whose streams break: it answers every request with the head of a chunked SSE
+/// response and one event, then closes the connection without ending the body. Returns its
+/// base URL.
+pub fn start_breaking_upstream() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    actix_web::rt::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 65536];
+            let _ = socket.read(&mut buf).await;
+            let event = format!("data: {}\n\n", chunk("m", "Hel", None));
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+            let body = format!("{:x}\r\n{event}\r\n", event.len());
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+            let _ = socket.flush().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(socket);
+        }
+    });
+    format!("http://127.0.0.1:{port}/v1")
+}

@@ -1,0 +1,342 @@
+//! The data plane against the mock provider: forwarding, streaming, mapping, retry, cooldown,
+//! disabling, failover across levels, and the gateway errors.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_error, into_json, spawn_app, Backend, TestApp};
+use crate::mock_upstream::{start_breaking_upstream, MockUpstream};
+use crate::on_both_backends;
+
+on_both_backends!(
+    a_chat_completion_is_forwarded_and_answered,
+    a_mapped_model_goes_upstream_and_the_client_sees_its_own,
+    a_stream_arrives_chunk_by_chunk_with_the_asked_model,
+    a_429_cools_the_key_down_and_the_next_key_answers,
+    a_401_from_the_provider_disables_the_key,
+    server_errors_fail_over_to_the_users_fallback_level,
+    the_callers_own_errors_come_back_unretried,
+    every_key_failing_is_a_gateway_error,
+    a_slow_provider_is_a_504,
+    a_broken_stream_ends_with_an_error_event,
+    keys_serve_only_the_models_they_list,
+    weights_share_the_calls,
+    bad_call_bodies_are_refused_with_400,
+);
+
+fn upstream(mock: &MockUpstream, secret: &str, level: i32) -> Value {
+    json!({"provider": "openai", "base_url": mock.base_url, "secret": secret, "level": level})
+}
+
+async fn setup(backend: Backend, secrets: &[(&str, i32)]) -> (TestApp, MockUpstream, Vec<String>) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    let mut ids = Vec::new();
+    for (secret, level) in secrets {
+        ids.push(app.add_upstream(upstream(&mock, secret, *level)).await);
+    }
+    (app, mock, ids)
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn a_chat_completion_is_forwarded_and_answered(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("gpt-4o-mini")).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["model"], "gpt-4o-mini");
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].path, "/v1/chat/completions");
+    assert_eq!(
+        calls[0].secret, "ok-a",
+        "the upstream gets its own key, not the user's"
+    );
+    assert_eq!(calls[0].body["messages"][0]["content"], "hi");
+}
+
+async fn a_mapped_model_goes_upstream_and_the_client_sees_its_own(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
+    let (user_id, key) = app.user_with_key().await;
+    app.admin_json(
+        Method::POST,
+        "/admin/model-mappings",
+        Some(json!({"from": "fast*", "to": "sys-model"})),
+    )
+    .await;
+    let (_, body) = into_json(app.chat(&key, hello("fast-1")).await).await;
+    assert_eq!(body["model"], "fast-1");
+    assert_eq!(mock.calls()[0].body["model"], "sys-model");
+    // The user's own mapping wins over the system-wide one.
+    app.admin_json(
+        Method::POST,
+        "/admin/model-mappings",
+        Some(json!({"from": "fast-1", "to": "user-model", "user_id": user_id})),
+    )
+    .await;
+    let (_, body) = into_json(app.chat(&key, hello("fast-1")).await).await;
+    assert_eq!(body["model"], "fast-1");
+    assert_eq!(mock.calls()[1].body["model"], "user-model");
+    // Another user still gets the system mapping.
+    let (_, other) = app.user_with_key().await;
+    into_json(app.chat(&other, hello("fast-1")).await).await;
+    assert_eq!(mock.calls()[2].body["model"], "sys-model");
+}
+
+async fn a_stream_arrives_chunk_by_chunk_with_the_asked_model(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    app.admin_json(
+        Method::POST,
+        "/admin/model-mappings",
+        Some(json!({"from": "alias", "to": "real-model"})),
+    )
+    .await;
+    let response = app
+        .chat(
+            &key,
+            json!({"model": "alias", "stream": true, "messages": []}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 4, "{text}");
+    assert_eq!(events[3], "data: [DONE]");
+    let mut content = String::new();
+    for event in &events[..3] {
+        let chunk: Value = serde_json::from_str(event.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(chunk["model"], "alias", "{event}");
+        content.push_str(chunk["choices"][0]["delta"]["content"].as_str().unwrap());
+    }
+    assert_eq!(content, "Hello");
+    assert_eq!(mock.calls()[0].body["model"], "real-model");
+}
+
+async fn a_429_cools_the_key_down_and_the_next_key_answers(backend: Backend) {
+    let (app, mock, ids) = setup(backend, &[("r429-a", 1), ("ok-b", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    for _ in 0..4 {
+        let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(mock.calls_with("r429-a"), 1, "a cooling key is skipped");
+    assert_eq!(mock.calls_with("ok-b"), 4);
+    let (_, view) = app
+        .admin_json(
+            Method::GET,
+            &format!("/admin/upstream-keys/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(view["state"], "cooling_down", "{view}");
+    let until =
+        chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap()).unwrap();
+    let rest = until
+        .signed_duration_since(chrono::Utc::now())
+        .num_seconds();
+    assert!(
+        (4..=7).contains(&rest),
+        "Retry-After: 7 honoured, {rest}s left"
+    );
+}
+
+async fn a_401_from_the_provider_disables_the_key(backend: Backend) {
+    let (app, mock, ids) = setup(backend, &[("r401-a", 1), ("ok-b", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    for _ in 0..3 {
+        assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
+    }
+    assert_eq!(mock.calls_with("r401-a"), 1);
+    let (_, view) = app
+        .admin_json(
+            Method::GET,
+            &format!("/admin/upstream-keys/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(view["state"], "disabled", "{view}");
+    assert!(view["disabled_reason"].as_str().unwrap().contains("401"));
+    // An admin re-enabling it puts it back in rotation.
+    app.admin_json(
+        Method::PATCH,
+        &format!("/admin/upstream-keys/{}", ids[0]),
+        Some(json!({"enabled": true})),
+    )
+    .await;
+    for _ in 0..2 {
+        app.chat(&key, hello("m")).await;
+    }
+    assert_eq!(mock.calls_with("r401-a"), 2);
+}
+
+async fn server_errors_fail_over_to_the_users_fallback_level(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("r500-a", 1), ("r500-b", 1), ("ok-c", 2)]).await;
+    let user = app.create_user(json!({"fallback_levels": [2]})).await;
+    let (_, key) = app
+        .create_key(user["id"].as_str().unwrap(), json!({}))
+        .await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mock.calls_with("r500-a"), 1);
+    assert_eq!(mock.calls_with("r500-b"), 1);
+    assert_eq!(mock.calls_with("ok-c"), 1);
+    // Without a fallback level the same failure is a gateway error.
+    let (_, plain) = app.user_with_key().await;
+    assert_error(
+        into_json(app.chat(&plain, hello("m")).await).await,
+        502,
+        "upstream_error",
+    );
+}
+
+async fn the_callers_own_errors_come_back_unretried(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("r400-a", 1), ("ok-b", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+        if status == 400 {
+            assert_eq!(
+                body["error"]["param"], "max_tokens",
+                "the provider's own body: {body}"
+            );
+        }
+        statuses.push(status);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [200, 400],
+        "round robin reached both keys; the 400 was not retried"
+    );
+    assert_eq!(mock.calls().len(), 2);
+}
+
+async fn every_key_failing_is_a_gateway_error(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("r429-a", 1), ("r429-b", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let failed = into_json(app.chat(&key, hello("m")).await).await;
+    assert_error(failed, 502, "upstream_error");
+    assert_eq!(mock.calls().len(), 2);
+    // Both keys are now cooling down: nothing is available, and nothing is sent.
+    let none = into_json(app.chat(&key, hello("m")).await).await;
+    assert_error(none, 503, "no_upstream_available");
+    assert_eq!(mock.calls().len(), 2);
+    // A level with no keys at all is the same.
+    let user = app.create_user(json!({"level": 9})).await;
+    let (_, nine) = app
+        .create_key(user["id"].as_str().unwrap(), json!({}))
+        .await;
+    assert_error(
+        into_json(app.chat(&nine, hello("m")).await).await,
+        503,
+        "no_upstream_available",
+    );
+}
+
+async fn a_slow_provider_is_a_504(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("slow-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let timed_out = into_json(app.chat(&key, hello("m")).await).await;
+    assert_error(timed_out, 504, "upstream_timeout");
+    assert_eq!(mock.calls().len(), 1);
+}
+
+async fn a_broken_stream_ends_with_an_error_event(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let base_url = start_breaking_upstream();
+    app.add_upstream(
+        json!({"provider": "openai", "base_url": base_url, "secret": "any", "level": 1}),
+    )
+    .await;
+    let (_, key) = app.user_with_key().await;
+    let response = app
+        .chat(&key, json!({"model": "m", "stream": true, "messages": []}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap_or_default();
+    assert!(text.contains("\"content\":\"Hel\""), "{text}");
+    assert!(text.contains("\"code\":\"upstream_error\""), "{text}");
+    assert!(!text.contains("[DONE]"));
+    assert!(!text.contains("\"finish_reason\":\"stop\""));
+}
+
+async fn keys_serve_only_the_models_they_list(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    let mut gpt = upstream(&mock, "ok-gpt", 1);
+    gpt["models"] = json!(["gpt-*"]);
+    let mut claude = upstream(&mock, "ok-claude", 1);
+    claude["models"] = json!(["claude-*"]);
+    app.add_upstream(gpt).await;
+    app.add_upstream(claude).await;
+    let (_, key) = app.user_with_key().await;
+    for _ in 0..3 {
+        assert_eq!(app.chat(&key, hello("gpt-4o")).await.status(), 200);
+    }
+    assert_eq!(mock.calls_with("ok-gpt"), 3);
+    assert_eq!(mock.calls_with("ok-claude"), 0);
+    assert_error(
+        into_json(app.chat(&key, hello("gemini-pro")).await).await,
+        503,
+        "no_upstream_available",
+    );
+}
+
+async fn weights_share_the_calls(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    let mut heavy = upstream(&mock, "ok-heavy", 1);
+    heavy["weight"] = json!(3);
+    app.add_upstream(heavy).await;
+    app.add_upstream(upstream(&mock, "ok-light", 1)).await;
+    let (_, key) = app.user_with_key().await;
+    for _ in 0..8 {
+        assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
+    }
+    assert_eq!(mock.calls_with("ok-heavy"), 6);
+    assert_eq!(mock.calls_with("ok-light"), 2);
+}
+
+async fn bad_call_bodies_are_refused_with_400(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    for body in [
+        "{not json",
+        "[1,2]",
+        "{\"messages\": []}",
+        "{\"model\": 5}",
+        "{\"model\": \"\"}",
+    ] {
+        let response = app
+            .http
+            .post(format!("{}/v1/chat/completions", app.address))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_error(into_json(response).await, 400, "invalid_request");
+    }
+    // Unauthenticated calls never reach the provider either.
+    let response = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.address))
+        .json(&hello("m"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(into_json(response).await, 401, "invalid_api_key");
+    assert_eq!(mock.calls().len(), 0);
+    assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
+}
