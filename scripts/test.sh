@@ -26,6 +26,8 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+INSTALLED_POSTGRES=0
+
 pg_url() { echo "postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/${1:-postgres}"; }
 
 pg_ok() { psql "$(pg_url)" -Atqc 'SELECT 1' >/dev/null 2>&1; }
@@ -33,15 +35,19 @@ pg_ok() { psql "$(pg_url)" -Atqc 'SELECT 1' >/dev/null 2>&1; }
 ensure_postgres() {
   command -v psql >/dev/null || apt_install postgresql-client
   if ! pg_isready -h "$PG_HOST" -p "$PG_PORT" -q 2>/dev/null; then
-    ls -d /etc/postgresql/*/main >/dev/null 2>&1 || apt_install postgresql postgresql-client
+    if ! ls -d /etc/postgresql/*/main >/dev/null 2>&1; then
+      apt_install postgresql postgresql-client
+      INSTALLED_POSTGRES=1
+    fi
     log "starting PostgreSQL"
     for version in $(ls /etc/postgresql 2>/dev/null); do
       as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
     done
     for _ in $(seq 1 30); do pg_isready -h "$PG_HOST" -p "$PG_PORT" -q && break; sleep 1; done
   fi
-  if ! pg_ok; then
-    # A packaged server asks for a password over TCP: give the postgres role a known one.
+  if ! pg_ok && { [ "$INSTALLED_POSTGRES" = 1 ] || [ "${CI:-}" = true ]; }; then
+    # A freshly packaged server asks for a password over TCP: give the postgres role a known
+    # one. Only on a server this script installed, or in CI; never on a developer's own.
     log "setting a password for the postgres role"
     as_root runuser -u postgres -- psql -q -c "ALTER USER postgres PASSWORD '$PG_PASSWORD'" >/dev/null
   fi

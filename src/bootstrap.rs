@@ -45,7 +45,16 @@ pub fn resolve_secrets(settings: &Settings) -> anyhow::Result<Secrets> {
             let master_key = match configured_key {
                 Some(key) => key,
                 None => {
-                    read_or_create(&sibling(&db_path, "master_key"), MasterKey::generate_base64)?.0
+                    let path = sibling(&db_path, "master_key");
+                    if !path.exists() && stored_secret_count(&db_path) > 0 {
+                        anyhow::bail!(
+                            "{} holds encrypted upstream secrets but {} is missing: restore that \
+                             file or set SWITCHYARD_MASTER_KEY to the key they were stored with",
+                            db_path.display(),
+                            path.display()
+                        );
+                    }
+                    read_or_create(&path, MasterKey::generate_base64)?.0
                 }
             };
             let (admin_token, generated_admin_token) = match configured_token {
@@ -64,6 +73,21 @@ pub fn resolve_secrets(settings: &Settings) -> anyhow::Result<Secrets> {
             })
         }
     }
+}
+
+/// How many upstream secrets an existing SQLite file holds (0 when it or the table is absent).
+fn stored_secret_count(db_path: &Path) -> i64 {
+    use diesel::{Connection, QueryDsl, RunQueryDsl, SqliteConnection};
+    if !db_path.exists() {
+        return 0;
+    }
+    let Ok(mut conn) = SqliteConnection::establish(&db_path.to_string_lossy()) else {
+        return 0;
+    };
+    crate::db::schema::upstream_keys::table
+        .count()
+        .get_result(&mut conn)
+        .unwrap_or(0)
 }
 
 /// `switchyard.db` → `switchyard.<suffix>` in the same directory.

@@ -137,7 +137,11 @@ impl Settings {
             config::FileFormat::Toml,
         ));
         if let Some(path) = config_file {
-            builder = builder.add_source(config::File::from(path.to_path_buf()).required(true));
+            let path = path
+                .to_str()
+                .context("the --config path must be valid UTF-8")?;
+            builder = builder
+                .add_source(config::File::new(path, config::FileFormat::Toml).required(true));
         }
         builder = builder.add_source(
             config::Environment::with_prefix("SWITCHYARD")

@@ -25,6 +25,21 @@ use crate::state::AppState;
 use crate::telemetry::{self, RequestSpan};
 use crate::upstream;
 
+/// Shows a newly generated admin token once, so a newcomer can call the admin API at once. It
+/// goes to the terminal only: when stdout is a pipe or a file (a container, a log collector),
+/// only the file that holds it is named.
+fn announce_admin_token(token: &str, path: &std::path::Path) {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!(
+            "\n  Switchyard admin token (saved in {}):\n\n    {token}\n\n  Use it as: Authorization: Bearer <token>\n",
+            path.display()
+        );
+    } else {
+        tracing::info!(file = %path.display(), "generated an admin token; read it from the file");
+    }
+}
+
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
@@ -35,8 +50,9 @@ impl Application {
     /// Migrates the database, prepares secrets and binds the listener (port 0 picks a free port,
     /// which tests use). Must be called inside an actix System.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let applied = migrate::run_pending_off_thread(settings.database.url.clone()).await?;
+        // Secrets first: a missing master key stops the start before the database is touched.
         let secrets = bootstrap::resolve_secrets(&settings)?;
+        let applied = migrate::run_pending_off_thread(settings.database.url.clone()).await?;
         let db = Db::connect(&settings.database).context("building the database pool")?;
         tracing::info!(
             backend = db.backend_name(),
@@ -45,12 +61,7 @@ impl Application {
         );
         bootstrap::seed_first_start(&db, &secrets.master_key).await?;
         if let Some((token, path)) = &secrets.generated_admin_token {
-            // Shown once, on the terminal, so a newcomer can call the admin API right away.
-            // It is printed, not logged: log collectors never see it.
-            println!(
-                "\n  Switchyard admin token (saved in {}):\n\n    {token}\n\n  Use it as: Authorization: Bearer <token>\n",
-                path.display()
-            );
+            announce_admin_token(token, path);
         }
 
         let auth_cache = Arc::new(AuthCache::new(

@@ -41,8 +41,9 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
     guard
 }
 
-/// The root span of every request: method, path (never the query), request id, and the caller
-/// once authenticated.
+/// The root span of every request: method, path (never the query), request id, the caller once
+/// authenticated, and for proxied calls the model asked and sent, the level, the attempts and
+/// the upstream key that answered (its id, never its secret).
 pub struct RequestSpan;
 
 impl RootSpanBuilder for RequestSpan {
@@ -60,6 +61,11 @@ impl RootSpanBuilder for RequestSpan {
             request_id = %request_id,
             user_id = tracing::field::Empty,
             key_id = tracing::field::Empty,
+            model = tracing::field::Empty,
+            upstream_model = tracing::field::Empty,
+            level = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            upstream_key_id = tracing::field::Empty,
             status = tracing::field::Empty,
         )
     }

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use actix::{Actor, Context, Handler, Message, ResponseFuture};
+use actix::{Actor, ActorFutureExt, AtomicResponse, Context, Handler, Message, WrapFuture};
+use futures_util::future::BoxFuture;
 
 use crate::auth::AuthCache;
 use crate::db::Db;
@@ -57,10 +58,18 @@ impl Actor for ConfigSyncActor {
 }
 
 impl Handler<Changed> for ConfigSyncActor {
-    // Reloads finish before the reply, so the admin's answer means the change is in force.
-    type Result = ResponseFuture<()>;
+    // Reloads finish before the reply, so the admin's answer means the change is in force, and
+    // they run one at a time, so an older snapshot can never land after a newer one.
+    type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, msg: Changed, _: &mut Self::Context) -> Self::Result {
+        let work = self.react(msg);
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|_, _, _| ())))
+    }
+}
+
+impl ConfigSyncActor {
+    fn react(&self, msg: Changed) -> BoxFuture<'static, ()> {
         tracing::debug!(entity = ?msg.entity, id = %msg.id, "configuration changed");
         let db = self.db.clone();
         match msg.entity {

@@ -26,6 +26,8 @@ pub struct PoolKey {
     /// Disabled because the provider refused the key (401/403).
     pub rejected: bool,
     pub cooldown_until: Option<NaiveDateTime>,
+    /// When an admin last changed the key: a newer one means their word replaces the pool's.
+    pub updated_at: NaiveDateTime,
 }
 
 impl std::fmt::Debug for PoolKey {
@@ -144,8 +146,18 @@ impl KeyPoolActor {
                 let stored_rest = rest_from_wall_clock(key.cooldown_until, now_wall);
                 match old.remove(&key.id) {
                     Some(mut slot) => {
-                        slot.resting_until = later(slot.resting_until, stored_rest);
-                        slot.key = key;
+                        if key.updated_at == slot.key.updated_at {
+                            // No admin change: keep what this pool learnt that the database
+                            // may not show yet (its writes are asynchronous).
+                            let rejected = key.rejected || slot.key.rejected;
+                            slot.resting_until = later(slot.resting_until, stored_rest);
+                            slot.key = PoolKey { rejected, ..key };
+                        } else {
+                            // An admin re-enabled, re-keyed or reconfigured it: start afresh.
+                            slot.resting_until = stored_rest;
+                            slot.consecutive_failures = 0;
+                            slot.key = key;
+                        }
                         slot
                     }
                     None => Slot {
@@ -298,5 +310,6 @@ pub fn pool_key(key: &UpstreamKey, master: &crate::crypto::MasterKey) -> anyhow:
         enabled: key.enabled,
         rejected: key.disabled_at.is_some(),
         cooldown_until: key.cooldown_until,
+        updated_at: key.updated_at,
     })
 }

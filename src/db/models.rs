@@ -167,8 +167,8 @@ impl From<&UserKey> for UserKeyRow {
 }
 
 /// An `upstream_keys` row.
-#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
-#[diesel(table_name = upstream_keys, treat_none_as_null = true)]
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = upstream_keys)]
 pub struct UpstreamKeyRow {
     pub id: String,
     pub provider: String,

@@ -39,15 +39,56 @@ pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
         JsonPayloadError::ContentType => {
             ApiError::invalid("request body must be JSON with Content-Type: application/json")
         }
-        JsonPayloadError::Deserialize(e) => ApiError::invalid(format!("invalid JSON body: {e}")),
+        JsonPayloadError::Deserialize(e) => ApiError::invalid(describe_json_error(e)),
         other => ApiError::invalid(format!("invalid request body: {other}")),
     };
     api.into()
 }
 
+/// A JSON error for the client, without the values it quotes: serde repeats a mistyped string
+/// (`invalid type: string "..."`), and that string may be a secret put in the wrong field.
+/// Field and variant names the API defines are kept, as they tell the caller what to fix.
+pub fn describe_json_error(err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let redacted = match err.classify() {
+        serde_json::error::Category::Data => redact_quoted(&text),
+        _ => text,
+    };
+    format!("invalid JSON body: {redacted}")
+}
+
+fn redact_quoted(text: &str) -> String {
+    // `unknown variant `x`, expected one of ...`: the first backticked value is the caller's.
+    if let Some(rest) = text.strip_prefix("unknown variant `") {
+        if let Some(end) = rest.find('`') {
+            return format!(
+                "unknown variant, expected{}",
+                rest[end + 1..].trim_start_matches(',')
+            );
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut in_quotes = false;
+    for c in text.chars() {
+        if c == '"' {
+            if !in_quotes {
+                out.push_str("\"...\"");
+            }
+            in_quotes = !in_quotes;
+        } else if !in_quotes {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Malformed query strings become 400.
 pub fn query_error(err: QueryPayloadError, _: &HttpRequest) -> actix_web::Error {
-    ApiError::invalid(format!("invalid query string: {err}")).into()
+    let detail = match &err {
+        QueryPayloadError::Deserialize(e) => redact_quoted(&e.to_string()),
+        _ => "malformed query string".to_owned(),
+    };
+    ApiError::invalid(format!("invalid query string: {detail}")).into()
 }
 
 /// Malformed path parameters become 400.
@@ -89,4 +130,32 @@ pub fn json_error_page<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHan
     };
     let res = ServiceResponse::new(req, error.error_response()).map_into_right_body();
     Ok(ErrorHandlerResponse::Response(res))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_for(json: &str) -> String {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Body {
+            weight: Option<i32>,
+            provider: Option<crate::domain::Provider>,
+        }
+        describe_json_error(&serde_json::from_str::<Body>(json).unwrap_err())
+    }
+
+    #[test]
+    fn json_errors_do_not_repeat_the_callers_values() {
+        let wrong_type = error_for(r#"{"weight": "sk-secret-value"}"#);
+        assert!(!wrong_type.contains("sk-secret-value"), "{wrong_type}");
+        assert!(wrong_type.contains("expected i32"), "{wrong_type}");
+        let variant = error_for(r#"{"provider": "sk-secret-value"}"#);
+        assert!(!variant.contains("sk-secret-value"), "{variant}");
+        assert!(variant.contains("openai"), "{variant}");
+        let field = error_for(r#"{"wieght": 1}"#);
+        assert!(field.contains("wieght"), "field names are kept: {field}");
+    }
 }

@@ -66,14 +66,39 @@ fn rows_to_keys(rows: Vec<UpstreamKeyRow>) -> Result<Vec<UpstreamKey>, DbError> 
     rows.into_iter().map(UpstreamKey::try_from).collect()
 }
 
-/// Writes every column of `key` over its row.
-pub async fn update(db: &Db, key: &UpstreamKey) -> Result<(), DbError> {
+/// Writes an admin's change: the admin-owned columns of `key`, and the health columns
+/// (cooldown, disable) only when `reset_health` says so. Health set by the pools meanwhile is
+/// otherwise kept.
+pub async fn update(db: &Db, key: &UpstreamKey, reset_health: bool) -> Result<(), DbError> {
     let row = UpstreamKeyRow::from(key);
     let updated = with_conn!(db, |conn| {
-        diesel::update(upstream_keys::table.find(&key.id))
-            .set(&row)
-            .execute(conn)
-            .await?
+        let target = upstream_keys::table.find(&key.id);
+        let admin_columns = (
+            upstream_keys::base_url.eq(&row.base_url),
+            upstream_keys::secret_enc.eq(&row.secret_enc),
+            upstream_keys::secret_hint.eq(&row.secret_hint),
+            upstream_keys::level.eq(row.level),
+            upstream_keys::models.eq(&row.models),
+            upstream_keys::weight.eq(row.weight),
+            upstream_keys::enabled.eq(row.enabled),
+            upstream_keys::updated_at.eq(row.updated_at),
+        );
+        if reset_health {
+            diesel::update(target)
+                .set((
+                    admin_columns,
+                    upstream_keys::cooldown_until.eq(None::<NaiveDateTime>),
+                    upstream_keys::disabled_at.eq(None::<NaiveDateTime>),
+                    upstream_keys::disabled_reason.eq(None::<String>),
+                ))
+                .execute(conn)
+                .await?
+        } else {
+            diesel::update(target)
+                .set(admin_columns)
+                .execute(conn)
+                .await?
+        }
     });
     if updated == 0 {
         return Err(DbError::NotFound);

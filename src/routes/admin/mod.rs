@@ -62,7 +62,7 @@ pub fn scope() -> actix_web::Scope<
         )
         .service(web::resource("/model-mappings/{id}").delete(mappings::delete))
         .service(web::resource("/prices").get(prices::list))
-        .service(web::resource("/prices/{model}").put(prices::put))
+        .service(web::resource("/prices/{model:.+}").put(prices::put))
 }
 
 /// Refuses any admin call without the configured token, compared in constant time.
@@ -185,5 +185,6 @@ pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> R
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))
 }

@@ -209,6 +209,7 @@ pub async fn update(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let mut key = load(&state, &id).await?;
+    let mut reset_health = false;
     if let Some(url) = body.base_url.as_deref() {
         key.base_url = base_url_or_default(key.provider, Some(url))?;
     }
@@ -220,9 +221,7 @@ pub async fn update(
             .map_err(ApiError::internal)?;
         key.secret_hint = crypto::hint(secret);
         // A new secret deserves a fresh start.
-        key.disabled_at = None;
-        key.disabled_reason = None;
-        key.cooldown_until = None;
+        reset_health = true;
     }
     if let Some(level) = body.level {
         check(rules::check_level(level))?;
@@ -238,13 +237,15 @@ pub async fn update(
     }
     if let Some(enabled) = body.enabled {
         key.enabled = enabled;
-        if enabled {
-            key.disabled_at = None;
-            key.disabled_reason = None;
-        }
+        reset_health |= enabled;
     }
     key.updated_at = now();
-    repo::upstream_keys::update(&state.db, &key).await?;
+    if reset_health {
+        key.disabled_at = None;
+        key.disabled_reason = None;
+        key.cooldown_until = None;
+    }
+    repo::upstream_keys::update(&state.db, &key, reset_health).await?;
     state.changed(Entity::UpstreamKey, &key.id).await;
     tracing::info!(upstream_key_id = %key.id, "upstream key updated");
     Ok(HttpResponse::Ok().json(UpstreamKeyView::from(&key)))
