@@ -106,8 +106,11 @@ impl Application {
         let port = listener.local_addr()?.port();
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
+            // This closure runs once on each worker thread: per-thread state starts here.
+            let worker_pools = web::Data::from(proxy.pools.register_worker());
             App::new()
-                // awc clients are per thread; this closure runs once per worker.
+                .app_data(worker_pools)
+                // awc clients are not Send: one per worker.
                 .app_data(web::Data::new(upstream::client::build(
                     connect_timeout,
                     first_byte_timeout,

@@ -9,7 +9,6 @@ use actix::{Actor, Context, Handler, Message, MessageResult};
 use chrono::NaiveDateTime;
 use globset::GlobSet;
 
-use crate::db::{repo, Db};
 use crate::domain::{Provider, UpstreamKey};
 
 /// A key as a pool holds it: the secret decrypted, the model globs compiled.
@@ -117,17 +116,15 @@ pub struct KeyPoolActor {
     level: i32,
     slots: Vec<Slot>,
     policy: PoolPolicy,
-    db: Db,
 }
 
 impl KeyPoolActor {
     /// A pool for `level` holding `keys`.
-    pub fn new(level: i32, keys: Vec<PoolKey>, policy: PoolPolicy, db: Db) -> Self {
+    pub fn new(level: i32, keys: Vec<PoolKey>, policy: PoolPolicy) -> Self {
         let mut pool = KeyPoolActor {
             level,
             slots: Vec::new(),
             policy,
-            db,
         };
         pool.set_keys(keys);
         pool
@@ -207,15 +204,11 @@ impl KeyPoolActor {
             Outcome::Success => slot.consecutive_failures = 0,
             Outcome::RateLimited(rest) => {
                 slot.resting_until = later(slot.resting_until, Some(now + rest));
-                let until = crate::domain::now()
-                    + chrono::Duration::from_std(rest).unwrap_or(chrono::Duration::zero());
-                tracing::info!(level = self.level, upstream_key_id = %slot.key.id, rest_secs = rest.as_secs(), "upstream key rate limited; cooling down");
-                persist_cooldown(self.db.clone(), slot.key.id.clone(), until);
+                tracing::debug!(level = self.level, upstream_key_id = %slot.key.id, rest_secs = rest.as_secs(), "upstream key cooling down");
             }
             Outcome::Rejected(status) => {
                 slot.key.rejected = true;
-                tracing::warn!(level = self.level, upstream_key_id = %slot.key.id, status, "provider refused the upstream key; disabled");
-                persist_rejection(self.db.clone(), slot.key.id.clone(), status);
+                tracing::debug!(level = self.level, upstream_key_id = %slot.key.id, status, "upstream key disabled");
             }
             Outcome::Failed => {
                 slot.consecutive_failures += 1;
@@ -240,25 +233,6 @@ fn later(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 fn rest_from_wall_clock(until: Option<NaiveDateTime>, now: NaiveDateTime) -> Option<Instant> {
     let remaining = (until? - now).to_std().ok()?;
     Some(Instant::now() + remaining)
-}
-
-// State changes are written after the fact, off the request path, so the admin view and other
-// replicas see them; a failed write only costs the admin view its freshness.
-fn persist_cooldown(db: Db, key_id: String, until: NaiveDateTime) {
-    actix::spawn(async move {
-        if let Err(err) = repo::upstream_keys::set_cooldown(&db, &key_id, until).await {
-            tracing::warn!(upstream_key_id = %key_id, error = %err, "could not record cooldown");
-        }
-    });
-}
-
-fn persist_rejection(db: Db, key_id: String, status: u16) {
-    actix::spawn(async move {
-        let reason = format!("the provider refused the key ({status})");
-        if let Err(err) = repo::upstream_keys::set_rejected(&db, &key_id, &reason).await {
-            tracing::warn!(upstream_key_id = %key_id, error = %err, "could not record disabled key");
-        }
-    });
 }
 
 impl Actor for KeyPoolActor {

@@ -29,16 +29,20 @@ pub struct AuthCache {
     generation: AtomicU64,
 }
 
-fn capacity(n: usize) -> NonZeroUsize {
-    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+/// A bounded LRU that grows with use: `LruCache::new` would allocate room for every entry up
+/// front, tens of megabytes for a cache that may hold a handful of keys.
+fn bounded<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
+    let mut cache = LruCache::unbounded();
+    cache.resize(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN));
+    cache
 }
 
 impl AuthCache {
     /// Empty caches holding at most the given numbers of keys and users.
     pub fn new(key_capacity: usize, user_capacity: usize) -> Self {
         AuthCache {
-            keys: Mutex::new(LruCache::new(capacity(key_capacity))),
-            users: Mutex::new(LruCache::new(capacity(user_capacity))),
+            keys: Mutex::new(bounded(key_capacity)),
+            users: Mutex::new(bounded(user_capacity)),
             generation: AtomicU64::new(0),
         }
     }
@@ -95,5 +99,27 @@ impl AuthCache {
         self.generation.fetch_add(1, Ordering::AcqRel);
         keys.clear();
         users.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_stays_within_its_bound() {
+        let cache = AuthCache::new(2, 2);
+        for i in 0..5 {
+            let key = VerifiedKey {
+                secret_digest: [0; 32],
+                user_id: "u".into(),
+                expires_at: None,
+                revoked_at: None,
+            };
+            cache.insert_key(format!("k{i}"), key, cache.generation());
+        }
+        assert!(cache.key("k4").is_some());
+        assert!(cache.key("k0").is_none());
+        assert_eq!(cache.keys.lock().len(), 2);
     }
 }

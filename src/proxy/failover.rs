@@ -8,9 +8,10 @@ use actix_web::http::StatusCode;
 use awc::error::SendRequestError;
 
 use super::{Call, Proxy};
-use crate::actors::key_pool::{Lease, LeasedKey, Outcome, Report};
+use crate::actors::key_pool::{Lease, LeasedKey, Outcome};
 use crate::domain::Provider;
 use crate::error::ApiError;
+use crate::routing::pools::WorkerPools;
 
 /// An upstream response whose head has arrived.
 pub type UpstreamResponse = awc::ClientResponse;
@@ -35,14 +36,20 @@ enum LastFailure {
 
 /// Tries keys until one answers with something other than a 429, 5xx, 401/403, refused or
 /// reset connection, or timeout.
-pub async fn send(client: &awc::Client, proxy: &Proxy, call: &Call, levels: &[i32]) -> Answered {
+pub async fn send(
+    client: &awc::Client,
+    proxy: &Proxy,
+    local: &WorkerPools,
+    call: &Call,
+    levels: &[i32],
+) -> Answered {
     let settings = &proxy.settings;
     let deadline = Instant::now() + Duration::from_secs(settings.total_deadline_secs);
     let first_byte = Duration::from_secs(settings.first_byte_timeout_secs);
     let mut attempts = 0;
     let mut last = LastFailure::None;
     'levels: for &level in levels {
-        let Some(pool) = proxy.pools.pool(level) else {
+        let Some(pool) = local.pool(level) else {
             continue;
         };
         let mut tried: Vec<String> = Vec::new();
@@ -63,12 +70,7 @@ pub async fn send(client: &awc::Client, proxy: &Proxy, call: &Call, levels: &[i3
             attempts += 1;
             let timeout = first_byte.min(deadline - now);
             let outcome = attempt(client, &key, call, timeout).await;
-            let report = |outcome| {
-                pool.do_send(Report {
-                    key_id: key.id.clone(),
-                    outcome,
-                })
-            };
+            let report = |outcome| proxy.pools.report(local, level, &key.id, outcome);
             match outcome {
                 Ok(response) => {
                     let status = response.status();

@@ -15,6 +15,7 @@ use tracing_actix_web::RootSpan;
 use crate::auth::Principal;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
+use crate::routing::pools::WorkerPools;
 use crate::routing::{KeyPools, ModelMapper};
 
 /// What the data plane shares across workers.
@@ -95,6 +96,7 @@ pub async fn forward_json(
     body: Bytes,
     principal: Principal,
     proxy: web::Data<Proxy>,
+    local: web::Data<WorkerPools>,
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
     let call = parse_json_call(&req, body, &principal, &proxy.mapper)?;
@@ -103,7 +105,7 @@ pub async fn forward_json(
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
-    let answered = failover::send(&client, &proxy, &call, &levels).await;
+    let answered = failover::send(&client, &proxy, &local, &call, &levels).await;
     if let Some(span) = req.extensions().get::<RootSpan>() {
         span.record("attempts", answered.attempts);
         if let Some(key) = &answered.key_id {

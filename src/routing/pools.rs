@@ -1,41 +1,94 @@
-//! The key pools of every level: one `KeyPoolActor` each, rebuilt from the database when an
-//! admin changes an upstream key.
+//! The key pools of every level. Each HTTP worker thread runs its own `KeyPoolActor` per level
+//! on its own arbiter, so leasing a key is a same-thread message (no thread wake-up on the
+//! request path); what one pool learns about a key (a 429, a refusal, a failure streak) is told
+//! to the same level's pool on every worker, so the instance acts as one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use actix::{Actor, Addr};
+use actix::{Arbiter, ArbiterHandle};
+use chrono::NaiveDateTime;
 use parking_lot::RwLock;
 
-use crate::actors::key_pool::{pool_key, KeyPoolActor, PoolKey, PoolPolicy, SetKeys};
+use crate::actors::key_pool::{
+    pool_key, KeyPoolActor, Outcome, PoolKey, PoolPolicy, Report, SetKeys,
+};
 use crate::crypto::MasterKey;
 use crate::db::{repo, Db};
 
-/// Every level's pool actor.
+/// Every worker's pools, and the current keys of each level.
 pub struct KeyPools {
-    pools: RwLock<HashMap<i32, Addr<KeyPoolActor>>>,
+    keys: RwLock<BTreeMap<i32, Vec<PoolKey>>>,
+    workers: RwLock<Vec<Arc<WorkerPools>>>,
     db: Db,
     master_key: MasterKey,
     policy: PoolPolicy,
 }
 
+/// One worker thread's pool actors, one per level, running on that worker's arbiter.
+pub struct WorkerPools {
+    arbiter: ArbiterHandle,
+    pools: RwLock<HashMap<i32, Addr<KeyPoolActor>>>,
+}
+
+impl WorkerPools {
+    /// This worker's pool of `level`, if that level has ever had keys.
+    pub fn pool(&self, level: i32) -> Option<Addr<KeyPoolActor>> {
+        self.pools.read().get(&level).cloned()
+    }
+
+    fn apply(&self, by_level: &BTreeMap<i32, Vec<PoolKey>>, policy: PoolPolicy) {
+        let mut pools = self.pools.write();
+        for (level, addr) in pools.iter() {
+            if !by_level.contains_key(level) {
+                addr.do_send(SetKeys(Vec::new()));
+            }
+        }
+        for (level, keys) in by_level {
+            match pools.get(level) {
+                Some(addr) => addr.do_send(SetKeys(keys.clone())),
+                None => {
+                    let (level, keys) = (*level, keys.clone());
+                    let addr = KeyPoolActor::start_in_arbiter(&self.arbiter, move |_| {
+                        KeyPoolActor::new(level, keys, policy)
+                    });
+                    pools.insert(level, addr);
+                }
+            }
+        }
+    }
+}
+
 impl KeyPools {
-    /// No pools yet; call [`KeyPools::reload`] inside an actix System.
+    /// No keys yet: call [`KeyPools::reload`], and [`KeyPools::register_worker`] on each worker.
     pub fn new(db: Db, master_key: MasterKey, policy: PoolPolicy) -> Arc<Self> {
         Arc::new(KeyPools {
-            pools: RwLock::new(HashMap::new()),
+            keys: RwLock::new(BTreeMap::new()),
+            workers: RwLock::new(Vec::new()),
             db,
             master_key,
             policy,
         })
     }
 
-    /// The pool of `level`, if any key was ever configured there.
-    pub fn pool(&self, level: i32) -> Option<Addr<KeyPoolActor>> {
-        self.pools.read().get(&level).cloned()
+    /// Starts pools for the calling worker thread (inside its arbiter) and returns them.
+    pub fn register_worker(&self) -> Arc<WorkerPools> {
+        let worker = Arc::new(WorkerPools {
+            arbiter: Arbiter::current(),
+            pools: RwLock::new(HashMap::new()),
+        });
+        // Holding the keys while joining means a concurrent reload either ran before (and these
+        // keys are its result) or waits and then reaches this worker too. Lock order: keys, then
+        // workers, as in `reload`.
+        let keys = self.keys.read();
+        worker.apply(&keys, self.policy);
+        self.workers.write().push(worker.clone());
+        drop(keys);
+        worker
     }
 
-    /// Loads every upstream key and hands each level its keys; starts pools for new levels.
+    /// Loads every upstream key and hands each worker's pools their level's keys.
     pub async fn reload(&self) -> anyhow::Result<()> {
         let keys = repo::upstream_keys::all(&self.db).await?;
         let mut by_level: BTreeMap<i32, Vec<PoolKey>> = BTreeMap::new();
@@ -48,21 +101,64 @@ impl KeyPools {
                 }
             }
         }
-        let mut pools = self.pools.write();
-        for (level, addr) in pools.iter() {
-            if !by_level.contains_key(level) {
-                addr.do_send(SetKeys(Vec::new()));
-            }
+        let mut current = self.keys.write();
+        for worker in self.workers.read().iter() {
+            worker.apply(&by_level, self.policy);
         }
-        for (level, keys) in by_level {
-            match pools.get(&level) {
-                Some(addr) => addr.do_send(SetKeys(keys)),
-                None => {
-                    let actor = KeyPoolActor::new(level, keys, self.policy, self.db.clone());
-                    pools.insert(level, actor.start());
+        *current = by_level;
+        Ok(())
+    }
+
+    /// Records how an attempt with `key_id` of `level` went: the leasing worker's pool always
+    /// hears it; a health change goes to every worker and is written for the admin view.
+    pub fn report(&self, local: &WorkerPools, level: i32, key_id: &str, outcome: Outcome) {
+        let message = || Report {
+            key_id: key_id.to_owned(),
+            outcome,
+        };
+        match outcome {
+            Outcome::Success | Outcome::Failed => {
+                if let Some(pool) = local.pool(level) {
+                    pool.do_send(message());
+                }
+            }
+            Outcome::RateLimited(_) | Outcome::Rejected(_) => {
+                for worker in self.workers.read().iter() {
+                    if let Some(pool) = worker.pool(level) {
+                        pool.do_send(message());
+                    }
                 }
             }
         }
-        Ok(())
+        match outcome {
+            Outcome::RateLimited(rest) => {
+                let until = crate::domain::now()
+                    + chrono::Duration::from_std(rest).unwrap_or(chrono::Duration::zero());
+                self.persist_cooldown(key_id.to_owned(), until);
+            }
+            Outcome::Rejected(status) => self.persist_rejection(key_id.to_owned(), status),
+            Outcome::Success | Outcome::Failed => {}
+        }
+    }
+
+    // Written after the fact, off the request path, so the admin view (and later other
+    // replicas) see it; a failed write costs only the admin view's freshness.
+    fn persist_cooldown(&self, key_id: String, until: NaiveDateTime) {
+        let db = self.db.clone();
+        actix::spawn(async move {
+            if let Err(err) = repo::upstream_keys::set_cooldown(&db, &key_id, until).await {
+                tracing::warn!(upstream_key_id = %key_id, error = %err, "could not record cooldown");
+            }
+        });
+    }
+
+    fn persist_rejection(&self, key_id: String, status: u16) {
+        let db = self.db.clone();
+        actix::spawn(async move {
+            let reason = format!("the provider refused the key ({status})");
+            if let Err(err) = repo::upstream_keys::set_rejected(&db, &key_id, &reason).await {
+                tracing::warn!(upstream_key_id = %key_id, error = %err, "could not record disabled key");
+            }
+        });
     }
 }

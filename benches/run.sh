@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# The load benchmark: what Switchyard adds to a call, against calling a fast mock provider
+# directly and against nginx as a plain keep-alive reverse proxy, measured in one run.
+#
+#   CPU 0: the mock provider (nginx returning a fixed chat completion) and the load generator (wrk)
+#   CPU 1: the proxy under test (nginx proxy_pass, then Switchyard with one worker)
+#
+# Reports sequential latency (1 connection, p50/p99 added over direct), closed-loop throughput
+# (64 connections), CPU time per request of the proxy process, streaming time to first byte,
+# and resident memory after 1,000,000 calls. Nothing here is asserted: it is a measurement.
+# Usage: benches/run.sh [seconds per run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION="${1:-10}"
+TOTAL_CALLS="${BENCH_TOTAL_CALLS:-1000000}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+WORK="$(mktemp -d)"
+MOCK_PORT=18181 NGINX_PORT=18182 SY_PORT=18183
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$WORK/mock.pid" ] && kill "$(cat "$WORK/mock.pid")" 2>/dev/null || true
+  [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() {
+  command -v "$1" >/dev/null && return
+  [ "$(id -u)" -eq 0 ] || { echo "install $2 first" >&2; exit 1; }
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
+need nginx nginx-light
+need wrk wrk
+need taskset util-linux
+need curl curl
+[ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs" >&2; exit 1; }
+
+echo "building the release binary..."
+cargo build --release --quiet
+BIN="$CARGO_TARGET_DIR/release/switchyard"
+
+COMPLETION='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}'
+STREAM='data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}\n\ndata: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+nginx_conf() { # name port body...
+  cat > "$WORK/$1.conf" <<EOF
+user root;
+worker_processes 1;
+daemon on;
+pid $WORK/$1.pid;
+error_log $WORK/$1.error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/$1.body;
+  proxy_temp_path $WORK/$1.proxy;
+  fastcgi_temp_path $WORK/$1.fcgi;
+  uwsgi_temp_path $WORK/$1.uwsgi;
+  scgi_temp_path $WORK/$1.scgi;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$2;
+    $3
+  }
+  $4
+}
+EOF
+}
+
+nginx_conf mock "$MOCK_PORT" "
+    location = /v1/chat/completions {
+      if (\$http_accept = 'text/event-stream') { rewrite ^ /stream last; }
+      default_type application/json;
+      return 200 '$COMPLETION';
+    }
+    location = /stream { default_type text/event-stream; return 200 '$(printf '%s' "$STREAM")'; }" ""
+nginx_conf proxy "$NGINX_PORT" "
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }" "upstream mock { server 127.0.0.1:$MOCK_PORT; keepalive 128; }"
+
+taskset -c 0 nginx -c "$WORK/mock.conf" -p "$WORK"
+taskset -c 1 nginx -c "$WORK/proxy.conf" -p "$WORK"
+
+# Switchyard: one worker on CPU 1, SQLite, logging at info to a file, a user key, one upstream.
+ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM"
+(cd "$WORK" && SWITCHYARD_LISTEN="127.0.0.1:$SY_PORT" SWITCHYARD_ADMIN_TOKEN="$ADMIN_TOKEN" \
+  SWITCHYARD_DATABASE_URL="sqlite://$WORK/bench.db" SWITCHYARD_SERVER__WORKERS=1 \
+  SWITCHYARD_LOG__LEVEL="${BENCH_LOG_LEVEL:-info}" taskset -c 1 "$BIN" serve > "$WORK/switchyard.log" 2>&1) &
+sleep 0.2
+SY_PID=$(pgrep -f "^$BIN serve" | head -1)
+PIDS+=("$SY_PID")
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SY_PORT/healthz" >/dev/null && break; sleep 0.1; done
+
+admin() { curl -sf -X "$1" "http://127.0.0.1:$SY_PORT$2" -H "Authorization: Bearer $ADMIN_TOKEN" \
+  -H 'content-type: application/json' ${3:+-d "$3"}; }
+admin POST /admin/users '{"name":"bench"}' >/dev/null
+USER_ID=$(admin GET /admin/users | grep -o '"id":"usr_[0-9a-f]*"' | head -1 | cut -d'"' -f4)
+USER_KEY=$(admin POST "/admin/users/$USER_ID/keys" '{}' | grep -o '"key":"[^"]*"' | cut -d'"' -f4)
+admin POST /admin/upstream-keys "{\"provider\":\"openai\",\"base_url\":\"http://127.0.0.1:$MOCK_PORT/v1\",\"secret\":\"bench-upstream-secret\"}" >/dev/null
+if [ -n "${BENCH_LIMITS:-}" ]; then
+  admin PATCH "/admin/users/$USER_ID" "$BENCH_LIMITS" >/dev/null
+fi
+
+BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+cat > "$WORK/post.lua" <<EOF
+wrk.method = "POST"
+wrk.body = '$BODY'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $USER_KEY"
+EOF
+
+# Warm up every path (connection pools, caches, argon2 on the first key check).
+for port in $MOCK_PORT $NGINX_PORT $SY_PORT; do
+  taskset -c 0 wrk -t1 -c8 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+done
+curl -sf "http://127.0.0.1:$SY_PORT/v1/chat/completions" -H "Authorization: Bearer $USER_KEY" \
+  -H 'content-type: application/json' -d "$BODY" | grep -q chatcmpl-bench || { echo "router not proxying" >&2; cat "$WORK/switchyard.log" >&2; exit 1; }
+
+to_us() { # wrk time (e.g. 85.00us, 1.20ms, 2.00s) -> microseconds
+  awk -v t="$1" 'BEGIN { v=t+0; if (t ~ /us$/) print v; else if (t ~ /ms$/) print v*1000; else if (t ~ /s$/) print v*1000000; else print v }'
+}
+cpu_ticks() { # utime + stime of a process and its children that are still alive, in clock ticks
+  local total=0
+  for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
+  echo "$total"
+}
+nginx_pids() { local master; master=$(cat "$WORK/$1.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')"; }
+
+declare -A P50 P99 RPS CPU
+run() { # name port pids...
+  local name=$1 port=$2; shift 2
+  local out
+  out=$(taskset -c 0 wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
+  P50[$name]=$(to_us "$(echo "$out" | awk '$1 == "50%" {print $2}')")
+  P99[$name]=$(to_us "$(echo "$out" | awk '$1 == "99%" {print $2}')")
+  local before after
+  [ $# -gt 0 ] && before=$(cpu_ticks "$@")
+  # BENCH_PERF=FILE profiles the router during its closed-loop run (perf record, call graphs).
+  if [ -n "${BENCH_PERF:-}" ] && [ "$name" = switchyard ]; then
+    perf record -q -F 1999 -g -p "$1" -o "$BENCH_PERF" -- sleep "$DURATION" 2>/dev/null &
+  fi
+  out=$(taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
+  [ $# -gt 0 ] && after=$(cpu_ticks "$@")
+  RPS[$name]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
+  if [ $# -gt 0 ]; then
+    CPU[$name]=$(awk -v t=$((after - before)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+  else
+    CPU[$name]="-"
+  fi
+}
+
+echo "measuring (${DURATION}s per run)..."
+run direct "$MOCK_PORT"
+run nginx "$NGINX_PORT" $(nginx_pids proxy)
+run switchyard "$SY_PORT" "$SY_PID"
+
+ttfb() { # median time to first byte of a streamed completion, in microseconds
+  local port=$1 auth=$2
+  for _ in $(seq 1 200); do
+    taskset -c 0 curl -s -o /dev/null -w '%{time_starttransfer}\n' "http://127.0.0.1:$port/v1/chat/completions" \
+      -H "$auth" -H 'content-type: application/json' -H 'accept: text/event-stream' \
+      -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+  done | sort -n | awk '{ a[NR] = $1 } END { printf "%.0f", a[int(NR/2)] * 1e6 }'
+}
+TTFB_DIRECT=$(ttfb "$MOCK_PORT" "x-none: 1")
+TTFB_SY=$(ttfb "$SY_PORT" "Authorization: Bearer $USER_KEY")
+
+# Memory after a million calls (the runs above already made some).
+SECS=$(awk -v n="$TOTAL_CALLS" -v r="${RPS[switchyard]}" 'BEGIN { printf "%d", n / r + 1 }')
+MORE=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" -s "$WORK/post.lua" "http://127.0.0.1:$SY_PORT/v1/chat/completions" | awk '/requests in/ {print $1}')
+RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
+HWM_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SY_PID/status")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a - b }'; }
+echo
+echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s (64 conn) | CPU µs/req |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for name in direct nginx switchyard; do
+  printf '| %s | %.0f | %.0f | %s | %s | %.0f | %s |\n' "$name" "${P50[$name]}" "${P99[$name]}" \
+    "$(added "${P50[$name]}" "${P50[direct]}")" "$(added "${P99[$name]}" "${P99[direct]}")" "${RPS[$name]}" "${CPU[$name]}"
+done
+echo
+echo "switchyard / nginx: throughput $(ratio "${RPS[switchyard]}" "${RPS[nginx]}")x (target >= 0.70), CPU per request $(ratio "${CPU[switchyard]}" "${CPU[nginx]}")x (target <= 2)"
+echo "added latency: p50 $(added "${P50[switchyard]}" "${P50[direct]}") µs (target <= 100), p99 $(added "${P99[switchyard]}" "${P99[direct]}") µs (target <= 300)"
+echo "streaming time to first byte (median of 200): direct ${TTFB_DIRECT} µs, switchyard ${TTFB_SY} µs, added $((TTFB_SY - TTFB_DIRECT)) µs (target <= 500)"
+echo "resident memory after ${MORE} more calls (over 1,000,000 in all): $((RSS_KB / 1024)) MiB now, $((HWM_KB / 1024)) MiB peak (target < 100)"
