@@ -14,6 +14,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
+/// Log lines that may wait for the writer thread.
+const LOG_QUEUE_LINES: usize = 16_384;
+
 /// Installs the global subscriber. Dependencies log at `warn` unless `RUST_LOG` says otherwise:
 /// their debug output is not written for us and could echo request data.
 pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
@@ -24,8 +27,12 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
             EnvFilter::try_new(format!("warn,switchyard={}", settings.level))
                 .unwrap_or_else(|_| EnvFilter::new("warn,switchyard=info"))
         });
-    // Log lines are handed to a writer thread so a slow stdout never stalls a request.
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // Log lines are handed to a writer thread so a slow stdout never stalls a request. The queue
+    // is bounded (about a few MiB of lines): past it, lines are dropped rather than memory grown.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .finish(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

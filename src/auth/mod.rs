@@ -31,7 +31,14 @@ pub struct Principal {
 pub struct Authenticator {
     db: Db,
     cache: Arc<AuthCache>,
+    /// Bounds concurrent argon2 runs: each takes ~19 MiB and a core for tens of milliseconds,
+    /// so a burst of cache misses (a cold start, a flood of forged keys) queues instead of
+    /// exhausting memory and CPU.
+    argon2_permits: tokio::sync::Semaphore,
 }
+
+/// Concurrent argon2 verifications allowed.
+const ARGON2_CONCURRENCY: usize = 2;
 
 /// Finds the key in `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `?key=`.
 pub fn key_from_request(headers: &HeaderMap, query: &str) -> Option<String> {
@@ -61,7 +68,11 @@ pub fn key_from_request(headers: &HeaderMap, query: &str) -> Option<String> {
 impl Authenticator {
     /// An authenticator over `db`, remembering verified keys in `cache`.
     pub fn new(db: Db, cache: Arc<AuthCache>) -> Self {
-        Authenticator { db, cache }
+        Authenticator {
+            db,
+            cache,
+            argon2_permits: tokio::sync::Semaphore::new(ARGON2_CONCURRENCY),
+        }
     }
 
     /// Resolves a presented key to its principal, or the error the client must see.
@@ -72,17 +83,36 @@ impl Authenticator {
         let digest = crypto::digest(presented.secret());
 
         let key = match self.cache.key(&key_id) {
-            Some(cached) => {
-                // The cached digest is of a secret argon2 accepted, so a different digest is a
-                // wrong secret: refuse without paying argon2 again.
-                if !bool::from(cached.secret_digest.ct_eq(&digest)) {
-                    return Err(invalid());
+            Some(cached) => Self::check_cached(cached, &digest)?,
+            None => {
+                let _permit = self
+                    .argon2_permits
+                    .acquire()
+                    .await
+                    .map_err(ApiError::internal)?;
+                // Calls that missed together wait here; all but the first find the key
+                // verified by the time they get a permit, and skip argon2.
+                match self.cache.key(&key_id) {
+                    Some(cached) => Self::check_cached(cached, &digest)?,
+                    None => self.verify_from_db(&key_id, &presented, digest).await?,
                 }
-                cached
             }
-            None => self.verify_from_db(&key_id, &presented, digest).await?,
         };
+        self.check_state(key_id, &key).await
+    }
 
+    fn check_cached(cached: VerifiedKey, digest: &[u8; 32]) -> Result<VerifiedKey, ApiError> {
+        // The cached digest is of a secret argon2 accepted, so a different digest is a wrong
+        // secret: refuse without paying argon2 again.
+        if bool::from(cached.secret_digest.ct_eq(digest)) {
+            Ok(cached)
+        } else {
+            Err(ApiError::invalid_api_key("invalid API key"))
+        }
+    }
+
+    /// Refuses revoked and expired keys and suspended users; otherwise the principal.
+    async fn check_state(&self, key_id: String, key: &VerifiedKey) -> Result<Principal, ApiError> {
         let now = crate::domain::now();
         if key.revoked_at.is_some() {
             return Err(ApiError::invalid_api_key("this API key has been revoked"));

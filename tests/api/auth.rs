@@ -17,7 +17,28 @@ on_both_backends!(
     a_suspended_user_gets_403_until_reactivated,
     a_deleted_users_key_is_refused,
     every_response_carries_a_request_id,
+    a_burst_of_first_calls_with_one_key_all_succeed,
 );
+
+async fn a_burst_of_first_calls_with_one_key_all_succeed(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let (_, key) = app.user_with_key().await;
+    let (prefix, _) = key.rsplit_once('-').unwrap();
+    let forged = format!("{prefix}-BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB");
+    // Cold cache: every call misses at once; verification is bounded and shared.
+    let calls = (0..8).map(|i| {
+        let key = if i % 4 == 3 {
+            forged.clone()
+        } else {
+            key.clone()
+        };
+        let app = &app;
+        async move { (i % 4 == 3, app.call_with_key(&key).await.0) }
+    });
+    for (is_forged, status) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, if is_forged { 401 } else { 200 });
+    }
+}
 
 async fn a_key_is_accepted_wherever_sdks_send_it(backend: Backend) {
     let app = spawn_app(backend).await;
