@@ -67,8 +67,20 @@ ensure_redis() {
   redis_ok || { echo "Redis is not reachable at $REDIS_URL" >&2; exit 1; }
 }
 
+# The official OpenAI Python SDK, for the tests that drive Switchyard through it.
+ensure_openai_sdk() {
+  command -v python3 >/dev/null || apt_install python3 python3-pip
+  PYLIB="$HOME/.cache/switchyard-pylib"
+  if ! PYTHONPATH="$PYLIB" python3 -c 'import openai' 2>/dev/null; then
+    log "installing the openai Python SDK into $PYLIB"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$PYLIB" 'openai>=1.40,<3'
+  fi
+  export SWITCHYARD_TEST_PYTHONPATH="$PYLIB"
+}
+
 ensure_postgres
 ensure_redis
+ensure_openai_sdk
 
 # Each integration test creates its own database named sy_test_*; drop what earlier runs left.
 log "dropping stale test databases"

@@ -7,5 +7,6 @@ mod admin_users;
 mod auth;
 mod helpers;
 mod mock_upstream;
+mod openai_sdk;
 mod operations;
 mod proxy;
