@@ -2,6 +2,7 @@
 //! failover, streamed back as they arrive.
 
 pub mod failover;
+pub mod multipart;
 pub mod relay;
 
 use std::sync::Arc;
@@ -100,12 +101,57 @@ pub async fn forward_json(
     client: web::Data<awc::Client>,
 ) -> Result<HttpResponse, ApiError> {
     let call = parse_json_call(&req, body, &principal, &proxy.mapper)?;
-    record(&req, "model", &call.model);
-    record(&req, "upstream_model", call.upstream_model());
+    forward(&req, call, &principal, &proxy, &local, &client).await
+}
+
+/// `POST /v1/audio/transcriptions` and `/v1/audio/translations`: multipart forms passed on
+/// intact (rebuilt only to put a mapped model in).
+pub async fn forward_multipart(
+    req: HttpRequest,
+    body: Bytes,
+    principal: Principal,
+    proxy: web::Data<Proxy>,
+    local: web::Data<WorkerPools>,
+    client: web::Data<awc::Client>,
+) -> Result<HttpResponse, ApiError> {
+    let content_type = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let form = multipart::read_form(&content_type, body).await?;
+    let mapped = proxy.mapper.resolve(&principal.user.id, &form.model);
+    let body = match &mapped {
+        Some(to) => multipart::with_model(&form, to),
+        None => form.body.clone(),
+    };
+    let call = Call {
+        path: upstream_path(req.path()),
+        model: form.model.clone(),
+        mapped,
+        body,
+        stream: form.stream,
+        content_type: Some(content_type),
+    };
+    forward(&req, call, &principal, &proxy, &local, &client).await
+}
+
+/// Sends a parsed call through failover and relays the answer.
+async fn forward(
+    req: &HttpRequest,
+    call: Call,
+    principal: &Principal,
+    proxy: &Proxy,
+    local: &WorkerPools,
+    client: &awc::Client,
+) -> Result<HttpResponse, ApiError> {
+    record(req, "model", &call.model);
+    record(req, "upstream_model", call.upstream_model());
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
-    let answered = failover::send(&client, &proxy, &local, &call, &levels).await;
+    let answered = failover::send(client, proxy, local, &call, &levels).await;
     if let Some(span) = req.extensions().get::<RootSpan>() {
         span.record("attempts", answered.attempts);
         if let Some(key) = &answered.key_id {

@@ -24,6 +24,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/responses").post(proxy::forward_json))
         .service(web::resource("/v1/images/generations").post(proxy::forward_json))
         .service(web::resource("/v1/audio/speech").post(proxy::forward_json))
+        .service(web::resource("/v1/audio/transcriptions").post(proxy::forward_multipart))
+        .service(web::resource("/v1/audio/translations").post(proxy::forward_multipart))
         .service(admin::scope());
 }
 

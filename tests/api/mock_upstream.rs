@@ -25,6 +25,8 @@ pub struct Received {
     pub secret: String,
     pub path: String,
     pub body: Value,
+    pub raw: Bytes,
+    pub content_type: String,
 }
 
 /// A running mock provider.
@@ -80,12 +82,24 @@ async fn handle(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
         .to_owned();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let raw = body;
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     calls.lock().unwrap().push(Received {
         secret: secret.clone(),
         path: req.path().to_owned(),
         body: body.clone(),
+        raw,
+        content_type,
     });
+    if req.path().ends_with("/audio/transcriptions") {
+        return HttpResponse::Ok().json(json!({"text": "hello from the mock"}));
+    }
     let model = body["model"].as_str().unwrap_or("none").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     if secret.starts_with("r429") {

@@ -22,7 +22,85 @@ on_both_backends!(
     keys_serve_only_the_models_they_list,
     weights_share_the_calls,
     bad_call_bodies_are_refused_with_400,
+    a_transcription_form_passes_through_intact,
 );
+
+fn transcription_form(model: &str) -> reqwest::multipart::Form {
+    let audio = reqwest::multipart::Part::bytes(b"RIFF\x00\x01fake-wave".to_vec())
+        .file_name("a.wav")
+        .mime_str("audio/wav")
+        .unwrap();
+    reqwest::multipart::Form::new()
+        .text("model", model.to_owned())
+        .text("language", "en")
+        .part("file", audio)
+}
+
+async fn a_transcription_form_passes_through_intact(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let url = format!("{}/v1/audio/transcriptions", app.address);
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth(&key)
+        .multipart(transcription_form("whisper-1"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = into_json(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["text"], "hello from the mock");
+    let call = &mock.calls()[0];
+    assert!(call
+        .content_type
+        .starts_with("multipart/form-data; boundary="));
+    let raw = String::from_utf8_lossy(&call.raw);
+    assert!(raw.contains("whisper-1") && raw.contains("fake-wave") && raw.contains("audio/wav"));
+
+    // With a mapping the model field is replaced and the rest is kept.
+    app.admin_json(
+        Method::POST,
+        "/admin/model-mappings",
+        Some(json!({"from": "stt", "to": "whisper-1"})),
+    )
+    .await;
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth(&key)
+        .multipart(transcription_form("stt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let raw = String::from_utf8_lossy(&mock.calls()[1].raw).into_owned();
+    assert!(raw.contains("\r\n\r\nwhisper-1\r\n"), "{raw}");
+    assert!(!raw.contains("stt"), "{raw}");
+    assert!(raw.contains("fake-wave") && raw.contains("name=\"language\""));
+
+    // A form without a model, or not a form at all, is a 400.
+    let no_model = reqwest::multipart::Form::new().text("language", "en");
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth(&key)
+        .multipart(no_model)
+        .send()
+        .await
+        .unwrap();
+    assert_error(into_json(response).await, 400, "invalid_request");
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"model": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(into_json(response).await, 400, "invalid_request");
+    assert_eq!(mock.calls().len(), 2);
+}
 
 fn upstream(mock: &MockUpstream, secret: &str, level: i32) -> Value {
     json!({"provider": "openai", "base_url": mock.base_url, "secret": secret, "level": level})
