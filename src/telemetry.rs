@@ -32,7 +32,7 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(true)
-        .finish(std::io::stdout());
+        .finish(stdout_writer());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -46,6 +46,16 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
         eprintln!("a tracing subscriber was already installed; keeping it");
     }
     guard
+}
+
+/// Standard output for the log writer thread, buffered: the thread flushes after each batch it
+/// drains, so a busy router makes one write per batch instead of one per line. Falls back to the
+/// (line-buffered) `stdout()` where `/dev/stdout` cannot be opened.
+fn stdout_writer() -> Box<dyn std::io::Write + Send> {
+    match std::fs::OpenOptions::new().append(true).open("/dev/stdout") {
+        Ok(file) => Box::new(std::io::BufWriter::with_capacity(64 * 1024, file)),
+        Err(_) => Box::new(std::io::stdout()),
+    }
 }
 
 /// The root span of every request: method, path (never the query), request id, the caller once

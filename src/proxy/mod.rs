@@ -57,19 +57,30 @@ fn parse_json_call(
     principal: &Principal,
     mapper: &ModelMapper,
 ) -> Result<Call, ApiError> {
-    let mut object: Map<String, Value> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("request body must be a JSON object: {e}")))?;
-    let model = match object.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+    // Only `model` and `stream` are read: the rest is skipped without being built, and the
+    // body goes upstream as it came unless a mapping changes the model.
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(borrow, default)]
+        model: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        stream: Option<bool>,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid("request body must be a JSON object"));
+    }
+    let peek: Peek = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))?;
+    let model = match peek.model {
+        Some(m) if !m.is_empty() => m.into_owned(),
         _ => return Err(ApiError::invalid("request body must have a string `model`")),
     };
-    let stream = object
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let stream = peek.stream.unwrap_or(false);
     let mapped = mapper.resolve(&principal.user.id, &model);
     let body = match &mapped {
         Some(to) => {
+            let mut object: Map<String, Value> =
+                serde_json::from_slice(&body).map_err(ApiError::internal)?;
             object.insert("model".into(), Value::String(to.to_string()));
             Bytes::from(serde_json::to_vec(&object).map_err(ApiError::internal)?)
         }

@@ -54,6 +54,20 @@ pub async fn respond(
             })?;
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
+        (None, false) => {
+            // A whole answer of known size: relayed as it arrives, keeping its length so the
+            // client gets a plain (not chunked) body.
+            let length = upstream
+                .headers()
+                .get(actix_web::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let body = relay_stream(upstream, idle, false, None, None);
+            Ok(match length {
+                Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
+                None => response.streaming(body),
+            })
+        }
         (rename, _) => {
             let rewriter = rename.map(SseRenamer::new);
             // OpenAI's chat and text completion streams always end with `data: [DONE]`; awc
