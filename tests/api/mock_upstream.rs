@@ -9,6 +9,7 @@
 //! | `r401` | 401 |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
+//! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -34,18 +35,22 @@ pub struct Received {
 pub struct MockUpstream {
     pub base_url: String,
     calls: Arc<Mutex<Vec<Received>>>,
+    cut_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl MockUpstream {
     /// Starts the mock on a random port.
     pub fn start() -> MockUpstream {
         let calls: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let cut_streams: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let shared = Data::new(calls.clone());
+        let cut = Data::new(cut_streams.clone());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(shared.clone())
+                .app_data(cut.clone())
                 .default_service(web::to(handle))
         })
         .workers(1)
@@ -56,6 +61,7 @@ impl MockUpstream {
         MockUpstream {
             base_url: format!("http://127.0.0.1:{port}/v1"),
             calls,
+            cut_streams,
         }
     }
 
@@ -64,16 +70,38 @@ impl MockUpstream {
         self.calls.lock().unwrap().clone()
     }
 
+    /// How many `drip` streams ended early because the other side went away.
+    pub fn cut_streams(&self) -> usize {
+        self.cut_streams.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// How many calls used `secret`.
     pub fn calls_with(&self, secret: &str) -> usize {
         self.calls().iter().filter(|c| c.secret == secret).count()
     }
 }
 
+/// Counts a drip stream as cut when it is dropped before its last chunk.
+struct DripGuard {
+    sent: usize,
+    cut: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for DripGuard {
+    fn drop(&mut self) {
+        if self.sent < DRIP_CHUNKS {
+            self.cut.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+const DRIP_CHUNKS: usize = 50;
+
 async fn handle(
     req: HttpRequest,
     body: Bytes,
     calls: Data<Arc<Mutex<Vec<Received>>>>,
+    cut: Data<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> HttpResponse {
     let secret = req
         .headers()
@@ -116,6 +144,31 @@ async fn handle(
     }
     if secret.starts_with("r400") {
         return HttpResponse::BadRequest().json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": null}}));
+    }
+    if secret.starts_with("drip") {
+        let guard = DripGuard {
+            sent: 0,
+            cut: cut.get_ref().clone(),
+        };
+        let body = stream::unfold(guard, move |mut guard| {
+            let model = model.clone();
+            async move {
+                if guard.sent == DRIP_CHUNKS {
+                    return None;
+                }
+                if guard.sent > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                guard.sent += 1;
+                Some((
+                    Ok::<_, std::io::Error>(sse(&chunk(&model, "x", None))),
+                    guard,
+                ))
+            }
+        });
+        return HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .streaming(body);
     }
     if secret.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -23,7 +23,33 @@ on_both_backends!(
     weights_share_the_calls,
     bad_call_bodies_are_refused_with_400,
     a_transcription_form_passes_through_intact,
+    a_client_that_disconnects_cancels_the_upstream_stream,
 );
+
+async fn a_client_that_disconnects_cancels_the_upstream_stream(backend: Backend) {
+    let (app, mock, _) = setup(backend, &[("drip-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let mut response = app
+        .chat(&key, json!({"model": "m", "stream": true, "messages": []}))
+        .await;
+    assert_eq!(response.status(), 200);
+    // The first chunk arrives at once, long before the stream's 5 s end: nothing is buffered.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(2), response.chunk())
+        .await
+        .expect("first chunk in time")
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    drop(response);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while mock.cut_streams() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream stream was not cancelled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
 
 fn transcription_form(model: &str) -> reqwest::multipart::Form {
     let audio = reqwest::multipart::Part::bytes(b"RIFF\x00\x01fake-wave".to_vec())
