@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod log_sink;
 pub mod proxy;
 pub mod routes;
 pub mod routing;

@@ -14,12 +14,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Log lines that may wait for the writer thread.
-const LOG_QUEUE_LINES: usize = 16_384;
-
 /// Installs the global subscriber. Dependencies log at `warn` unless `RUST_LOG` says otherwise:
 /// their debug output is not written for us and could echo request data.
-pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init(settings: &LogSettings) -> crate::log_sink::FlushGuard {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
@@ -27,12 +24,8 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
             EnvFilter::try_new(format!("warn,switchyard={}", settings.level))
                 .unwrap_or_else(|_| EnvFilter::new("warn,switchyard=info"))
         });
-    // Log lines are handed to a writer thread so a slow stdout never stalls a request. The queue
-    // is bounded (about a few MiB of lines): past it, lines are dropped rather than memory grown.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(true)
-        .finish(stdout_writer());
+    // Lines are appended to a buffer that a writer thread empties every few milliseconds.
+    let (writer, guard) = crate::log_sink::batched_stdout();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -46,16 +39,6 @@ pub fn init(settings: &LogSettings) -> tracing_appender::non_blocking::WorkerGua
         eprintln!("a tracing subscriber was already installed; keeping it");
     }
     guard
-}
-
-/// Standard output for the log writer thread, buffered: the thread flushes after each batch it
-/// drains, so a busy router makes one write per batch instead of one per line. Falls back to the
-/// (line-buffered) `stdout()` where `/dev/stdout` cannot be opened.
-fn stdout_writer() -> Box<dyn std::io::Write + Send> {
-    match std::fs::OpenOptions::new().append(true).open("/dev/stdout") {
-        Ok(file) => Box::new(std::io::BufWriter::with_capacity(64 * 1024, file)),
-        Err(_) => Box::new(std::io::stdout()),
-    }
 }
 
 /// The root span of every request: method, path (never the query), request id, the caller once
