@@ -175,15 +175,27 @@ async fn first_start_on_sqlite_needs_nothing_and_keeps_its_secrets_in_files() {
 
     // Losing the master key file while secrets are stored is refused, not papered over.
     std::fs::remove_file(dir.path().join("switchyard.master_key")).unwrap();
+    let text = fails_to_start(dir.path(), &[]);
+    assert!(text.contains("switchyard.master_key is missing"), "{text}");
+}
+
+/// Runs `switchyard serve` in `dir` with only `env`, expects it to exit with an error, and
+/// returns everything it printed.
+fn fails_to_start(dir: &Path, env: &[(&str, &str)]) -> String {
     let output = Command::new(binary())
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_clear()
         .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .envs(env.iter().copied())
         .output()
         .unwrap();
-    assert!(!output.status.success());
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("switchyard.master_key is missing"), "{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "it started:\n{text}");
+    text
 }
 
 #[actix_web::test]
@@ -198,19 +210,7 @@ async fn sigterm_stops_the_server_with_exit_code_zero() {
 #[actix_web::test]
 async fn postgres_without_a_master_key_refuses_to_start() {
     let dir = tempdir::Dir::new();
-    let output = Command::new(binary())
-        .current_dir(dir.path())
-        .env_clear()
-        .env("SWITCHYARD_DATABASE_URL", pg_admin_url())
-        .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = fails_to_start(dir.path(), &[("SWITCHYARD_DATABASE_URL", &pg_admin_url())]);
     assert!(text.contains("SWITCHYARD_MASTER_KEY is required"), "{text}");
 }
 
@@ -221,19 +221,7 @@ async fn a_bad_master_key_or_database_url_is_a_clear_start_up_error() {
         ("SWITCHYARD_MASTER_KEY", "too-short", "master key"),
         ("SWITCHYARD_DATABASE_URL", "mysql://nope", "postgres://"),
     ] {
-        let output = Command::new(binary())
-            .current_dir(dir.path())
-            .env_clear()
-            .env(name, value)
-            .env("SWITCHYARD_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .output()
-            .unwrap();
-        assert!(!output.status.success());
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = fails_to_start(dir.path(), &[(name, value)]);
         assert!(text.contains(expected), "{name}: {text}");
         assert!(
             !text.contains(value) || name == "SWITCHYARD_DATABASE_URL",
