@@ -92,11 +92,6 @@ impl ApiError {
         )
     }
 
-    /// The machine-readable code.
-    pub fn code(&self) -> &'static str {
-        self.code
-    }
-
     /// The OpenAI error `type` that goes with the status.
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {

@@ -160,9 +160,4 @@ impl Application {
         tracing::info!("switchyard stopped");
         Ok(())
     }
-
-    /// The server handle, for tests that stop it.
-    pub fn server_handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.handle()
-    }
 }

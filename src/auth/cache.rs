@@ -91,15 +91,6 @@ impl AuthCache {
         self.generation.fetch_add(1, Ordering::AcqRel);
         users.pop(user_id);
     }
-
-    /// Forgets everything (after a full resync).
-    pub fn clear(&self) {
-        let mut keys = self.keys.lock();
-        let mut users = self.users.lock();
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        keys.clear();
-        users.clear();
-    }
 }
 
 #[cfg(test)]

@@ -145,23 +145,8 @@ async fn bad_upstream_key_input_is_refused_with_400(backend: Backend) {
 
 async fn unknown_upstream_key_ids_answer_404(backend: Backend) {
     let app = spawn_app(backend).await;
-    let path = "/admin/upstream-keys/upk_missing";
-    assert_error(
-        app.admin_json(Method::GET, path, None).await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        app.admin_json(Method::PATCH, path, Some(json!({"level": 2})))
-            .await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        app.admin_json(Method::DELETE, path, None).await,
-        404,
-        "not_found",
-    );
+    app.assert_unknown_id("/admin/upstream-keys/upk_missing", json!({"level": 2}))
+        .await;
 }
 
 async fn discovery_adds_the_keys_the_provider_accepts(backend: Backend) {

@@ -225,23 +225,8 @@ async fn patch_changes_only_the_given_fields_and_null_clears(backend: Backend) {
 
 async fn unknown_user_ids_answer_404(backend: Backend) {
     let app = spawn_app(backend).await;
-    let path = "/admin/users/usr_doesnotexist";
-    assert_error(
-        app.admin_json(Method::GET, path, None).await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        app.admin_json(Method::PATCH, path, Some(json!({"rpm": 1})))
-            .await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        app.admin_json(Method::DELETE, path, None).await,
-        404,
-        "not_found",
-    );
+    app.assert_unknown_id("/admin/users/usr_doesnotexist", json!({"rpm": 1}))
+        .await;
 }
 
 async fn users_list_pages_with_has_more(backend: Backend) {

@@ -225,6 +225,25 @@ impl TestApp {
         body["id"].as_str().unwrap().to_owned()
     }
 
+    /// Adds a model mapping (`{"from", "to", "user_id"?}`).
+    pub async fn add_mapping(&self, fields: Value) {
+        let (status, body) = self
+            .admin_json(reqwest::Method::POST, "/admin/model-mappings", Some(fields))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Asserts that GET, PATCH (with `patch`) and DELETE of `path` all answer 404 `not_found`.
+    pub async fn assert_unknown_id(&self, path: &str, patch: Value) {
+        for (method, body) in [
+            (reqwest::Method::GET, None),
+            (reqwest::Method::PATCH, Some(patch)),
+            (reqwest::Method::DELETE, None),
+        ] {
+            assert_error(self.admin_json(method, path, body).await, 404, "not_found");
+        }
+    }
+
     /// `POST /v1/chat/completions` with `key` and `body`.
     pub async fn chat(&self, key: &str, body: Value) -> reqwest::Response {
         self.http

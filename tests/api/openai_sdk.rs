@@ -3,7 +3,6 @@
 
 use std::process::Command;
 
-use reqwest::Method;
 use serde_json::json;
 
 use crate::helpers::{spawn_app, Backend};
@@ -41,12 +40,8 @@ async fn the_openai_python_sdk_works_through_the_router(backend: Backend) {
     let mock = MockUpstream::start();
     app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-sdk"}))
         .await;
-    app.admin_json(
-        Method::POST,
-        "/admin/model-mappings",
-        Some(json!({"from": "alias", "to": "gpt-4o-mini"})),
-    )
-    .await;
+    app.add_mapping(json!({"from": "alias", "to": "gpt-4o-mini"}))
+        .await;
     let (_, key) = app.user_with_key().await;
     let base = format!("{}/v1", app.address);
     let output = actix_web::web::block(move || {

@@ -85,12 +85,8 @@ async fn a_transcription_form_passes_through_intact(backend: Backend) {
     assert!(raw.contains("whisper-1") && raw.contains("fake-wave") && raw.contains("audio/wav"));
 
     // With a mapping the model field is replaced and the rest is kept.
-    app.admin_json(
-        Method::POST,
-        "/admin/model-mappings",
-        Some(json!({"from": "stt", "to": "whisper-1"})),
-    )
-    .await;
+    app.add_mapping(json!({"from": "stt", "to": "whisper-1"}))
+        .await;
     let response = app
         .http
         .post(&url)
@@ -166,22 +162,14 @@ async fn a_chat_completion_is_forwarded_and_answered(backend: Backend) {
 async fn a_mapped_model_goes_upstream_and_the_client_sees_its_own(backend: Backend) {
     let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
     let (user_id, key) = app.user_with_key().await;
-    app.admin_json(
-        Method::POST,
-        "/admin/model-mappings",
-        Some(json!({"from": "fast*", "to": "sys-model"})),
-    )
-    .await;
+    app.add_mapping(json!({"from": "fast*", "to": "sys-model"}))
+        .await;
     let (_, body) = into_json(app.chat(&key, hello("fast-1")).await).await;
     assert_eq!(body["model"], "fast-1");
     assert_eq!(mock.calls()[0].body["model"], "sys-model");
     // The user's own mapping wins over the system-wide one.
-    app.admin_json(
-        Method::POST,
-        "/admin/model-mappings",
-        Some(json!({"from": "fast-1", "to": "user-model", "user_id": user_id})),
-    )
-    .await;
+    app.add_mapping(json!({"from": "fast-1", "to": "user-model", "user_id": user_id}))
+        .await;
     let (_, body) = into_json(app.chat(&key, hello("fast-1")).await).await;
     assert_eq!(body["model"], "fast-1");
     assert_eq!(mock.calls()[1].body["model"], "user-model");
@@ -194,12 +182,8 @@ async fn a_mapped_model_goes_upstream_and_the_client_sees_its_own(backend: Backe
 async fn a_stream_arrives_chunk_by_chunk_with_the_asked_model(backend: Backend) {
     let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
     let (_, key) = app.user_with_key().await;
-    app.admin_json(
-        Method::POST,
-        "/admin/model-mappings",
-        Some(json!({"from": "alias", "to": "real-model"})),
-    )
-    .await;
+    app.add_mapping(json!({"from": "alias", "to": "real-model"}))
+        .await;
     let response = app
         .chat(
             &key,

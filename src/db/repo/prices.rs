@@ -50,18 +50,6 @@ pub async fn list(db: &Db, page: Page) -> Result<(Vec<Price>, bool), DbError> {
     Ok((rows.into_iter().map(Price::from).collect(), more))
 }
 
-/// One model's price.
-pub async fn get(db: &Db, model: &str) -> Result<Price, DbError> {
-    let row: PriceRow = with_conn!(db, |conn| {
-        prices::table
-            .find(model)
-            .select(PriceRow::as_select())
-            .first(conn)
-            .await?
-    });
-    Ok(row.into())
-}
-
 /// Every price.
 pub async fn all(db: &Db) -> Result<Vec<Price>, DbError> {
     let rows: Vec<PriceRow> = with_conn!(db, |conn| {
