@@ -9,6 +9,11 @@ use switchyard::db::migrate;
 use switchyard::startup::Application;
 use switchyard::telemetry;
 
+// The request path allocates many small, short-lived buffers (headers, bodies, spans) on each
+// worker thread; mimalloc's per-thread free lists serve them at a fraction of glibc's cost.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An LLM API router.
 #[derive(Parser)]
 #[command(name = "switchyard", version, about)]

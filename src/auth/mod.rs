@@ -10,6 +10,7 @@ use actix_web::http::header::HeaderMap;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use subtle::ConstantTimeEq;
+use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
 use crate::crypto;
@@ -194,8 +195,13 @@ impl FromRequest for Principal {
             })?;
             let principal = auth.authenticate(&key).await?;
             if let Some(span) = span {
-                span.record("user_id", principal.user.id.as_str());
-                span.record("key_id", principal.key_id.as_str());
+                crate::telemetry::record(
+                    &span,
+                    [
+                        ("user_id", &display(&principal.user.id)),
+                        ("key_id", &display(&principal.key_id)),
+                    ],
+                );
             }
             Ok(principal)
         })

@@ -11,6 +11,7 @@ use std::time::Duration;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde_json::{Map, Value};
+use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
 use crate::auth::Principal;
@@ -18,6 +19,7 @@ use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::routing::pools::WorkerPools;
 use crate::routing::{KeyPools, ModelMapper};
+use crate::telemetry;
 
 /// What the data plane shares across workers.
 pub struct Proxy {
@@ -157,26 +159,36 @@ async fn forward(
     local: &WorkerPools,
     client: &awc::Client,
 ) -> Result<HttpResponse, ApiError> {
-    record(req, "model", &call.model);
-    record(req, "upstream_model", call.upstream_model());
+    let span = req.extensions().get::<RootSpan>().cloned();
+    if let Some(span) = &span {
+        // The model comes from the client: recorded quoted and escaped. The mapped one only
+        // when it differs.
+        match &call.mapped {
+            Some(mapped) => telemetry::record(
+                span,
+                [("model", &call.model), ("upstream_model", &&**mapped)],
+            ),
+            None => telemetry::record(span, [("model", &call.model)]),
+        }
+    }
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
     let answered = failover::send(client, proxy, local, &call, &levels).await;
-    if let Some(span) = req.extensions().get::<RootSpan>() {
-        span.record("attempts", answered.attempts);
-        if let Some(key) = &answered.key_id {
-            span.record("upstream_key_id", key.as_str());
-            span.record("level", answered.level);
+    if let Some(span) = &span {
+        match &answered.key_id {
+            Some(key) => telemetry::record(
+                span,
+                [
+                    ("attempts", &answered.attempts),
+                    ("upstream_key_id", &display(key)),
+                    ("level", &answered.level),
+                ],
+            ),
+            None => telemetry::record(span, [("attempts", &answered.attempts)]),
         }
     }
     let response = answered.result?;
     let idle = Duration::from_secs(proxy.settings.idle_timeout_secs);
     relay::respond(response, &call, idle).await
-}
-
-fn record(req: &HttpRequest, field: &'static str, value: &str) {
-    if let Some(span) = req.extensions().get::<RootSpan>() {
-        span.record(field, value);
-    }
 }
