@@ -23,6 +23,30 @@ pub struct ServerSettings {
     pub workers: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout_secs: u64,
+    /// Proxies whose `X-Forwarded-For` is believed: CIDRs, as a TOML array or a comma-separated
+    /// string (`SWITCHYARD_SERVER__TRUSTED_PROXIES=10.0.0.0/8,127.0.0.1`).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub trusted_proxies: Vec<String>,
+}
+
+/// A list given either as an array (config files) or as one comma-separated string (environment
+/// variables, which have no arrays).
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::List(items) => items,
+        Form::Csv(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 /// The database connection.
@@ -50,6 +74,10 @@ pub struct UpstreamSettings {
 #[derive(Clone, Deserialize)]
 pub struct RedisSettings {
     pub url: String,
+    /// Prefix of every key Switchyard writes, so several installations can share one Redis.
+    pub key_prefix: String,
+    /// Milliseconds a Redis command may take before the call falls back to in-process limits.
+    pub timeout_ms: u64,
 }
 
 /// Admin token, master key and the credential caches.
@@ -91,6 +119,8 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("configured", &!self.url.is_empty())
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout_ms", &self.timeout_ms)
             .finish()
     }
 }
@@ -178,7 +208,24 @@ impl Settings {
             self.auth.key_cache_size > 0 && self.auth.user_cache_size > 0,
             "auth cache sizes must be at least 1"
         );
+        self.trusted_proxies()?;
+        anyhow::ensure!(
+            self.redis.timeout_ms > 0,
+            "redis.timeout_ms must be at least 1"
+        );
         Ok(())
+    }
+
+    /// The trusted proxies as networks.
+    pub fn trusted_proxies(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .map(|text| {
+                crate::domain::rules::parse_cidr(text)
+                    .map_err(|e| anyhow::anyhow!("server.trusted_proxies: {e}"))
+            })
+            .collect()
     }
 
     /// Which backend the database URL names.
@@ -247,6 +294,24 @@ mod tests {
         assert_eq!(s.server.workers, 3);
         assert_eq!(s.log.format, LogFormat::Json);
         assert_eq!(s.database_kind().unwrap(), DatabaseKind::Postgres);
+    }
+
+    #[test]
+    fn trusted_proxies_read_from_a_list_or_a_comma_separated_variable() {
+        let s = Settings::load_from(
+            None,
+            env(&[(
+                "SWITCHYARD_SERVER__TRUSTED_PROXIES",
+                "10.0.0.0/8, 127.0.0.1",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(s.trusted_proxies().unwrap().len(), 2);
+        let bad = Settings::load_from(
+            None,
+            env(&[("SWITCHYARD_SERVER__TRUSTED_PROXIES", "not-a-net")]),
+        );
+        assert!(format!("{:#}", bad.unwrap_err()).contains("trusted_proxies"));
     }
 
     #[test]

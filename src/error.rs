@@ -1,5 +1,6 @@
 //! Errors as clients see them: OpenAI's `{"error": {"message", "type", "code"}}` shape.
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
@@ -13,6 +14,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Extra response headers (`Retry-After`, the rate-limit headers).
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 #[derive(Serialize)]
@@ -35,7 +38,24 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    /// The same error with one more response header.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The machine-readable code (`rate_limit_exceeded`, ...).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// 403 for an access rule (`ip_not_allowed`, `model_not_allowed`, `endpoint_not_allowed`).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
     }
 
     /// 400 `invalid_request`.
@@ -123,7 +143,11 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(Body {
+        let mut response = HttpResponse::build(self.status);
+        for (name, value) in &self.headers {
+            response.insert_header((name.clone(), value.clone()));
+        }
+        response.json(Body {
             error: Detail {
                 message: &self.message,
                 kind: self.kind(),

@@ -1,5 +1,6 @@
 //! Switchyard: an LLM API router. See README.md and `../shared/API.md`.
 
+pub mod access;
 pub mod actors;
 pub mod auth;
 pub mod bootstrap;
@@ -8,6 +9,7 @@ pub mod crypto;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod limits;
 pub mod log_sink;
 pub mod proxy;
 pub mod routes;

@@ -12,12 +12,15 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
+use crate::access::Gate;
 use crate::actors::config_sync::ConfigSyncActor;
 use crate::actors::key_pool::PoolPolicy;
+use crate::actors::rate_limiter::RateLimiterActor;
 use crate::auth::{AuthCache, Authenticator};
 use crate::bootstrap;
 use crate::config::Settings;
 use crate::db::{migrate, Db};
+use crate::limits::{self, RateLimiter};
 use crate::proxy::Proxy;
 use crate::routes;
 use crate::routing::{KeyPools, ModelMapper};
@@ -86,11 +89,36 @@ impl Application {
             db.clone(),
         )
         .start();
+        let limiter = Arc::new(
+            RateLimiter::new(
+                &settings.redis.url,
+                &settings.redis.key_prefix,
+                Duration::from_millis(settings.redis.timeout_ms),
+            )
+            .context("setting up rate limits")?,
+        );
+        if let Some(redis) = limiter.redis() {
+            // Connect before serving, so a healthy Redis counts from the first call. A Redis
+            // that is away does not stop the start: limits are held in process meanwhile.
+            match redis.check().await {
+                Ok(_) => tracing::info!("redis connected: rate limits are shared across replicas"),
+                Err(err) => tracing::warn!(
+                    error = %limits::describe(&err),
+                    "redis unavailable: rate limits are held in process until it answers"
+                ),
+            }
+        }
+        let limiter_actor = RateLimiterActor::new(limiter.clone()).start();
+        // The tokenizers take a moment to load: done off the async threads, before first use.
+        actix_web::rt::task::spawn_blocking(limits::estimate::warm_up);
         let proxy = web::Data::new(Proxy {
             pools,
             mapper,
             settings: settings.upstream.clone(),
+            limiter: limiter.clone(),
+            limiter_actor,
         });
+        let gate = web::Data::new(Gate::new(settings.trusted_proxies()?));
         let connect_timeout = Duration::from_secs(settings.upstream.connect_timeout_secs);
         let first_byte_timeout = Duration::from_secs(settings.upstream.first_byte_timeout_secs);
         let state = web::Data::new(AppState {
@@ -98,6 +126,7 @@ impl Application {
             master_key: secrets.master_key,
             admin_token: secrets.admin_token,
             config_sync,
+            limiter,
         });
         let authenticator = web::Data::new(Authenticator::new(db, auth_cache));
 
@@ -118,6 +147,7 @@ impl Application {
                 .app_data(proxy.clone())
                 .app_data(state.clone())
                 .app_data(authenticator.clone())
+                .app_data(gate.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(max_body)

@@ -1,10 +1,13 @@
 //! What handlers share: storage, secrets and the actors' addresses.
 
+use std::sync::Arc;
+
 use actix::Addr;
 
 use crate::actors::config_sync::{Changed, ConfigSyncActor, Entity};
 use crate::crypto::MasterKey;
 use crate::db::Db;
+use crate::limits::RateLimiter;
 
 /// Shared by every worker through `web::Data`.
 pub struct AppState {
@@ -13,6 +16,8 @@ pub struct AppState {
     /// `None` when no admin token is configured: the admin API then refuses every call.
     pub admin_token: Option<String>,
     pub config_sync: Addr<ConfigSyncActor>,
+    /// Read by `/readyz` for Redis's state.
+    pub limiter: Arc<RateLimiter>,
 }
 
 impl AppState {

@@ -2,3 +2,4 @@
 
 pub mod config_sync;
 pub mod key_pool;
+pub mod rate_limiter;

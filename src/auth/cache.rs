@@ -9,7 +9,26 @@ use chrono::NaiveDateTime;
 use lru::LruCache;
 use parking_lot::Mutex;
 
+use crate::access::rules::AccessRules;
 use crate::domain::User;
+
+/// A user's record and its rules compiled for checking.
+#[derive(Clone)]
+pub struct CachedUser {
+    pub user: Arc<User>,
+    pub rules: Arc<AccessRules>,
+}
+
+impl CachedUser {
+    /// Compiles the rules of a freshly read user.
+    pub fn new(user: User) -> Self {
+        let rules = Arc::new(AccessRules::compile(&user));
+        CachedUser {
+            user: Arc::new(user),
+            rules,
+        }
+    }
+}
 
 /// What is remembered of a key whose secret was verified once.
 #[derive(Clone)]
@@ -25,7 +44,7 @@ pub struct VerifiedKey {
 /// that was invalidated while it was reading the database.
 pub struct AuthCache {
     keys: Mutex<LruCache<String, VerifiedKey>>,
-    users: Mutex<LruCache<String, Arc<User>>>,
+    users: Mutex<LruCache<String, CachedUser>>,
     generation: AtomicU64,
 }
 
@@ -66,15 +85,15 @@ impl AuthCache {
     }
 
     /// The cached rules of a user.
-    pub fn user(&self, user_id: &str) -> Option<Arc<User>> {
+    pub fn user(&self, user_id: &str) -> Option<CachedUser> {
         self.users.lock().get(user_id).cloned()
     }
 
     /// Remembers a user's rules, unless something was invalidated since `generation`.
-    pub fn insert_user(&self, user: Arc<User>, generation: u64) {
+    pub fn insert_user(&self, user: CachedUser, generation: u64) {
         let mut users = self.users.lock();
         if self.generation() == generation {
-            users.put(user.id.clone(), user);
+            users.put(user.user.id.clone(), user);
         }
     }
 

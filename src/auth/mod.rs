@@ -13,19 +13,23 @@ use subtle::ConstantTimeEq;
 use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
+use crate::access::rules::AccessRules;
+use crate::access::Gate;
 use crate::crypto;
 use crate::db::{repo, Db, DbError};
 use crate::domain::api_key::PresentedKey;
-use crate::domain::{User, UserStatus};
+use crate::domain::User;
 use crate::error::ApiError;
-pub use cache::AuthCache;
 use cache::VerifiedKey;
+pub use cache::{AuthCache, CachedUser};
 
 /// An authenticated caller: the key used and the rules of its user.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub key_id: String,
     pub user: Arc<User>,
+    /// The user's rules, compiled.
+    pub rules: Arc<AccessRules>,
 }
 
 /// Checks presented keys. Shared by every worker.
@@ -112,7 +116,8 @@ impl Authenticator {
         }
     }
 
-    /// Refuses revoked and expired keys and suspended users; otherwise the principal.
+    /// Refuses revoked and expired keys; otherwise the principal. The user's own state (status,
+    /// addresses, budget) is the access gate's to check.
     async fn check_state(&self, key_id: String, key: &VerifiedKey) -> Result<Principal, ApiError> {
         let now = crate::domain::now();
         if key.revoked_at.is_some() {
@@ -121,11 +126,12 @@ impl Authenticator {
         if key.expires_at.is_some_and(|at| at <= now) {
             return Err(ApiError::invalid_api_key("this API key has expired"));
         }
-        let user = self.user(&key.user_id).await?;
-        if user.status == UserStatus::Suspended {
-            return Err(ApiError::user_suspended());
-        }
-        Ok(Principal { key_id, user })
+        let CachedUser { user, rules } = self.user(&key.user_id).await?;
+        Ok(Principal {
+            key_id,
+            user,
+            rules,
+        })
     }
 
     async fn verify_from_db(
@@ -160,14 +166,14 @@ impl Authenticator {
         Ok(verified)
     }
 
-    async fn user(&self, user_id: &str) -> Result<Arc<User>, ApiError> {
+    async fn user(&self, user_id: &str) -> Result<CachedUser, ApiError> {
         if let Some(user) = self.cache.user(user_id) {
             return Ok(user);
         }
         let generation = self.cache.generation();
         match repo::users::get(&self.db, user_id).await {
             Ok(user) => {
-                let user = Arc::new(user);
+                let user = CachedUser::new(user);
                 self.cache.insert_user(user.clone(), generation);
                 Ok(user)
             }
@@ -186,8 +192,11 @@ impl FromRequest for Principal {
         let auth = req.app_data::<web::Data<Authenticator>>().cloned();
         let key = key_from_request(req.headers(), req.query_string());
         let span = req.extensions().get::<RootSpan>().cloned();
+        let gate = req.app_data::<web::Data<Gate>>().cloned();
+        let client_ip = gate.as_ref().and_then(|g| g.client_ip(req));
         Box::pin(async move {
             let auth = auth.ok_or_else(|| ApiError::internal("authenticator not configured"))?;
+            let gate = gate.ok_or_else(|| ApiError::internal("access gate not configured"))?;
             let key = key.ok_or_else(|| {
                 ApiError::invalid_api_key(
                     "missing API key: send it as `Authorization: Bearer sk-...`",
@@ -203,6 +212,7 @@ impl FromRequest for Principal {
                     ],
                 );
             }
+            gate.admit_caller(client_ip, &principal)?;
             Ok(principal)
         })
     }

@@ -4,6 +4,7 @@
 pub mod failover;
 pub mod multipart;
 pub mod relay;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,14 @@ use serde_json::{Map, Value};
 use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
+use actix::Addr;
+
+use crate::access;
+use crate::actors::rate_limiter::{RateLimiterActor, Settle};
 use crate::auth::Principal;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
+use crate::limits::{estimate, Plan, RateLimiter};
 use crate::routing::pools::WorkerPools;
 use crate::routing::{KeyPools, ModelMapper};
 use crate::telemetry;
@@ -26,7 +32,12 @@ pub struct Proxy {
     pub pools: Arc<KeyPools>,
     pub mapper: Arc<ModelMapper>,
     pub settings: UpstreamSettings,
+    pub limiter: Arc<RateLimiter>,
+    pub limiter_actor: Addr<RateLimiterActor>,
 }
+
+/// Bodies larger than this are tokenised on the blocking pool rather than on a worker thread.
+const INLINE_ESTIMATE_BYTES: usize = 32 * 1024;
 
 /// One client call, parsed: what was asked, where it goes, what to send.
 pub struct Call {
@@ -45,6 +56,11 @@ pub struct Call {
 }
 
 impl Call {
+    /// Whether the body is JSON (not a multipart form).
+    pub fn is_json(&self) -> bool {
+        self.content_type.as_deref() == Some("application/json")
+    }
+
     /// The model to ask the upstream for.
     pub fn upstream_model(&self) -> &str {
         self.mapped.as_deref().unwrap_or(&self.model)
@@ -150,7 +166,8 @@ pub async fn forward_multipart(
     forward(&req, call, &principal, &proxy, &local, &client).await
 }
 
-/// Sends a parsed call through failover and relays the answer.
+/// Passes the call through the access gate and the rate limits, then failover, and relays the
+/// answer with the caller's rate-limit headers.
 async fn forward(
     req: &HttpRequest,
     call: Call,
@@ -171,10 +188,62 @@ async fn forward(
             None => telemetry::record(span, [("model", &call.model)]),
         }
     }
+    access::admit_call(principal, req.path(), &call.model)?;
+    let admitted = match Plan::for_call(&principal.user.id, &principal.rules, &call.model) {
+        Some(mut plan) => {
+            if plan.counts_tokens() && call.is_json() {
+                plan.tokens = estimate_tokens(&call).await?;
+            }
+            Some(proxy.limiter.admit(&plan).await?)
+        }
+        None => None,
+    };
+    let (ticket, headers) = match admitted {
+        Some((ticket, headers)) => (Some(ticket), Some(headers)),
+        None => (None, None),
+    };
+    // Token limits are settled with the usage the answer reports, after it is relayed.
+    let tap = ticket.filter(|t| !t.token_keys.is_empty()).map(|ticket| {
+        let actor = proxy.limiter_actor.clone();
+        usage::Tap::new(move |observed| actor.do_send(Settle { ticket, observed }))
+    });
+    let result = send_and_relay(span, &call, principal, proxy, local, client, tap).await;
+    match (result, headers) {
+        (Ok(mut response), Some(headers)) => {
+            headers.apply(response.headers_mut());
+            Ok(response)
+        }
+        (Err(error), Some(headers)) => Err(headers.apply_to_error(error)),
+        (result, None) => result,
+    }
+}
+
+/// The tokens to charge a JSON call, counted for the model it goes to.
+async fn estimate_tokens(call: &Call) -> Result<i64, ApiError> {
+    let model = call.upstream_model().to_owned();
+    if call.body.len() <= INLINE_ESTIMATE_BYTES {
+        return Ok(estimate::tokens(&model, &call.body));
+    }
+    let body = call.body.clone();
+    web::block(move || estimate::tokens(&model, &body))
+        .await
+        .map_err(ApiError::internal)
+}
+
+/// Failover, then the relay of whatever answered.
+async fn send_and_relay(
+    span: Option<RootSpan>,
+    call: &Call,
+    principal: &Principal,
+    proxy: &Proxy,
+    local: &WorkerPools,
+    client: &awc::Client,
+    tap: Option<usage::Tap>,
+) -> Result<HttpResponse, ApiError> {
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
-    let answered = failover::send(client, proxy, local, &call, &levels).await;
+    let answered = failover::send(client, proxy, local, call, &levels).await;
     if let Some(span) = &span {
         match &answered.key_id {
             Some(key) => telemetry::record(
@@ -190,5 +259,5 @@ async fn forward(
     }
     let response = answered.result?;
     let idle = Duration::from_secs(proxy.settings.idle_timeout_secs);
-    relay::respond(response, &call, idle).await
+    relay::respond(response, call, idle, tap).await
 }

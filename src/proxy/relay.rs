@@ -11,6 +11,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::failover::UpstreamResponse;
+use super::usage::Tap;
 use super::Call;
 use crate::error::ApiError;
 
@@ -26,6 +27,7 @@ pub async fn respond(
     mut upstream: UpstreamResponse,
     call: &Call,
     idle: Duration,
+    mut tap: Option<Tap>,
 ) -> Result<HttpResponse, ApiError> {
     let mut response = HttpResponse::build(upstream.status());
     for name in &PASSED_HEADERS {
@@ -41,6 +43,9 @@ pub async fn respond(
     if is_sse {
         response.insert_header((CACHE_CONTROL, "no-cache"));
     }
+    if let Some(tap) = &mut tap {
+        tap.begin(upstream.status().is_success(), is_sse);
+    }
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
     match (rename, is_sse) {
         (Some(model), false) => {
@@ -52,6 +57,9 @@ pub async fn respond(
                     format!("reading the upstream answer failed: {e}"),
                 )
             })?;
+            if let Some(tap) = &mut tap {
+                tap.push(&body);
+            }
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
         (None, false) => {
@@ -62,7 +70,7 @@ pub async fn respond(
                 .get(actix_web::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let body = relay_stream(upstream, idle, false, None, None);
+            let body = relay_stream(upstream, idle, false, None, None, tap);
             Ok(match length {
                 Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
                 None => response.streaming(body),
@@ -75,7 +83,7 @@ pub async fn respond(
             let done = (is_sse
                 && matches!(call.path.as_str(), "/chat/completions" | "/completions"))
             .then(DoneWatcher::default);
-            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done)))
+            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done, tap)))
         }
     }
 }
@@ -87,6 +95,7 @@ fn relay_stream<S>(
     is_sse: bool,
     renamer: Option<SseRenamer>,
     done: Option<DoneWatcher>,
+    tap: Option<Tap>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
@@ -95,12 +104,15 @@ where
         upstream: S,
         renamer: Option<SseRenamer>,
         done: Option<DoneWatcher>,
+        // Dropped with the stream: when it ends, breaks, or the client goes away.
+        tap: Option<Tap>,
         finished: bool,
     }
     let state = State {
         upstream,
         renamer,
         done,
+        tap,
         finished: false,
     };
     futures_util::stream::unfold(state, move |mut st| async move {
@@ -112,6 +124,9 @@ where
                 Ok(Some(Ok(chunk))) => {
                     if let Some(done) = &mut st.done {
                         done.observe(&chunk);
+                    }
+                    if let Some(tap) = &mut st.tap {
+                        tap.push(&chunk);
                     }
                     let out = match &mut st.renamer {
                         Some(renamer) => renamer.push(&chunk),

@@ -10,18 +10,22 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready: migrations ran at start-up and the database answers now.
+/// Ready: migrations ran at start-up and the database answers now. Redis is reported, not
+/// required: without it limits are held in process.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let redis = state.limiter.redis_state().as_str();
     match state.db.ping().await {
         Ok(()) => HttpResponse::Ok().json(json!({
             "status": "ready",
             "database": {"backend": state.db.backend_name(), "status": "ok", "migrated": true},
+            "redis": {"status": redis},
         })),
         Err(err) => {
             tracing::warn!(error = %err, "readiness check: database unreachable");
             HttpResponse::ServiceUnavailable().json(json!({
                 "status": "unavailable",
                 "database": {"backend": state.db.backend_name(), "status": "unreachable"},
+                "redis": {"status": redis},
             }))
         }
     }

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 
 use actix_web::{web, HttpResponse};
-use globset::Glob;
 use serde_json::json;
 
 use crate::auth::Principal;
@@ -16,7 +15,9 @@ use crate::state::AppState;
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
+    crate::access::admit_endpoint(&principal, req.path())?;
     let mut names = BTreeSet::new();
     names.extend(
         repo::prices::all(&state.db)
@@ -33,16 +34,10 @@ pub async fn list(
     for key in repo::upstream_keys::all(&state.db).await? {
         names.extend(key.models);
     }
-    let allowed: Vec<_> = principal
-        .user
-        .allowed_models
-        .iter()
-        .filter_map(|g| Glob::new(g).ok().map(|g| g.compile_matcher()))
-        .collect();
     let data: Vec<_> = names
         .into_iter()
         .filter(|name| !is_glob(name))
-        .filter(|name| allowed.is_empty() || allowed.iter().any(|m| m.is_match(name)))
+        .filter(|name| principal.rules.allows_model(name))
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"}))
         .collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))

@@ -111,6 +111,16 @@ pub struct TestApp {
 
 /// The settings a test app runs with: a random port, one worker, the given database.
 pub fn test_settings(database_url: &str, admin_token: &str, master_key: &str) -> Settings {
+    test_settings_with(database_url, admin_token, master_key, &[])
+}
+
+/// [`test_settings`] with more `SWITCHYARD_*` variables.
+pub fn test_settings_with(
+    database_url: &str,
+    admin_token: &str,
+    master_key: &str,
+    extra: &[(&str, &str)],
+) -> Settings {
     let env = [
         ("SWITCHYARD_LISTEN", "127.0.0.1:0"),
         ("SWITCHYARD_DATABASE_URL", database_url),
@@ -123,27 +133,59 @@ pub fn test_settings(database_url: &str, admin_token: &str, master_key: &str) ->
         ("SWITCHYARD_UPSTREAM__IDLE_TIMEOUT_SECS", "2"),
     ]
     .into_iter()
+    .chain(extra.iter().copied())
     .map(|(k, v)| (k.to_owned(), v.to_owned()));
     Settings::load_from(None, env).expect("test settings")
 }
 
 /// Starts the application on `backend` with a fresh database.
 pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, &[]).await
+}
+
+/// [`spawn_app`] with more `SWITCHYARD_*` variables.
+pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> TestApp {
     let (database_url, dir) = fresh_database_url(backend).await;
     let admin_token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
     let master_key = MasterKey::generate_base64().unwrap();
-    let settings = test_settings(&database_url, &admin_token, &master_key);
+    let mut app = start(&database_url, &admin_token, &master_key, extra).await;
+    app._dir = dir;
+    app
+}
+
+/// Another instance of `app` (a replica): same database and secrets, its own port.
+pub async fn spawn_replica(app: &TestApp, extra: &[(&str, &str)]) -> TestApp {
+    start(&app.database_url, &app.admin_token, &app.master_key, extra).await
+}
+
+async fn start(
+    database_url: &str,
+    admin_token: &str,
+    master_key: &str,
+    extra: &[(&str, &str)],
+) -> TestApp {
+    let settings = test_settings_with(database_url, admin_token, master_key, extra);
     let app = Application::build(settings).await.expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
     actix_web::rt::spawn(app.run_until_stopped());
     TestApp {
         address,
-        admin_token,
-        master_key,
-        database_url,
+        admin_token: admin_token.to_owned(),
+        master_key: master_key.to_owned(),
+        database_url: database_url.to_owned(),
         http: reqwest::Client::new(),
-        _dir: dir,
+        _dir: None,
     }
+}
+
+/// The test Redis (the script's, or the local default).
+pub fn redis_url() -> String {
+    std::env::var("SWITCHYARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix no other test uses, so tests can share one Redis.
+pub fn redis_prefix() -> String {
+    format!("sytest:{}:", uuid::Uuid::new_v4().simple())
 }
 
 impl TestApp {

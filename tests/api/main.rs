@@ -1,5 +1,6 @@
 //! Integration tests: the real application over HTTP, on SQLite and on PostgreSQL.
 
+mod access;
 mod admin_mappings_prices;
 mod admin_upstream_keys;
 mod admin_user_keys;

@@ -173,13 +173,26 @@ async fn handle(
     if secret.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    // `tokens…` keys report a large usage (100 in, 500 out), others a small one (5 in, 1 out).
+    let (prompt, completion) = if secret.starts_with("tokens") {
+        (100, 500)
+    } else {
+        (5, 1)
+    };
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
     if stream {
-        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        let mut chunks: Vec<Result<Bytes, std::io::Error>> = vec![
             Ok(sse(&chunk(&model, "Hel", None))),
             Ok(sse(&chunk(&model, "lo", None))),
             Ok(sse(&chunk(&model, "", Some("stop")))),
-            Ok(Bytes::from_static(b"data: [DONE]\n\n")),
         ];
+        if body["stream_options"]["include_usage"] == json!(true) {
+            chunks.push(Ok(sse(&json!({
+                "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
+                "model": model, "choices": [], "usage": usage,
+            }))));
+        }
+        chunks.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
         return HttpResponse::Ok()
             .content_type("text/event-stream")
             .streaming(stream::iter(chunks));
@@ -190,7 +203,7 @@ async fn handle(
         "created": 1,
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        "usage": usage,
     }))
 }
 

@@ -1,0 +1,386 @@
+//! Rate limits: requests and tokens per minute, per user and per user and model rule, counted
+//! in one sliding window per counter. With Redis every replica counts in the same windows
+//! (`redis_store`); without it, or while it is away, each counts in process (`window`).
+//!
+//! The request path calls [`RateLimiter::admit`] directly: one lock in process, or one script
+//! round trip to Redis. Answers that are already certain skip Redis: a user with no limit costs
+//! nothing, and a refusal is remembered until its `Retry-After` has passed. Settling a call's
+//! real token usage, and watching Redis's health, happen in `RateLimiterActor` after the
+//! response.
+
+pub mod estimate;
+pub mod redis_store;
+pub mod window;
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use actix_web::http::StatusCode;
+use parking_lot::Mutex;
+
+use crate::access::rules::{AccessRules, Quota};
+use crate::error::ApiError;
+use redis_store::RedisWindows;
+use window::LocalWindows;
+
+/// One window a call is counted in.
+#[derive(Debug, Clone)]
+pub struct Counter {
+    /// `<user id>` for the user's own limits, `<user id>:m:<pattern>` for a `model_limits` rule.
+    pub key: String,
+    pub quota: Quota,
+}
+
+/// A counter's totals in the current window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Used {
+    pub requests: i64,
+    pub tokens: i64,
+}
+
+/// What a window check answered. `used` includes the call when it was admitted.
+#[derive(Debug)]
+pub struct Outcome {
+    pub admitted: bool,
+    pub retry_ms: i64,
+    pub bucket: i64,
+    pub used: Vec<Used>,
+}
+
+/// The counters a call is charged to and the tokens estimated for it.
+#[derive(Debug)]
+pub struct Plan {
+    pub user_id: String,
+    pub counters: Vec<Counter>,
+    pub tokens: i64,
+}
+
+impl Plan {
+    /// The counters that apply to `model` for this user; `None` when no limit does.
+    pub fn for_call(user_id: &str, rules: &AccessRules, model: &str) -> Option<Plan> {
+        let mut counters = Vec::with_capacity(2);
+        if rules.quota.is_limited() {
+            counters.push(Counter {
+                key: format!("{{{user_id}}}"),
+                quota: rules.quota,
+            });
+        }
+        if let Some(rule) = rules.model_rule(model).filter(|r| r.quota.is_limited()) {
+            counters.push(Counter {
+                key: format!("{{{user_id}}}:m:{}", rule.pattern),
+                quota: rule.quota,
+            });
+        }
+        (!counters.is_empty()).then(|| Plan {
+            user_id: user_id.to_owned(),
+            counters,
+            tokens: 0,
+        })
+    }
+
+    /// Whether a tokens-per-minute limit applies, so tokens must be estimated and settled.
+    pub fn counts_tokens(&self) -> bool {
+        self.counters.iter().any(|c| c.quota.tpm.is_some())
+    }
+}
+
+/// An admitted call's charge, kept until its real usage is known.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub user_id: String,
+    /// Counters with a token limit: the ones a correction applies to.
+    pub token_keys: Vec<String>,
+    pub bucket: i64,
+    /// Tokens charged at admission.
+    pub charged: i64,
+}
+
+/// The limit and what is left of it, for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub requests: Option<(i64, i64)>,
+    pub tokens: Option<(i64, i64)>,
+}
+
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+
+impl RateHeaders {
+    fn pairs(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let mut out = Vec::with_capacity(4);
+        if let Some((limit, remaining)) = self.requests {
+            out.push((LIMIT_REQUESTS.clone(), HeaderValue::from(limit)));
+            out.push((REMAINING_REQUESTS.clone(), HeaderValue::from(remaining)));
+        }
+        if let Some((limit, remaining)) = self.tokens {
+            out.push((LIMIT_TOKENS.clone(), HeaderValue::from(limit)));
+            out.push((REMAINING_TOKENS.clone(), HeaderValue::from(remaining)));
+        }
+        out
+    }
+
+    /// Sets the headers on a response.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.pairs() {
+            headers.insert(name, value);
+        }
+    }
+
+    /// Sets the headers on an error response.
+    pub fn apply_to_error(&self, mut error: ApiError) -> ApiError {
+        for (name, value) in self.pairs() {
+            error = error.with_header(name, value);
+        }
+        error
+    }
+}
+
+/// Reads an outcome: the headers, and for a refusal which limit refused.
+fn read_outcome(plan: &Plan, outcome: &Outcome) -> (RateHeaders, Option<String>) {
+    let cost = plan.tokens.max(1);
+    let mut headers = RateHeaders::default();
+    let mut refused_by = None;
+    for (counter, used) in plan.counters.iter().zip(&outcome.used) {
+        let scope = match counter.key.split_once(":m:") {
+            Some((_, pattern)) => format!(" for models `{pattern}`"),
+            None => String::new(),
+        };
+        if let Some(rpm) = counter.quota.rpm {
+            let over = !outcome.admitted && used.requests + 1 > rpm;
+            let remaining = if over {
+                0
+            } else {
+                (rpm - used.requests).max(0)
+            };
+            if headers.requests.is_none_or(|(_, r)| remaining < r) {
+                headers.requests = Some((rpm, remaining));
+            }
+            if over && refused_by.is_none() {
+                refused_by = Some(format!("{rpm} requests per minute{scope}"));
+            }
+        }
+        if let Some(tpm) = counter.quota.tpm {
+            let over = !outcome.admitted && used.tokens + cost > tpm;
+            let remaining = if over { 0 } else { (tpm - used.tokens).max(0) };
+            if headers.tokens.is_none_or(|(_, r)| remaining < r) {
+                headers.tokens = Some((tpm, remaining));
+            }
+            if over && refused_by.is_none() {
+                refused_by = Some(format!(
+                    "{tpm} tokens per minute{scope} (this call is estimated at {} tokens)",
+                    plan.tokens
+                ));
+            }
+        }
+    }
+    if !outcome.admitted && refused_by.is_none() {
+        refused_by = Some("the rate limit".into());
+    }
+    (headers, refused_by)
+}
+
+/// Whether Redis carries the limits now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisState {
+    NotConfigured,
+    Up,
+    /// Configured but not answering: limits are held in process.
+    Down,
+}
+
+impl RedisState {
+    /// The wire form for `/readyz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisState::NotConfigured => "not_configured",
+            RedisState::Up => "ok",
+            RedisState::Down => "unavailable",
+        }
+    }
+}
+
+/// A refusal remembered so that the same counters are refused again without asking Redis
+/// before the window can have room.
+struct Remembered {
+    until_ms: i64,
+    used: Vec<Used>,
+}
+
+/// The limiter every worker shares.
+pub struct RateLimiter {
+    local: LocalWindows,
+    redis: Option<RedisWindows>,
+    refusals: Mutex<HashMap<String, Remembered>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl RateLimiter {
+    /// A limiter counting in process, and in Redis when `redis_url` is set.
+    pub fn new(redis_url: &str, prefix: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let redis = if redis_url.is_empty() {
+            None
+        } else {
+            // The URL may hold a password: the error names the setting, not the value.
+            Some(RedisWindows::new(redis_url, prefix, timeout).map_err(|e| {
+                anyhow::anyhow!("redis.url is not a valid Redis URL: {}", e.category())
+            })?)
+        };
+        Ok(RateLimiter {
+            local: LocalWindows::default(),
+            redis,
+            refusals: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Where limits are counted now.
+    pub fn redis_state(&self) -> RedisState {
+        match &self.redis {
+            None => RedisState::NotConfigured,
+            Some(r) if r.is_up() => RedisState::Up,
+            Some(_) => RedisState::Down,
+        }
+    }
+
+    pub(crate) fn redis(&self) -> Option<&RedisWindows> {
+        self.redis.as_ref()
+    }
+
+    pub(crate) fn local(&self) -> &LocalWindows {
+        &self.local
+    }
+
+    /// Admits the call or refuses it with 429 `rate_limit_exceeded` and `Retry-After`.
+    pub async fn admit(&self, plan: &Plan) -> Result<(Ticket, RateHeaders), ApiError> {
+        let memo_key = plan
+            .counters
+            .iter()
+            .map(|c| c.key.as_str())
+            .collect::<Vec<_>>()
+            .join("|");
+        let outcome = match self.remembered_refusal(&memo_key) {
+            Some(outcome) => outcome,
+            None => self.count(plan).await,
+        };
+        let (headers, refused_by) = read_outcome(plan, &outcome);
+        if outcome.admitted {
+            let ticket = Ticket {
+                user_id: plan.user_id.clone(),
+                token_keys: plan
+                    .counters
+                    .iter()
+                    .filter(|c| c.quota.tpm.is_some())
+                    .map(|c| c.key.clone())
+                    .collect(),
+                bucket: outcome.bucket,
+                charged: plan.tokens,
+            };
+            return Ok((ticket, headers));
+        }
+        if self.redis_state() == RedisState::Up {
+            self.refusals.lock().insert(
+                memo_key,
+                Remembered {
+                    until_ms: now_ms() + outcome.retry_ms,
+                    used: outcome.used.clone(),
+                },
+            );
+        }
+        let retry_after = (outcome.retry_ms.max(1) as u64).div_ceil(1000);
+        let error = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            format!(
+                "rate limit exceeded: {}; retry in {retry_after} s",
+                refused_by.unwrap_or_default()
+            ),
+        )
+        .with_header(RETRY_AFTER, HeaderValue::from(retry_after));
+        Err(headers.apply_to_error(error))
+    }
+
+    fn remembered_refusal(&self, memo_key: &str) -> Option<Outcome> {
+        let mut refusals = self.refusals.lock();
+        let now = now_ms();
+        match refusals.get(memo_key) {
+            Some(r) if r.until_ms > now => Some(Outcome {
+                admitted: false,
+                retry_ms: r.until_ms - now,
+                bucket: 0,
+                used: r.used.clone(),
+            }),
+            Some(_) => {
+                refusals.remove(memo_key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn count(&self, plan: &Plan) -> Outcome {
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
+            match redis.acquire(&plan.counters, plan.tokens).await {
+                Ok(outcome) => return outcome,
+                Err(err) => {
+                    if redis.mark_down() {
+                        tracing::warn!(
+                            error = %crate::limits::describe(&err),
+                            "redis unavailable: rate limits are held in process until it answers again"
+                        );
+                    }
+                }
+            }
+        }
+        self.local
+            .acquire(&plan.user_id, &plan.counters, plan.tokens, now_ms())
+    }
+
+    /// Corrects a call's token charge to what it really used.
+    pub async fn settle(&self, ticket: &Ticket, actual: i64) {
+        let delta = actual - ticket.charged;
+        if delta == 0 || ticket.token_keys.is_empty() {
+            return;
+        }
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
+            match redis.settle(&ticket.token_keys, ticket.bucket, delta).await {
+                Ok(()) => return,
+                Err(err) => {
+                    if redis.mark_down() {
+                        tracing::warn!(error = %describe(&err), "redis unavailable: rate limits are held in process until it answers again");
+                    }
+                }
+            }
+        }
+        self.local.settle(
+            &ticket.user_id,
+            &ticket.token_keys,
+            ticket.bucket,
+            delta,
+            now_ms(),
+        );
+    }
+
+    /// Drops idle windows and expired refusals.
+    pub fn prune(&self) {
+        let now = now_ms();
+        self.local.prune(now);
+        self.refusals.lock().retain(|_, r| r.until_ms > now);
+    }
+}
+
+/// A Redis error for the log: its kind and text, which never hold the URL or its password.
+pub fn describe(err: &redis::RedisError) -> String {
+    format!(
+        "{}: {}",
+        err.category(),
+        err.detail().unwrap_or("no detail")
+    )
+}

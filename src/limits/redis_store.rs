@@ -1,0 +1,235 @@
+//! The cluster-wide window: the same buckets as `window.rs`, kept in one Redis hash per counter
+//! and checked and charged by one atomic script, on Redis's clock, so replicas agree.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::window::{BUCKETS, BUCKET_MS};
+use super::{Counter, Outcome, Used};
+
+/// Checks every counter's window and charges the call to all of them only when each has room.
+/// Fields are `r<bucket>` (requests) and `t<bucket>` (tokens); buckets that left the window are
+/// deleted as they are met. Returns `{admitted, retry_ms, bucket, requests1, tokens1, ...}`.
+const ACQUIRE: &str = r#"
+local bucket_ms = tonumber(ARGV[1])
+local buckets = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_b = math.floor(now_ms / bucket_ms)
+local oldest = now_b - buckets + 1
+
+local function wait_for(per_bucket, excess)
+  local freed = 0
+  for b = oldest, now_b do
+    freed = freed + (per_bucket[b] or 0)
+    if freed >= excess then
+      return (b + buckets) * bucket_ms - now_ms
+    end
+  end
+  return buckets * bucket_ms
+end
+
+local admitted = 1
+local retry_ms = 0
+local used = {}
+for i, key in ipairs(KEYS) do
+  local rpm = tonumber(ARGV[2 + 2 * i])
+  local tpm = tonumber(ARGV[3 + 2 * i])
+  local flat = redis.call('HGETALL', key)
+  local reqs, toks, stale = {}, {}, {}
+  local total_r, total_t = 0, 0
+  for j = 1, #flat, 2 do
+    local field = flat[j]
+    local b = tonumber(string.sub(field, 2))
+    local v = tonumber(flat[j + 1])
+    if b < oldest then
+      stale[#stale + 1] = field
+    elseif string.sub(field, 1, 1) == 'r' then
+      reqs[b] = v
+      total_r = total_r + v
+    else
+      toks[b] = v
+      total_t = total_t + v
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', key, unpack(stale))
+  end
+  if total_t < 0 then total_t = 0 end
+  if rpm >= 0 and total_r + 1 > rpm then
+    admitted = 0
+    retry_ms = math.max(retry_ms, wait_for(reqs, total_r + 1 - rpm))
+  end
+  if tpm >= 0 and total_t + math.max(cost, 1) > tpm then
+    admitted = 0
+    retry_ms = math.max(retry_ms, wait_for(toks, total_t + math.max(cost, 1) - tpm))
+  end
+  used[i] = {total_r, total_t}
+end
+if admitted == 1 then
+  for i, key in ipairs(KEYS) do
+    redis.call('HINCRBY', key, 'r' .. now_b, 1)
+    if cost ~= 0 then
+      redis.call('HINCRBY', key, 't' .. now_b, cost)
+    end
+    redis.call('PEXPIRE', key, (buckets + 1) * bucket_ms)
+    used[i][1] = used[i][1] + 1
+    used[i][2] = used[i][2] + cost
+  end
+end
+local out = {admitted, retry_ms, now_b}
+for i = 1, #used do
+  out[#out + 1] = used[i][1]
+  out[#out + 1] = used[i][2]
+end
+return out
+"#;
+
+/// Corrects the tokens charged in bucket `ARGV[1]` by `ARGV[2]`, on counters still alive.
+const SETTLE: &str = r#"
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, 't' .. ARGV[1], ARGV[2])
+  end
+end
+return 0
+"#;
+
+/// Redis as the limiter sees it: a connection once one is made, and whether it answers.
+pub struct RedisWindows {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    connection: ArcSwapOption<ConnectionManager>,
+    up: AtomicBool,
+    acquire: Script,
+    settle: Script,
+}
+
+impl RedisWindows {
+    /// Not connected yet: [`RedisWindows::connect`] makes the connection.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> redis::RedisResult<Self> {
+        Ok(RedisWindows {
+            client: redis::Client::open(url)?,
+            prefix: prefix.to_owned(),
+            timeout,
+            connection: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            acquire: Script::new(ACQUIRE),
+            settle: Script::new(SETTLE),
+        })
+    }
+
+    /// Whether the last command (or health check) got an answer.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Marks Redis unavailable; answers whether it was up until now.
+    pub fn mark_down(&self) -> bool {
+        self.up.swap(false, Ordering::AcqRel)
+    }
+
+    /// Connects when there is no connection yet, then pings. Answers whether Redis came back
+    /// (was down, answers now).
+    pub async fn check(&self) -> redis::RedisResult<bool> {
+        let mut connection = match self.connection.load_full() {
+            Some(existing) => (*existing).clone(),
+            None => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                let made = self
+                    .client
+                    .get_connection_manager_with_config(config)
+                    .await?;
+                self.connection
+                    .store(Some(std::sync::Arc::new(made.clone())));
+                made
+            }
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await?;
+        Ok(!self.up.swap(true, Ordering::AcqRel))
+    }
+
+    fn key(&self, counter_key: &str) -> String {
+        format!("{}rl:{}", self.prefix, counter_key)
+    }
+
+    fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        self.connection
+            .load_full()
+            .map(|c| (*c).clone())
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected")))
+    }
+
+    /// The cluster-wide check-and-charge.
+    pub async fn acquire(&self, counters: &[Counter], tokens: i64) -> redis::RedisResult<Outcome> {
+        let mut connection = self.connection()?;
+        let mut invocation = self.acquire.prepare_invoke();
+        invocation.arg(BUCKET_MS).arg(BUCKETS).arg(tokens);
+        for counter in counters {
+            invocation
+                .key(self.key(&counter.key))
+                .arg(counter.quota.rpm.unwrap_or(-1))
+                .arg(counter.quota.tpm.unwrap_or(-1));
+        }
+        let reply: Vec<i64> = self
+            .bounded(invocation.invoke_async(&mut connection))
+            .await?;
+        if reply.len() != 3 + 2 * counters.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "unexpected reply from the limit script",
+            )));
+        }
+        Ok(Outcome {
+            admitted: reply[0] == 1,
+            retry_ms: reply[1],
+            bucket: reply[2],
+            used: reply[3..]
+                .chunks(2)
+                .map(|pair| Used {
+                    requests: pair[0],
+                    tokens: pair[1],
+                })
+                .collect(),
+        })
+    }
+
+    /// Applies a token correction to the bucket a call was charged in.
+    pub async fn settle(&self, keys: &[String], bucket: i64, delta: i64) -> redis::RedisResult<()> {
+        let mut connection = self.connection()?;
+        let mut invocation = self.settle.prepare_invoke();
+        for key in keys {
+            invocation.key(self.key(key));
+        }
+        invocation.arg(bucket).arg(delta);
+        self.bounded(invocation.invoke_async::<i64>(&mut connection))
+            .await
+            .map(|_| ())
+    }
+
+    /// A command that takes longer than the configured timeout counts as Redis being away.
+    async fn bounded<T>(
+        &self,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(self.timeout, command).await {
+            Ok(result) => result,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "redis command timed out",
+            ))),
+        }
+    }
+}

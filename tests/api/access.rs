@@ -1,0 +1,327 @@
+//! The access gate and rate limits as a caller meets them: each 403, 402 and 429 with its code
+//! and headers, the trusted-proxy rule, per-model limits, and TPM settled with real usage.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_error, into_json, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::mock_upstream::MockUpstream;
+use crate::on_both_backends;
+
+on_both_backends!(
+    the_ip_allowlist_ignores_a_forged_forwarded_for_by_default,
+    a_trusted_proxy_names_the_client,
+    suspended_over_budget_and_acl_refusals_have_their_codes,
+    the_models_list_shows_only_allowed_models,
+    rpm_refuses_with_retry_after_and_the_headers_count_down,
+    model_limits_apply_only_to_their_models,
+    tpm_is_settled_with_the_usage_the_answer_reports,
+    tpm_is_settled_from_a_streamed_usage_chunk,
+    rule_and_limit_changes_apply_on_the_next_call,
+);
+
+async fn app_with_upstream(backend: Backend, secret: &str) -> (TestApp, MockUpstream) {
+    let app = spawn_app(backend).await;
+    let mock = add_mock(&app, secret).await;
+    (app, mock)
+}
+
+async fn add_mock(app: &TestApp, secret: &str) -> MockUpstream {
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": secret}))
+        .await;
+    mock
+}
+
+/// A user with these fields and a key for it: (user id, key).
+async fn user(app: &TestApp, fields: Value) -> (String, String) {
+    let user = app.create_user(fields).await;
+    let id = user["id"].as_str().unwrap().to_owned();
+    let (_, key) = app.create_key(&id, json!({})).await;
+    (id, key)
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn chat_from(app: &TestApp, key: &str, forwarded_for: Option<&str>) -> (u16, Value) {
+    let mut request = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.address))
+        .bearer_auth(key)
+        .json(&hello("gpt-4o-mini"));
+    if let Some(value) = forwarded_for {
+        request = request.header("x-forwarded-for", value);
+    }
+    into_json(request.send().await.unwrap()).await
+}
+
+fn header(response: &reqwest::Response, name: &str) -> Option<i64> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+async fn the_ip_allowlist_ignores_a_forged_forwarded_for_by_default(backend: Backend) {
+    let (app, mock) = app_with_upstream(backend, "ok-a").await;
+    let (_, elsewhere) = user(&app, json!({"ip_allowlist": ["10.9.9.0/24"]})).await;
+    let (_, here) = user(&app, json!({"ip_allowlist": ["127.0.0.1", "::1"]})).await;
+    assert_error(
+        chat_from(&app, &elsewhere, None).await,
+        403,
+        "ip_not_allowed",
+    );
+    // No proxy is trusted: the header is the caller's own word and changes nothing.
+    assert_error(
+        chat_from(&app, &elsewhere, Some("10.9.9.9")).await,
+        403,
+        "ip_not_allowed",
+    );
+    assert_eq!(chat_from(&app, &here, Some("10.9.9.9")).await.0, 200);
+    assert_eq!(
+        mock.calls().len(),
+        1,
+        "refused calls never reach the provider"
+    );
+}
+
+async fn a_trusted_proxy_names_the_client(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[("SWITCHYARD_SERVER__TRUSTED_PROXIES", "127.0.0.0/8")],
+    )
+    .await;
+    add_mock(&app, "ok-a").await;
+    let (_, key) = user(&app, json!({"ip_allowlist": ["10.9.9.0/24"]})).await;
+    // The test client is the trusted proxy (127.0.0.1): the header names the client.
+    assert_eq!(chat_from(&app, &key, Some("10.9.9.9")).await.0, 200);
+    assert_error(
+        chat_from(&app, &key, Some("6.6.6.6")).await,
+        403,
+        "ip_not_allowed",
+    );
+    // A forged left-most entry is not believed: the right-most untrusted hop is the client.
+    assert_error(
+        chat_from(&app, &key, Some("10.9.9.9, 6.6.6.6")).await,
+        403,
+        "ip_not_allowed",
+    );
+    assert_eq!(
+        chat_from(&app, &key, Some("6.6.6.6, 10.9.9.9, 127.0.0.1"))
+            .await
+            .0,
+        200
+    );
+    // Without the header the proxy itself is the caller.
+    assert_error(chat_from(&app, &key, None).await, 403, "ip_not_allowed");
+}
+
+async fn suspended_over_budget_and_acl_refusals_have_their_codes(backend: Backend) {
+    let (app, mock) = app_with_upstream(backend, "ok-a").await;
+    let (_, suspended) = user(&app, json!({"status": "suspended"})).await;
+    assert_error(
+        chat_from(&app, &suspended, None).await,
+        403,
+        "user_suspended",
+    );
+
+    let (_, broke) = user(&app, json!({"spend_limit_usd": 0})).await;
+    assert_error(chat_from(&app, &broke, None).await, 402, "budget_exceeded");
+
+    let (_, picky) = user(&app, json!({"allowed_models": ["gpt-4o*"]})).await;
+    assert_eq!(
+        into_json(app.chat(&picky, hello("gpt-4o-mini")).await)
+            .await
+            .0,
+        200
+    );
+    assert_error(
+        into_json(app.chat(&picky, hello("o3")).await).await,
+        403,
+        "model_not_allowed",
+    );
+
+    let (_, embed_only) = user(&app, json!({"allowed_endpoints": ["/v1/embeddings"]})).await;
+    assert_error(
+        chat_from(&app, &embed_only, None).await,
+        403,
+        "endpoint_not_allowed",
+    );
+    let embedded = app
+        .http
+        .post(format!("{}/v1/embeddings", app.address))
+        .bearer_auth(&embed_only)
+        .json(&json!({"model": "text-embedding-3-small", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embedded.status(), 200);
+    assert_error(
+        app.call_with_key(&embed_only).await,
+        403,
+        "endpoint_not_allowed",
+    );
+    assert_eq!(
+        mock.calls().len(),
+        2,
+        "only the two allowed calls went upstream"
+    );
+}
+
+async fn the_models_list_shows_only_allowed_models(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for model in ["gpt-4o", "gpt-4o-mini", "o3"] {
+        let (status, _) = app
+            .admin_json(
+                Method::PUT,
+                &format!("/admin/prices/{model}"),
+                Some(json!({"input_per_mtok": 1, "output_per_mtok": 2})),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let (_, key) = user(&app, json!({"allowed_models": ["gpt-4o*"]})).await;
+    let (status, body) = app.call_with_key(&key).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini"]);
+}
+
+async fn rpm_refuses_with_retry_after_and_the_headers_count_down(backend: Backend) {
+    let (app, mock) = app_with_upstream(backend, "ok-a").await;
+    let (_, key) = user(&app, json!({"rpm": 2})).await;
+    for remaining in [1, 0] {
+        let response = app.chat(&key, hello("gpt-4o-mini")).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-ratelimit-limit-requests"), Some(2));
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining-requests"),
+            Some(remaining)
+        );
+        assert_eq!(
+            header(&response, "x-ratelimit-limit-tokens"),
+            None,
+            "no token limit set"
+        );
+    }
+    let refused = app.chat(&key, hello("gpt-4o-mini")).await;
+    assert_eq!(refused.status(), 429);
+    let retry_after = header(&refused, "retry-after").expect("Retry-After");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(header(&refused, "x-ratelimit-remaining-requests"), Some(0));
+    assert!(refused.headers().contains_key("x-request-id"));
+    assert_error(into_json(refused).await, 429, "rate_limit_exceeded");
+    assert_eq!(mock.calls().len(), 2);
+
+    // A user without limits gets no rate-limit headers at all.
+    let (_, free) = user(&app, json!({})).await;
+    let response = app.chat(&free, hello("gpt-4o-mini")).await;
+    assert_eq!(response.status(), 200);
+    assert!(!response
+        .headers()
+        .contains_key("x-ratelimit-limit-requests"));
+}
+
+async fn model_limits_apply_only_to_their_models(backend: Backend) {
+    let (app, _mock) = app_with_upstream(backend, "ok-a").await;
+    let (_, key) = user(&app, json!({"model_limits": {"gpt-4o*": {"rpm": 1}}})).await;
+    assert_eq!(
+        into_json(app.chat(&key, hello("gpt-4o-mini")).await)
+            .await
+            .0,
+        200
+    );
+    // The glob's one call a minute is shared by every model it matches.
+    assert_error(
+        into_json(app.chat(&key, hello("gpt-4o")).await).await,
+        429,
+        "rate_limit_exceeded",
+    );
+    for _ in 0..3 {
+        let response = app.chat(&key, hello("o3")).await;
+        assert_eq!(response.status(), 200);
+        assert!(!response
+            .headers()
+            .contains_key("x-ratelimit-limit-requests"));
+    }
+}
+
+/// "hi" in one user message: 1 token of text, 4 of message framing, 3 for the reply.
+const HELLO_ESTIMATE: i64 = 8;
+
+async fn tpm_is_settled_with_the_usage_the_answer_reports(backend: Backend) {
+    // Every answer reports 600 tokens used.
+    let (app, _mock) = app_with_upstream(backend, "tokens-a").await;
+    let (_, key) = user(&app, json!({"tpm": 1000})).await;
+    let first = app.chat(&key, hello("gpt-4o-mini")).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), Some(1000));
+    assert_eq!(
+        header(&first, "x-ratelimit-remaining-tokens"),
+        Some(1000 - HELLO_ESTIMATE)
+    );
+    first.bytes().await.unwrap();
+    let second = eventually_remaining(&app, &key, 1000 - 600 - HELLO_ESTIMATE).await;
+    assert_eq!(second.status(), 200);
+    second.bytes().await.unwrap();
+    // 1200 used: the window is full until these calls leave it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = app.chat(&key, hello("gpt-4o-mini")).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(header(&refused, "x-ratelimit-remaining-tokens"), Some(0));
+    assert!(header(&refused, "retry-after").is_some());
+}
+
+async fn tpm_is_settled_from_a_streamed_usage_chunk(backend: Backend) {
+    let (app, _mock) = app_with_upstream(backend, "tokens-a").await;
+    let (_, key) = user(&app, json!({"tpm": 5000})).await;
+    let body = json!({
+        "model": "gpt-4o-mini", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let streamed = app.chat(&key, body).await;
+    assert_eq!(streamed.status(), 200);
+    let text = String::from_utf8(streamed.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("\"total_tokens\":600"), "{text}");
+    eventually_remaining(&app, &key, 5000 - 600 - HELLO_ESTIMATE).await;
+}
+
+/// The next call, once the previous answer's settlement (a background message, sent when the
+/// answer ended) has had time to land; asserts its `x-ratelimit-remaining-tokens`.
+async fn eventually_remaining(app: &TestApp, key: &str, expected: i64) -> reqwest::Response {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let response = app.chat(key, hello("gpt-4o-mini")).await;
+    assert_eq!(
+        header(&response, "x-ratelimit-remaining-tokens"),
+        Some(expected)
+    );
+    response
+}
+
+async fn rule_and_limit_changes_apply_on_the_next_call(backend: Backend) {
+    let (app, _mock) = app_with_upstream(backend, "ok-a").await;
+    let (id, key) = user(&app, json!({"rpm": 1})).await;
+    assert_eq!(chat_from(&app, &key, None).await.0, 200);
+    assert_error(
+        chat_from(&app, &key, None).await,
+        429,
+        "rate_limit_exceeded",
+    );
+    let path = format!("/admin/users/{id}");
+    let patch = |body: Value| app.admin_json(Method::PATCH, &path, Some(body));
+    assert_eq!(patch(json!({"rpm": 5})).await.0, 200);
+    assert_eq!(chat_from(&app, &key, None).await.0, 200);
+    assert_eq!(patch(json!({"allowed_models": ["o3"]})).await.0, 200);
+    assert_error(chat_from(&app, &key, None).await, 403, "model_not_allowed");
+    assert_eq!(patch(json!({"status": "suspended"})).await.0, 200);
+    assert_error(chat_from(&app, &key, None).await, 403, "user_suspended");
+}
