@@ -6,6 +6,7 @@ mod admin_upstream_keys;
 mod admin_user_keys;
 mod admin_users;
 mod auth;
+mod cluster;
 mod helpers;
 mod mock_upstream;
 mod openai_sdk;

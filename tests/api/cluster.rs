@@ -1,0 +1,179 @@
+//! Limits shared through Redis: three replicas hold one user's rpm together, and a replica keeps
+//! serving on in-process limits while Redis is away, then goes back to it by itself.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    assert_error, free_port, into_json, redis_prefix, redis_url, spawn_app_with, spawn_replica,
+    Backend, TestApp,
+};
+use crate::mock_upstream::MockUpstream;
+use crate::on_both_backends;
+
+on_both_backends!(
+    three_replicas_hold_one_rpm_limit_together,
+    serving_goes_on_without_redis_and_returns_to_it,
+);
+
+fn hello() -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// A user with these fields and a key: the key.
+async fn user_key(app: &TestApp, fields: Value) -> String {
+    let user = app.create_user(fields).await;
+    app.create_key(user["id"].as_str().unwrap(), json!({}))
+        .await
+        .1
+}
+
+async fn three_replicas_hold_one_rpm_limit_together(backend: Backend) {
+    const LIMIT: usize = 30;
+    const CALLS: usize = 90;
+    let (url, prefix) = (redis_url(), redis_prefix());
+    let env = [
+        ("SWITCHYARD_REDIS_URL", url.as_str()),
+        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
+    ];
+    let first = spawn_app_with(backend, &env).await;
+    let mock = MockUpstream::start();
+    first
+        .add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let key = user_key(&first, json!({"rpm": LIMIT})).await;
+    // Two more replicas on the same database and Redis, started after the setup they load.
+    let second = spawn_replica(&first, &env).await;
+    let third = spawn_replica(&first, &env).await;
+    let replicas = [&first, &second, &third];
+    let calls = (0..CALLS).map(|i| {
+        let app = replicas[i % 3];
+        let key = key.clone();
+        async move { app.chat(&key, hello()).await.status().as_u16() }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    println!("three replicas: {admitted} of {CALLS} calls admitted against an rpm of {LIMIT}");
+    assert_eq!(admitted + refused, CALLS, "{statuses:?}");
+    let tolerance = LIMIT as f64 * 0.05;
+    assert!(
+        (admitted as f64 - LIMIT as f64).abs() <= tolerance,
+        "{admitted} admitted for a limit of {LIMIT}"
+    );
+    assert_eq!(mock.calls().len(), admitted);
+}
+
+/// A Redis server of this test's own, so stopping it disturbs no other test.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let redis = OwnRedis {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// How many keys it holds.
+    async fn keys(&self) -> usize {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        keys.len()
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn redis_status(app: &TestApp) -> (u16, String) {
+    let response = app
+        .http
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = into_json(response).await;
+    (
+        status,
+        body["redis"]["status"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+async fn serving_goes_on_without_redis_and_returns_to_it(backend: Backend) {
+    let port = free_port();
+    let mut redis = OwnRedis::start(port);
+    let url = redis.url();
+    let app = spawn_app_with(backend, &[("SWITCHYARD_REDIS_URL", url.as_str())]).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let busy = user_key(&app, json!({"rpm": 1000})).await;
+    assert_eq!(redis_status(&app).await, (200, "ok".to_owned()));
+    assert_eq!(app.chat(&busy, hello()).await.status(), 200);
+    assert_eq!(redis.keys().await, 1, "the window lives in Redis");
+
+    redis.stop();
+    // Every call is still served; the first one after the outage notices it.
+    for _ in 0..3 {
+        assert_eq!(app.chat(&busy, hello()).await.status(), 200);
+    }
+    assert_eq!(redis_status(&app).await, (200, "unavailable".to_owned()));
+    // Limits still hold, in process.
+    let strict = user_key(&app, json!({"rpm": 1})).await;
+    assert_eq!(app.chat(&strict, hello()).await.status(), 200);
+    assert_error(
+        into_json(app.chat(&strict, hello()).await).await,
+        429,
+        "rate_limit_exceeded",
+    );
+
+    let redis = OwnRedis::start(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_status(&app).await.1 != "ok" {
+        assert!(
+            Instant::now() < deadline,
+            "the router did not go back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.chat(&busy, hello()).await.status(), 200);
+    assert_eq!(redis.keys().await, 1, "counting in Redis again");
+}
