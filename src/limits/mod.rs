@@ -144,7 +144,7 @@ fn read_outcome(plan: &Plan, outcome: &Outcome) -> (RateHeaders, Option<String>)
     let mut headers = RateHeaders::default();
     let mut refused_by = None;
     for (counter, used) in plan.counters.iter().zip(&outcome.used) {
-        let scope = match counter.key.split_once(":m:") {
+        let scope = || match counter.key.split_once(":m:") {
             Some((_, pattern)) => format!(" for models `{pattern}`"),
             None => String::new(),
         };
@@ -159,7 +159,7 @@ fn read_outcome(plan: &Plan, outcome: &Outcome) -> (RateHeaders, Option<String>)
                 headers.requests = Some((rpm, remaining));
             }
             if over && refused_by.is_none() {
-                refused_by = Some(format!("{rpm} requests per minute{scope}"));
+                refused_by = Some(format!("{rpm} requests per minute{}", scope()));
             }
         }
         if let Some(tpm) = counter.quota.tpm {
@@ -170,7 +170,8 @@ fn read_outcome(plan: &Plan, outcome: &Outcome) -> (RateHeaders, Option<String>)
             }
             if over && refused_by.is_none() {
                 refused_by = Some(format!(
-                    "{tpm} tokens per minute{scope} (this call is estimated at {} tokens)",
+                    "{tpm} tokens per minute{} (this call is estimated at {} tokens)",
+                    scope(),
                     plan.tokens
                 ));
             }
@@ -260,13 +261,16 @@ impl RateLimiter {
 
     /// Admits the call or refuses it with 429 `rate_limit_exceeded` and `Retry-After`.
     pub async fn admit(&self, plan: &Plan) -> Result<(Ticket, RateHeaders), ApiError> {
-        let memo_key = plan
-            .counters
-            .iter()
-            .map(|c| c.key.as_str())
-            .collect::<Vec<_>>()
-            .join("|");
-        let outcome = match self.remembered_refusal(&memo_key) {
+        // Only a Redis round trip is worth saving: counting in process costs less than a memo.
+        let memo_key = (self.redis_state() == RedisState::Up).then(|| {
+            plan.counters
+                .iter()
+                .map(|c| c.key.as_str())
+                .collect::<Vec<_>>()
+                .join("|")
+        });
+        let remembered = memo_key.as_deref().and_then(|k| self.remembered_refusal(k));
+        let outcome = match remembered {
             Some(outcome) => outcome,
             None => self.count(plan).await,
         };
@@ -285,7 +289,7 @@ impl RateLimiter {
             };
             return Ok((ticket, headers));
         }
-        if self.redis_state() == RedisState::Up {
+        if let Some(memo_key) = memo_key.filter(|_| self.redis_state() == RedisState::Up) {
             self.refusals.lock().insert(
                 memo_key,
                 Remembered {

@@ -7,7 +7,7 @@
 //! 60 s, and a steady caller gets at least 58/60 of its limit.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use parking_lot::Mutex;
 
@@ -105,9 +105,7 @@ impl Default for LocalWindows {
 
 impl LocalWindows {
     fn shard(&self, user_id: &str) -> &Mutex<HashMap<String, Window>> {
-        let mut h = self.hasher.build_hasher();
-        user_id.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        &self.shards[self.hasher.hash_one(user_id) as usize % SHARDS]
     }
 
     /// Checks every counter and, when all have room, charges the call to each.
@@ -123,7 +121,11 @@ impl LocalWindows {
         let mut used = Vec::with_capacity(counters.len());
         let mut retry_ms = 0;
         for counter in counters {
-            let window = shard.entry(counter.key.clone()).or_insert_with(Window::new);
+            // Look up before inserting: the key is cloned only for a counter's first call.
+            if !shard.contains_key(&counter.key) {
+                shard.insert(counter.key.clone(), Window::new());
+            }
+            let window = shard.get(&counter.key).expect("inserted above");
             let now = window.used(now_bucket);
             if let Some(rpm) = counter.quota.rpm {
                 if now.requests + 1 > rpm {
