@@ -109,8 +109,6 @@ impl Application {
             }
         }
         let limiter_actor = RateLimiterActor::new(limiter.clone()).start();
-        // The tokenizers take a moment to load: done off the async threads, before first use.
-        actix_web::rt::task::spawn_blocking(limits::estimate::warm_up);
         let proxy = web::Data::new(Proxy {
             pools,
             mapper,

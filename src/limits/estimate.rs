@@ -8,6 +8,8 @@
 //! caller caps it (`max_tokens`, `max_completion_tokens`, `max_output_tokens`). The charge is
 //! corrected to the provider's `usage` once the answer is known.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde_json::Value;
 use tiktoken_rs::tokenizer::{get_tokenizer, Tokenizer};
 use tiktoken_rs::CoreBPE;
@@ -27,20 +29,39 @@ const TEXT_KEYS: [&str; 8] = [
 /// Keys that cap the completion.
 const CAP_KEYS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
-/// Loads both tokenizers (a few hundred milliseconds) so the first limited call doesn't wait.
-pub fn warm_up() {
-    let _ = tiktoken_rs::o200k_base_singleton();
-    let _ = tiktoken_rs::cl100k_base_singleton();
-}
+/// Whether each tokenizer has been loaded. A tokenizer's tables take tens of MiB and a few
+/// hundred milliseconds to load, so each is loaded on its first use (on the blocking pool), and
+/// an installation without token limits never pays for them.
+static O200K_LOADED: AtomicBool = AtomicBool::new(false);
+static CL100K_LOADED: AtomicBool = AtomicBool::new(false);
 
-fn bpe_for(model: &str) -> Option<&'static CoreBPE> {
+/// A tokenizer: whether it is loaded, and its loader.
+type Loader = (&'static AtomicBool, fn() -> &'static CoreBPE);
+
+/// Which tokenizer counts `model`, if an OpenAI one does.
+fn tokenizer_for(model: &str) -> Option<Loader> {
     // Provider-prefixed names (`openai/gpt-4o`) are counted by their last part.
     let name = model.rsplit('/').next().unwrap_or(model);
     match get_tokenizer(name)? {
-        Tokenizer::O200kBase | Tokenizer::O200kHarmony => Some(tiktoken_rs::o200k_base_singleton()),
-        Tokenizer::Cl100kBase => Some(tiktoken_rs::cl100k_base_singleton()),
+        Tokenizer::O200kBase | Tokenizer::O200kHarmony => {
+            Some((&O200K_LOADED, tiktoken_rs::o200k_base_singleton))
+        }
+        Tokenizer::Cl100kBase => Some((&CL100K_LOADED, tiktoken_rs::cl100k_base_singleton)),
         _ => None,
     }
+}
+
+/// Whether counting for `model` may load a tokenizer (and so belongs on the blocking pool).
+pub fn may_load(model: &str) -> bool {
+    tokenizer_for(model).is_some_and(|(loaded, _)| !loaded.load(Ordering::Acquire))
+}
+
+fn bpe_for(model: &str) -> Option<&'static CoreBPE> {
+    tokenizer_for(model).map(|(loaded, load)| {
+        let bpe = load();
+        loaded.store(true, Ordering::Release);
+        bpe
+    })
 }
 
 /// The tokens to charge for a JSON call body sent to `model`.

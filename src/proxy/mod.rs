@@ -36,7 +36,8 @@ pub struct Proxy {
     pub limiter_actor: Addr<RateLimiterActor>,
 }
 
-/// Bodies larger than this are tokenised on the blocking pool rather than on a worker thread.
+/// Bodies larger than this are tokenised on the blocking pool rather than on a worker thread
+/// (as is any body whose tokenizer is not loaded yet).
 const INLINE_ESTIMATE_BYTES: usize = 32 * 1024;
 
 /// One client call, parsed: what was asked, where it goes, what to send.
@@ -221,7 +222,7 @@ async fn forward(
 /// The tokens to charge a JSON call, counted for the model it goes to.
 async fn estimate_tokens(call: &Call) -> Result<i64, ApiError> {
     let model = call.upstream_model().to_owned();
-    if call.body.len() <= INLINE_ESTIMATE_BYTES {
+    if call.body.len() <= INLINE_ESTIMATE_BYTES && !estimate::may_load(&model) {
         return Ok(estimate::tokens(&model, &call.body));
     }
     let body = call.body.clone();
