@@ -14,7 +14,7 @@ use crate::auth::Principal;
 use crate::domain::UserStatus;
 use crate::error::ApiError;
 
-/// Checks callers against their user's rules.
+/// Where calls come from: the one setting the checks need beyond the user's rules.
 pub struct Gate {
     trusted_proxies: Vec<IpNet>,
 }
@@ -37,25 +37,21 @@ impl Gate {
             .filter_map(|v| v.to_str().ok());
         client_ip::resolve(peer, forwarded, &self.trusted_proxies)
     }
+}
 
-    /// What applies to every route of the data plane: the IP allowlist, then the user's status.
-    pub fn admit_caller(
-        &self,
-        client_ip: Option<IpAddr>,
-        principal: &Principal,
-    ) -> Result<(), ApiError> {
-        if !principal.rules.allows_ip(client_ip) {
-            let shown = client_ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
-            return Err(ApiError::forbidden(
-                "ip_not_allowed",
-                format!("calls from {shown} are not allowed for this key"),
-            ));
-        }
-        if principal.user.status == UserStatus::Suspended {
-            return Err(ApiError::user_suspended());
-        }
-        Ok(())
+/// What applies to every route of the data plane: the IP allowlist, then the user's status.
+pub fn admit_caller(client_ip: Option<IpAddr>, principal: &Principal) -> Result<(), ApiError> {
+    if !principal.rules.allows_ip(client_ip) {
+        let shown = client_ip.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        return Err(ApiError::forbidden(
+            "ip_not_allowed",
+            format!("calls from {shown} are not allowed for this key"),
+        ));
     }
+    if principal.user.status == UserStatus::Suspended {
+        return Err(ApiError::user_suspended());
+    }
+    Ok(())
 }
 
 /// What applies to a call for a model: the spend limit, the model ACL, then the endpoint ACL.

@@ -14,7 +14,7 @@ use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
 use crate::access::rules::AccessRules;
-use crate::access::Gate;
+use crate::access::{self, Gate};
 use crate::crypto;
 use crate::db::{repo, Db, DbError};
 use crate::domain::api_key::PresentedKey;
@@ -192,11 +192,11 @@ impl FromRequest for Principal {
         let auth = req.app_data::<web::Data<Authenticator>>().cloned();
         let key = key_from_request(req.headers(), req.query_string());
         let span = req.extensions().get::<RootSpan>().cloned();
-        let gate = req.app_data::<web::Data<Gate>>().cloned();
-        let client_ip = gate.as_ref().and_then(|g| g.client_ip(req));
+        let client_ip = req
+            .app_data::<web::Data<Gate>>()
+            .and_then(|gate| gate.client_ip(req));
         Box::pin(async move {
             let auth = auth.ok_or_else(|| ApiError::internal("authenticator not configured"))?;
-            let gate = gate.ok_or_else(|| ApiError::internal("access gate not configured"))?;
             let key = key.ok_or_else(|| {
                 ApiError::invalid_api_key(
                     "missing API key: send it as `Authorization: Bearer sk-...`",
@@ -212,7 +212,7 @@ impl FromRequest for Principal {
                     ],
                 );
             }
-            gate.admit_caller(client_ip, &principal)?;
+            access::admit_caller(client_ip, &principal)?;
             Ok(principal)
         })
     }

@@ -333,14 +333,7 @@ impl RateLimiter {
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
             match redis.acquire(&plan.counters, plan.tokens).await {
                 Ok(outcome) => return outcome,
-                Err(err) => {
-                    if redis.mark_down() {
-                        tracing::warn!(
-                            error = %crate::limits::describe(&err),
-                            "redis unavailable: rate limits are held in process until it answers again"
-                        );
-                    }
-                }
+                Err(err) => redis.failed(&err),
             }
         }
         self.local
@@ -356,11 +349,7 @@ impl RateLimiter {
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
             match redis.settle(&ticket.token_keys, ticket.bucket, delta).await {
                 Ok(()) => return,
-                Err(err) => {
-                    if redis.mark_down() {
-                        tracing::warn!(error = %describe(&err), "redis unavailable: rate limits are held in process until it answers again");
-                    }
-                }
+                Err(err) => redis.failed(&err),
             }
         }
         self.local.settle(

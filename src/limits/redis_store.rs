@@ -130,9 +130,15 @@ impl RedisWindows {
         self.up.load(Ordering::Acquire)
     }
 
-    /// Marks Redis unavailable; answers whether it was up until now.
-    pub fn mark_down(&self) -> bool {
-        self.up.swap(false, Ordering::AcqRel)
+    /// A command failed: Redis counts as away until a health check gets an answer. Said in
+    /// the log once per outage.
+    pub fn failed(&self, err: &redis::RedisError) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                error = %super::describe(err),
+                "redis unavailable: rate limits are held in process until it answers again"
+            );
+        }
     }
 
     /// Connects when there is no connection yet, then pings. Answers whether Redis came back

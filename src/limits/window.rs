@@ -29,14 +29,12 @@ struct Slot {
 /// One counter's window: a ring of buckets, indexed by bucket number.
 struct Window {
     slots: [Slot; BUCKETS as usize],
-    newest: i64,
 }
 
 impl Window {
     fn new() -> Self {
         Window {
             slots: [Slot::default(); BUCKETS as usize],
-            newest: 0,
         }
     }
 
@@ -80,7 +78,6 @@ impl Window {
                 ..Slot::default()
             };
         }
-        self.newest = self.newest.max(bucket);
         slot
     }
 }
@@ -181,7 +178,9 @@ impl LocalWindows {
     pub fn prune(&self, now_ms: i64) {
         let oldest = now_ms / BUCKET_MS - BUCKETS + 1;
         for shard in &self.shards {
-            shard.lock().retain(|_, w| w.newest >= oldest);
+            shard
+                .lock()
+                .retain(|_, w| w.slots.iter().any(|s| s.bucket >= oldest));
         }
     }
 

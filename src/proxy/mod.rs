@@ -199,10 +199,7 @@ async fn forward(
         }
         None => None,
     };
-    let (ticket, headers) = match admitted {
-        Some((ticket, headers)) => (Some(ticket), Some(headers)),
-        None => (None, None),
-    };
+    let (ticket, headers) = admitted.unzip();
     // Token limits are settled with the usage the answer reports, after it is relayed.
     let tap = ticket.filter(|t| !t.token_keys.is_empty()).map(|ticket| {
         let actor = proxy.limiter_actor.clone();

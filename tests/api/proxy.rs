@@ -138,6 +138,15 @@ async fn setup(backend: Backend, secrets: &[(&str, i32)]) -> (TestApp, MockUpstr
     (app, mock, ids)
 }
 
+/// The admin view of an upstream key.
+async fn key_view(app: &TestApp, id: &str) -> Value {
+    let (status, view) = app
+        .admin_json(Method::GET, &format!("/admin/upstream-keys/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{view}");
+    view
+}
+
 fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -218,13 +227,7 @@ async fn a_429_cools_the_key_down_and_the_next_key_answers(backend: Backend) {
     }
     assert_eq!(mock.calls_with("r429-a"), 1, "a cooling key is skipped");
     assert_eq!(mock.calls_with("ok-b"), 4);
-    let (_, view) = app
-        .admin_json(
-            Method::GET,
-            &format!("/admin/upstream-keys/{}", ids[0]),
-            None,
-        )
-        .await;
+    let view = key_view(&app, &ids[0]).await;
     assert_eq!(view["state"], "cooling_down", "{view}");
     let until =
         chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap()).unwrap();
@@ -244,13 +247,7 @@ async fn a_401_from_the_provider_disables_the_key(backend: Backend) {
         assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
     }
     assert_eq!(mock.calls_with("r401-a"), 1);
-    let (_, view) = app
-        .admin_json(
-            Method::GET,
-            &format!("/admin/upstream-keys/{}", ids[0]),
-            None,
-        )
-        .await;
+    let view = key_view(&app, &ids[0]).await;
     assert_eq!(view["state"], "disabled", "{view}");
     assert!(view["disabled_reason"].as_str().unwrap().contains("401"));
     // An admin re-enabling it puts it back in rotation.
