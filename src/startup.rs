@@ -15,13 +15,13 @@ use tracing_actix_web::TracingLogger;
 use crate::access::Gate;
 use crate::actors::config_sync::ConfigSyncActor;
 use crate::actors::key_pool::PoolPolicy;
-use crate::actors::rate_limiter::RateLimiterActor;
+use crate::actors::rate_limiter::{LimiterUpkeep, RateLimiterActor};
 use crate::auth::{AuthCache, Authenticator};
 use crate::bootstrap;
 use crate::config::Settings;
 use crate::db::{migrate, Db};
 use crate::limits::{self, RateLimiter};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Worker};
 use crate::routes;
 use crate::routing::{KeyPools, ModelMapper};
 use crate::state::AppState;
@@ -108,13 +108,12 @@ impl Application {
                 ),
             }
         }
-        let limiter_actor = RateLimiterActor::new(limiter.clone()).start();
+        let limiter_upkeep = LimiterUpkeep::new(limiter.clone()).start();
         let proxy = web::Data::new(Proxy {
             pools,
             mapper,
             settings: settings.upstream.clone(),
             limiter: limiter.clone(),
-            limiter_actor,
         });
         let gate = web::Data::new(Gate::new(settings.trusted_proxies()?));
         let connect_timeout = Duration::from_secs(settings.upstream.connect_timeout_secs);
@@ -125,6 +124,7 @@ impl Application {
             admin_token: secrets.admin_token,
             config_sync,
             limiter,
+            limiter_upkeep,
         });
         let authenticator = web::Data::new(Authenticator::new(db, auth_cache));
 
@@ -134,14 +134,13 @@ impl Application {
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
             // This closure runs once on each worker thread: per-thread state starts here.
-            let worker_pools = web::Data::from(proxy.pools.register_worker());
+            let worker = web::Data::new(Worker {
+                pools: proxy.pools.register_worker(),
+                client: upstream::client::build(connect_timeout, first_byte_timeout),
+                settler: RateLimiterActor::new(proxy.limiter.clone()).start(),
+            });
             App::new()
-                .app_data(worker_pools)
-                // awc clients are not Send: one per worker.
-                .app_data(web::Data::new(upstream::client::build(
-                    connect_timeout,
-                    first_byte_timeout,
-                )))
+                .app_data(worker)
                 .app_data(proxy.clone())
                 .app_data(state.clone())
                 .app_data(authenticator.clone())

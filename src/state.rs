@@ -5,6 +5,7 @@ use std::sync::Arc;
 use actix::Addr;
 
 use crate::actors::config_sync::{Changed, ConfigSyncActor, Entity};
+use crate::actors::rate_limiter::LimiterUpkeep;
 use crate::crypto::MasterKey;
 use crate::db::Db;
 use crate::limits::RateLimiter;
@@ -18,6 +19,8 @@ pub struct AppState {
     pub config_sync: Addr<ConfigSyncActor>,
     /// Read by `/readyz` for Redis's state.
     pub limiter: Arc<RateLimiter>,
+    /// Keeps the limiter's Redis watch running.
+    pub limiter_upkeep: Addr<LimiterUpkeep>,
 }
 
 impl AppState {

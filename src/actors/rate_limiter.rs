@@ -1,6 +1,10 @@
-//! `RateLimiterActor`: the limiter's work that waits for nothing on the request path: settling
-//! each call's token charge once its usage is known, pruning idle windows, and watching Redis
-//! (connecting at start, noticing it is back after an outage).
+//! The rate limiter's work that waits for nothing on the request path.
+//!
+//! - `RateLimiterActor`, one per worker thread: settles each call's token charge once its answer
+//!   has been relayed. It lives on the worker that served the call, so a settlement is a
+//!   same-thread message, not a wake-up of another thread per call.
+//! - `LimiterUpkeep`, one per process: connects to Redis, notices when it is back after an
+//!   outage, and prunes idle windows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,16 +27,46 @@ pub struct Settle {
     pub observed: Observed,
 }
 
-/// Owns the limiter's background duties.
+/// Settles the calls of one worker thread.
 pub struct RateLimiterActor {
+    limiter: Arc<RateLimiter>,
+}
+
+impl RateLimiterActor {
+    pub fn new(limiter: Arc<RateLimiter>) -> Self {
+        RateLimiterActor { limiter }
+    }
+}
+
+impl Actor for RateLimiterActor {
+    type Context = Context<Self>;
+}
+
+impl Handler<Settle> for RateLimiterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Settle, ctx: &mut Self::Context) {
+        let actual = match msg.observed.total_tokens() {
+            Some(tokens) => tokens,
+            // Nothing came back that a provider charges for: give the estimate back.
+            None if !msg.observed.succeeded => 0,
+            None => return,
+        };
+        let limiter = self.limiter.clone();
+        ctx.spawn(async move { limiter.settle(&msg.ticket, actual).await }.into_actor(self));
+    }
+}
+
+/// Watches Redis and prunes the in-process windows.
+pub struct LimiterUpkeep {
     limiter: Arc<RateLimiter>,
     ticks: u32,
     checking: bool,
 }
 
-impl RateLimiterActor {
+impl LimiterUpkeep {
     pub fn new(limiter: Arc<RateLimiter>) -> Self {
-        RateLimiterActor {
+        LimiterUpkeep {
             limiter,
             ticks: 0,
             checking: false,
@@ -69,13 +103,10 @@ impl RateLimiterActor {
     }
 }
 
-impl Actor for RateLimiterActor {
+impl Actor for LimiterUpkeep {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if self.limiter.redis_state() == RedisState::Down {
-            tracing::info!("connecting to redis for shared rate limits");
-        }
         self.check_redis(ctx);
         ctx.run_interval(TICK, |actor, ctx| {
             actor.ticks += 1;
@@ -84,20 +115,5 @@ impl Actor for RateLimiterActor {
             }
             actor.check_redis(ctx);
         });
-    }
-}
-
-impl Handler<Settle> for RateLimiterActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Settle, ctx: &mut Self::Context) {
-        let actual = match msg.observed.total_tokens() {
-            Some(tokens) => tokens,
-            // Nothing came back that a provider charges for: give the estimate back.
-            None if !msg.observed.succeeded => 0,
-            None => return,
-        };
-        let limiter = self.limiter.clone();
-        ctx.spawn(async move { limiter.settle(&msg.ticket, actual).await }.into_actor(self));
     }
 }

@@ -5,8 +5,8 @@
 //! The request path calls [`RateLimiter::admit`] directly: one lock in process, or one script
 //! round trip to Redis. Answers that are already certain skip Redis: a user with no limit costs
 //! nothing, and a refusal is remembered until its `Retry-After` has passed. Settling a call's
-//! real token usage, and watching Redis's health, happen in `RateLimiterActor` after the
-//! response.
+//! real token usage (`RateLimiterActor`, one per worker) happens after the response; watching
+//! Redis (`LimiterUpkeep`) in the background.
 
 pub mod estimate;
 pub mod redis_store;

@@ -33,7 +33,14 @@ pub struct Proxy {
     pub mapper: Arc<ModelMapper>,
     pub settings: UpstreamSettings,
     pub limiter: Arc<RateLimiter>,
-    pub limiter_actor: Addr<RateLimiterActor>,
+}
+
+/// What each worker thread has of its own: its view of the key pools, its HTTP client (awc
+/// clients are not `Send`) and its settlement actor, all reached without leaving the thread.
+pub struct Worker {
+    pub pools: Arc<WorkerPools>,
+    pub client: awc::Client,
+    pub settler: Addr<RateLimiterActor>,
 }
 
 /// Bodies larger than this are tokenised on the blocking pool rather than on a worker thread
@@ -127,11 +134,10 @@ pub async fn forward_json(
     body: Bytes,
     principal: Principal,
     proxy: web::Data<Proxy>,
-    local: web::Data<WorkerPools>,
-    client: web::Data<awc::Client>,
+    worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
     let call = parse_json_call(&req, body, &principal, &proxy.mapper)?;
-    forward(&req, call, &principal, &proxy, &local, &client).await
+    forward(&req, call, &principal, &proxy, &worker).await
 }
 
 /// `POST /v1/audio/transcriptions` and `/v1/audio/translations`: multipart forms passed on
@@ -141,8 +147,7 @@ pub async fn forward_multipart(
     body: Bytes,
     principal: Principal,
     proxy: web::Data<Proxy>,
-    local: web::Data<WorkerPools>,
-    client: web::Data<awc::Client>,
+    worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
     let content_type = req
         .headers()
@@ -164,7 +169,7 @@ pub async fn forward_multipart(
         stream: form.stream,
         content_type: Some(content_type),
     };
-    forward(&req, call, &principal, &proxy, &local, &client).await
+    forward(&req, call, &principal, &proxy, &worker).await
 }
 
 /// Passes the call through the access gate and the rate limits, then failover, and relays the
@@ -174,8 +179,7 @@ async fn forward(
     call: Call,
     principal: &Principal,
     proxy: &Proxy,
-    local: &WorkerPools,
-    client: &awc::Client,
+    worker: &Worker,
 ) -> Result<HttpResponse, ApiError> {
     let span = req.extensions().get::<RootSpan>().cloned();
     if let Some(span) = &span {
@@ -202,10 +206,10 @@ async fn forward(
     let (ticket, headers) = admitted.unzip();
     // Token limits are settled with the usage the answer reports, after it is relayed.
     let tap = ticket.filter(|t| !t.token_keys.is_empty()).map(|ticket| {
-        let actor = proxy.limiter_actor.clone();
+        let actor = worker.settler.clone();
         usage::Tap::new(move |observed| actor.do_send(Settle { ticket, observed }))
     });
-    let result = send_and_relay(span, &call, principal, proxy, local, client, tap).await;
+    let result = send_and_relay(span, &call, principal, proxy, worker, tap).await;
     match (result, headers) {
         (Ok(mut response), Some(headers)) => {
             headers.apply(response.headers_mut());
@@ -234,14 +238,13 @@ async fn send_and_relay(
     call: &Call,
     principal: &Principal,
     proxy: &Proxy,
-    local: &WorkerPools,
-    client: &awc::Client,
+    worker: &Worker,
     tap: Option<usage::Tap>,
 ) -> Result<HttpResponse, ApiError> {
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
-    let answered = failover::send(client, proxy, local, call, &levels).await;
+    let answered = failover::send(&worker.client, proxy, &worker.pools, call, &levels).await;
     if let Some(span) = &span {
         match &answered.key_id {
             Some(key) => telemetry::record(
