@@ -1,6 +1,7 @@
 //! Builds the whole service from settings: migrations, storage, secrets, actors, HTTP server.
 
 use std::net::TcpListener;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use crate::auth::{AuthCache, Authenticator};
 use crate::bootstrap;
 use crate::config::Settings;
 use crate::db::{migrate, Db};
+use crate::limits::redis_store::RedisLink;
 use crate::limits::{self, RateLimiter};
 use crate::proxy::{Proxy, Worker};
 use crate::routes;
@@ -134,10 +136,12 @@ impl Application {
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
             // This closure runs once on each worker thread: per-thread state starts here.
+            let redis = Rc::new(RedisLink::default());
             let worker = web::Data::new(Worker {
                 pools: proxy.pools.register_worker(),
                 client: upstream::client::build(connect_timeout, first_byte_timeout),
-                settler: RateLimiterActor::new(proxy.limiter.clone()).start(),
+                settler: RateLimiterActor::new(proxy.limiter.clone(), redis.clone()).start(),
+                redis,
             });
             App::new()
                 .app_data(worker)

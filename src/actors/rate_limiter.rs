@@ -6,11 +6,13 @@
 //! - `LimiterUpkeep`, one per process: connects to Redis, notices when it is back after an
 //!   outage, and prunes idle windows.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 
+use crate::limits::redis_store::RedisLink;
 use crate::limits::{RateLimiter, RedisState, Ticket};
 use crate::proxy::usage::Observed;
 
@@ -27,14 +29,15 @@ pub struct Settle {
     pub observed: Observed,
 }
 
-/// Settles the calls of one worker thread.
+/// Settles the calls of one worker thread, over that worker's Redis connection.
 pub struct RateLimiterActor {
     limiter: Arc<RateLimiter>,
+    link: Rc<RedisLink>,
 }
 
 impl RateLimiterActor {
-    pub fn new(limiter: Arc<RateLimiter>) -> Self {
-        RateLimiterActor { limiter }
+    pub fn new(limiter: Arc<RateLimiter>, link: Rc<RedisLink>) -> Self {
+        RateLimiterActor { limiter, link }
     }
 }
 
@@ -52,8 +55,8 @@ impl Handler<Settle> for RateLimiterActor {
             None if !msg.observed.succeeded => 0,
             None => return,
         };
-        let limiter = self.limiter.clone();
-        ctx.spawn(async move { limiter.settle(&msg.ticket, actual).await }.into_actor(self));
+        let (limiter, link) = (self.limiter.clone(), self.link.clone());
+        ctx.spawn(async move { limiter.settle(&msg.ticket, actual, &link).await }.into_actor(self));
     }
 }
 

@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 
 use crate::access::rules::{AccessRules, Quota};
 use crate::error::ApiError;
-use redis_store::RedisWindows;
+use redis_store::{RedisLink, RedisWindows};
 use window::LocalWindows;
 
 /// One window a call is counted in.
@@ -260,7 +260,12 @@ impl RateLimiter {
     }
 
     /// Admits the call or refuses it with 429 `rate_limit_exceeded` and `Retry-After`.
-    pub async fn admit(&self, plan: &Plan) -> Result<(Ticket, RateHeaders), ApiError> {
+    /// `link` is the calling worker's own Redis connection.
+    pub async fn admit(
+        &self,
+        plan: &Plan,
+        link: &RedisLink,
+    ) -> Result<(Ticket, RateHeaders), ApiError> {
         // Only a Redis round trip is worth saving: counting in process costs less than a memo.
         let memo_key = (self.redis_state() == RedisState::Up).then(|| {
             plan.counters
@@ -272,7 +277,7 @@ impl RateLimiter {
         let remembered = memo_key.as_deref().and_then(|k| self.remembered_refusal(k));
         let outcome = match remembered {
             Some(outcome) => outcome,
-            None => self.count(plan).await,
+            None => self.count(plan, link).await,
         };
         let (headers, refused_by) = read_outcome(plan, &outcome);
         if outcome.admitted {
@@ -329,9 +334,9 @@ impl RateLimiter {
         }
     }
 
-    async fn count(&self, plan: &Plan) -> Outcome {
+    async fn count(&self, plan: &Plan, link: &RedisLink) -> Outcome {
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
-            match redis.acquire(&plan.counters, plan.tokens).await {
+            match redis.acquire(link, &plan.counters, plan.tokens).await {
                 Ok(outcome) => return outcome,
                 Err(err) => redis.failed(&err),
             }
@@ -341,13 +346,16 @@ impl RateLimiter {
     }
 
     /// Corrects a call's token charge to what it really used.
-    pub async fn settle(&self, ticket: &Ticket, actual: i64) {
+    pub async fn settle(&self, ticket: &Ticket, actual: i64, link: &RedisLink) {
         let delta = actual - ticket.charged;
         if delta == 0 || ticket.token_keys.is_empty() {
             return;
         }
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
-            match redis.settle(&ticket.token_keys, ticket.bucket, delta).await {
+            match redis
+                .settle(link, &ticket.token_keys, ticket.bucket, delta)
+                .await
+            {
                 Ok(()) => return,
                 Err(err) => redis.failed(&err),
             }

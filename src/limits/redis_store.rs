@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
@@ -100,25 +99,32 @@ end
 return 0
 "#;
 
-/// Redis as the limiter sees it: a connection once one is made, and whether it answers.
+/// A worker thread's own connection to Redis, made on first use on that thread, so its commands
+/// are written and answered without waking another thread (a connection's driver task runs on
+/// the runtime that made it).
+#[derive(Default)]
+pub struct RedisLink(tokio::sync::OnceCell<ConnectionManager>);
+
+/// Redis as the limiter sees it: how to connect, and whether it answers.
 pub struct RedisWindows {
     client: redis::Client,
     prefix: String,
     timeout: Duration,
-    connection: ArcSwapOption<ConnectionManager>,
+    /// The health check's own connection.
+    watch: RedisLink,
     up: AtomicBool,
     acquire: Script,
     settle: Script,
 }
 
 impl RedisWindows {
-    /// Not connected yet: [`RedisWindows::connect`] makes the connection.
+    /// Not connected yet: [`RedisWindows::check`] and the first command on each thread connect.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> redis::RedisResult<Self> {
         Ok(RedisWindows {
             client: redis::Client::open(url)?,
             prefix: prefix.to_owned(),
             timeout,
-            connection: ArcSwapOption::empty(),
+            watch: RedisLink::default(),
             up: AtomicBool::new(false),
             acquire: Script::new(ACQUIRE),
             settle: Script::new(SETTLE),
@@ -141,26 +147,10 @@ impl RedisWindows {
         }
     }
 
-    /// Connects when there is no connection yet, then pings. Answers whether Redis came back
-    /// (was down, answers now).
+    /// Pings Redis (connecting first if needed). Answers whether Redis came back (was down,
+    /// answers now).
     pub async fn check(&self) -> redis::RedisResult<bool> {
-        let mut connection = match self.connection.load_full() {
-            Some(existing) => (*existing).clone(),
-            None => {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
-                    .set_response_timeout(Some(self.timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_secs(1));
-                let made = self
-                    .client
-                    .get_connection_manager_with_config(config)
-                    .await?;
-                self.connection
-                    .store(Some(std::sync::Arc::new(made.clone())));
-                made
-            }
-        };
+        let mut connection = self.connection(&self.watch).await?;
         redis::cmd("PING")
             .query_async::<String>(&mut connection)
             .await?;
@@ -171,16 +161,28 @@ impl RedisWindows {
         format!("{}rl:{}", self.prefix, counter_key)
     }
 
-    fn connection(&self) -> redis::RedisResult<ConnectionManager> {
-        self.connection
-            .load_full()
-            .map(|c| (*c).clone())
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Io, "not connected")))
+    /// The link's connection, made now if it has none. The manager reconnects by itself
+    /// after a failure.
+    async fn connection(&self, link: &RedisLink) -> redis::RedisResult<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        link.0
+            .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
+            .await
+            .cloned()
     }
 
     /// The cluster-wide check-and-charge.
-    pub async fn acquire(&self, counters: &[Counter], tokens: i64) -> redis::RedisResult<Outcome> {
-        let mut connection = self.connection()?;
+    pub async fn acquire(
+        &self,
+        link: &RedisLink,
+        counters: &[Counter],
+        tokens: i64,
+    ) -> redis::RedisResult<Outcome> {
+        let mut connection = self.bounded(self.connection(link)).await?;
         let mut invocation = self.acquire.prepare_invoke();
         invocation.arg(BUCKET_MS).arg(BUCKETS).arg(tokens);
         for counter in counters {
@@ -213,8 +215,14 @@ impl RedisWindows {
     }
 
     /// Applies a token correction to the bucket a call was charged in.
-    pub async fn settle(&self, keys: &[String], bucket: i64, delta: i64) -> redis::RedisResult<()> {
-        let mut connection = self.connection()?;
+    pub async fn settle(
+        &self,
+        link: &RedisLink,
+        keys: &[String],
+        bucket: i64,
+        delta: i64,
+    ) -> redis::RedisResult<()> {
+        let mut connection = self.bounded(self.connection(link)).await?;
         let mut invocation = self.settle.prepare_invoke();
         for key in keys {
             invocation.key(self.key(key));

@@ -6,6 +6,7 @@ pub mod multipart;
 pub mod relay;
 pub mod usage;
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use crate::actors::rate_limiter::{RateLimiterActor, Settle};
 use crate::auth::Principal;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
+use crate::limits::redis_store::RedisLink;
 use crate::limits::{estimate, Plan, RateLimiter};
 use crate::routing::pools::WorkerPools;
 use crate::routing::{KeyPools, ModelMapper};
@@ -36,10 +38,12 @@ pub struct Proxy {
 }
 
 /// What each worker thread has of its own: its view of the key pools, its HTTP client (awc
-/// clients are not `Send`) and its settlement actor, all reached without leaving the thread.
+/// clients are not `Send`), its Redis connection and its settlement actor, all reached without
+/// leaving the thread.
 pub struct Worker {
     pub pools: Arc<WorkerPools>,
     pub client: awc::Client,
+    pub redis: Rc<RedisLink>,
     pub settler: Addr<RateLimiterActor>,
 }
 
@@ -199,7 +203,7 @@ async fn forward(
             if plan.counts_tokens() && call.is_json() {
                 plan.tokens = estimate_tokens(&call).await?;
             }
-            Some(proxy.limiter.admit(&plan).await?)
+            Some(proxy.limiter.admit(&plan, &worker.redis).await?)
         }
         None => None,
     };
