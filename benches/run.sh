@@ -91,7 +91,9 @@ taskset -c 1 nginx -c "$WORK/proxy.conf" -p "$WORK"
 ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM"
 (cd "$WORK" && SWITCHYARD_LISTEN="127.0.0.1:$SY_PORT" SWITCHYARD_ADMIN_TOKEN="$ADMIN_TOKEN" \
   SWITCHYARD_DATABASE_URL="sqlite://$WORK/bench.db" SWITCHYARD_SERVER__WORKERS=1 \
-  SWITCHYARD_LOG__LEVEL="${BENCH_LOG_LEVEL:-info}" taskset -c 1 "$BIN" serve > "$WORK/switchyard.log" 2>&1) &
+  SWITCHYARD_LOG__LEVEL="${BENCH_LOG_LEVEL:-info}" SWITCHYARD_REDIS_URL="${BENCH_REDIS_URL:-}" \
+  SWITCHYARD_REDIS__KEY_PREFIX="switchyard-bench-$RANDOM:" \
+  taskset -c 1 "$BIN" serve > "$WORK/switchyard.log" 2>&1) &
 sleep 0.2
 SY_PID=$(pgrep -f "^$BIN serve" | head -1)
 PIDS+=("$SY_PID")
