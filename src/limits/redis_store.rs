@@ -182,7 +182,6 @@ impl RedisWindows {
         counters: &[Counter],
         tokens: i64,
     ) -> redis::RedisResult<Outcome> {
-        let mut connection = self.bounded(self.connection(link)).await?;
         let mut invocation = self.acquire.prepare_invoke();
         invocation.arg(BUCKET_MS).arg(BUCKETS).arg(tokens);
         for counter in counters {
@@ -191,9 +190,7 @@ impl RedisWindows {
                 .arg(counter.quota.rpm.unwrap_or(-1))
                 .arg(counter.quota.tpm.unwrap_or(-1));
         }
-        let reply: Vec<i64> = self
-            .bounded(invocation.invoke_async(&mut connection))
-            .await?;
+        let reply: Vec<i64> = self.run(link, &invocation).await?;
         if reply.len() != 3 + 2 * counters.len() {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Parse,
@@ -222,15 +219,29 @@ impl RedisWindows {
         bucket: i64,
         delta: i64,
     ) -> redis::RedisResult<()> {
-        let mut connection = self.bounded(self.connection(link)).await?;
         let mut invocation = self.settle.prepare_invoke();
         for key in keys {
             invocation.key(self.key(key));
         }
         invocation.arg(bucket).arg(delta);
-        self.bounded(invocation.invoke_async::<i64>(&mut connection))
-            .await
-            .map(|_| ())
+        self.run::<i64>(link, &invocation).await.map(|_| ())
+    }
+
+    /// Runs a script on the link's connection. A connection that broke while Redis was away
+    /// fails its first command once Redis is back, and reconnects: one immediate retry on an
+    /// I/O error spares that call the in-process fallback. A timeout is not retried.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        link: &RedisLink,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> redis::RedisResult<T> {
+        let mut connection = self.bounded(self.connection(link)).await?;
+        match self.bounded(invocation.invoke_async(&mut connection)).await {
+            Err(err) if err.is_io_error() && !err.is_timeout() => {
+                self.bounded(invocation.invoke_async(&mut connection)).await
+            }
+            other => other,
+        }
     }
 
     /// A command that takes longer than the configured timeout counts as Redis being away.
@@ -240,8 +251,8 @@ impl RedisWindows {
     ) -> redis::RedisResult<T> {
         match tokio::time::timeout(self.timeout, command).await {
             Ok(result) => result,
-            Err(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
                 "redis command timed out",
             ))),
         }
