@@ -43,6 +43,11 @@ async fn user(app: &TestApp, fields: Value) -> (String, String) {
     (id, key)
 }
 
+/// A chat call for `model`: status and body.
+async fn ask(app: &TestApp, key: &str, model: &str) -> (u16, Value) {
+    into_json(app.chat(key, hello(model)).await).await
+}
+
 fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -133,17 +138,8 @@ async fn suspended_over_budget_and_acl_refusals_have_their_codes(backend: Backen
     assert_error(chat_from(&app, &broke, None).await, 402, "budget_exceeded");
 
     let (_, picky) = user(&app, json!({"allowed_models": ["gpt-4o*"]})).await;
-    assert_eq!(
-        into_json(app.chat(&picky, hello("gpt-4o-mini")).await)
-            .await
-            .0,
-        200
-    );
-    assert_error(
-        into_json(app.chat(&picky, hello("o3")).await).await,
-        403,
-        "model_not_allowed",
-    );
+    assert_eq!(ask(&app, &picky, "gpt-4o-mini").await.0, 200);
+    assert_error(ask(&app, &picky, "o3").await, 403, "model_not_allowed");
 
     let (_, embed_only) = user(&app, json!({"allowed_endpoints": ["/v1/embeddings"]})).await;
     assert_error(
@@ -234,18 +230,9 @@ async fn rpm_refuses_with_retry_after_and_the_headers_count_down(backend: Backen
 async fn model_limits_apply_only_to_their_models(backend: Backend) {
     let (app, _mock) = app_with_upstream(backend, "ok-a").await;
     let (_, key) = user(&app, json!({"model_limits": {"gpt-4o*": {"rpm": 1}}})).await;
-    assert_eq!(
-        into_json(app.chat(&key, hello("gpt-4o-mini")).await)
-            .await
-            .0,
-        200
-    );
+    assert_eq!(ask(&app, &key, "gpt-4o-mini").await.0, 200);
     // The glob's one call a minute is shared by every model it matches.
-    assert_error(
-        into_json(app.chat(&key, hello("gpt-4o")).await).await,
-        429,
-        "rate_limit_exceeded",
-    );
+    assert_error(ask(&app, &key, "gpt-4o").await, 429, "rate_limit_exceeded");
     for _ in 0..3 {
         let response = app.chat(&key, hello("o3")).await;
         assert_eq!(response.status(), 200);
