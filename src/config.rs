@@ -14,6 +14,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub auth: AuthSettings,
     pub log: LogSettings,
+    pub metering: MeteringSettings,
 }
 
 /// The HTTP listener.
@@ -68,6 +69,9 @@ pub struct UpstreamSettings {
     pub default_cooldown_secs: u64,
     pub breaker_failures: u32,
     pub breaker_open_secs: u64,
+    /// Whether streamed chat and text completions ask the provider for their usage
+    /// (`stream_options.include_usage`) when the client did not.
+    pub request_stream_usage: bool,
 }
 
 /// Redis, when replicas share state.
@@ -87,6 +91,24 @@ pub struct AuthSettings {
     pub master_key: String,
     pub key_cache_size: usize,
     pub user_cache_size: usize,
+}
+
+/// Usage, costs and request logs, written in the background.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MeteringSettings {
+    /// Milliseconds between two writes of buffered usage and log rows.
+    pub flush_interval_ms: u64,
+    /// Most rows in one multi-row insert.
+    pub batch_size: usize,
+    /// Most rows each writer holds while the database is away; past it they are dropped and
+    /// counted.
+    pub buffer_records: usize,
+    /// Days request logs are kept; 0 keeps them forever.
+    pub log_retention_days: u64,
+    /// Seconds the final flush at shutdown may take.
+    pub shutdown_flush_secs: u64,
+    /// Whether the shipped price table seeds prices missing from the database at start.
+    pub seed_prices: bool,
 }
 
 /// Logging.

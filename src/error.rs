@@ -48,6 +48,11 @@ impl ApiError {
         self
     }
 
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     /// The machine-readable code (`rate_limit_exceeded`, ...).
     pub fn code(&self) -> &'static str {
         self.code

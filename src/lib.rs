@@ -11,6 +11,7 @@ pub mod domain;
 pub mod error;
 pub mod limits;
 pub mod log_sink;
+pub mod metering;
 pub mod proxy;
 pub mod routes;
 pub mod routing;

@@ -17,12 +17,15 @@ use crate::access::Gate;
 use crate::actors::config_sync::ConfigSyncActor;
 use crate::actors::key_pool::PoolPolicy;
 use crate::actors::rate_limiter::{LimiterUpkeep, RateLimiterActor};
+use crate::auth::cache::CacheStats;
 use crate::auth::{AuthCache, Authenticator};
 use crate::bootstrap;
 use crate::config::Settings;
 use crate::db::{migrate, Db};
 use crate::limits::redis_store::RedisLink;
 use crate::limits::{self, RateLimiter};
+use crate::metering::metrics::Metrics;
+use crate::metering::Metering;
 use crate::proxy::{Proxy, Worker};
 use crate::routes;
 use crate::routing::{KeyPools, ModelMapper};
@@ -49,6 +52,7 @@ fn announce_admin_token(token: &str, path: &std::path::Path) {
 pub struct Application {
     port: u16,
     server: Server,
+    metering: Arc<Metering>,
 }
 
 impl Application {
@@ -69,9 +73,12 @@ impl Application {
             announce_admin_token(token, path);
         }
 
+        let metrics = Arc::new(Metrics::new().context("registering metrics")?);
+        let metering = Arc::new(Metering::start(&settings, metrics.clone()).await?);
         let auth_cache = Arc::new(AuthCache::new(
             settings.auth.key_cache_size,
             settings.auth.user_cache_size,
+            CacheStats::exported(&metrics),
         ));
         let pools = KeyPools::new(
             db.clone(),
@@ -88,6 +95,7 @@ impl Application {
             auth_cache.clone(),
             pools.clone(),
             mapper.clone(),
+            metering.prices.clone(),
             db.clone(),
         )
         .start();
@@ -116,6 +124,8 @@ impl Application {
             mapper,
             settings: settings.upstream.clone(),
             limiter: limiter.clone(),
+            recorder: metering.recorder.clone(),
+            spend: metering.spend.clone(),
         });
         let gate = web::Data::new(Gate::new(settings.trusted_proxies()?));
         let connect_timeout = Duration::from_secs(settings.upstream.connect_timeout_secs);
@@ -127,6 +137,7 @@ impl Application {
             config_sync,
             limiter,
             limiter_upkeep,
+            metering: metering.clone(),
         });
         let authenticator = web::Data::new(Authenticator::new(db, auth_cache));
 
@@ -176,6 +187,7 @@ impl Application {
         Ok(Application {
             port,
             server: server.run(),
+            metering,
         })
     }
 
@@ -185,9 +197,10 @@ impl Application {
     }
 
     /// Serves until SIGTERM or SIGINT, then drains in-flight calls (bounded by
-    /// `server.shutdown_timeout_secs`).
+    /// `server.shutdown_timeout_secs`) and writes what they used and logged.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await?;
+        self.metering.flush().await;
         tracing::info!("switchyard stopped");
         Ok(())
     }

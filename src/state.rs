@@ -9,6 +9,7 @@ use crate::actors::rate_limiter::LimiterUpkeep;
 use crate::crypto::MasterKey;
 use crate::db::Db;
 use crate::limits::RateLimiter;
+use crate::metering::Metering;
 
 /// Shared by every worker through `web::Data`.
 pub struct AppState {
@@ -21,6 +22,8 @@ pub struct AppState {
     pub limiter: Arc<RateLimiter>,
     /// Keeps the limiter's Redis watch running.
     pub limiter_upkeep: Addr<LimiterUpkeep>,
+    /// Prices, spend, metrics and the writers of usage and logs.
+    pub metering: Arc<Metering>,
 }
 
 impl AppState {

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use crate::auth::Principal;
 use crate::domain::UserStatus;
 use crate::error::ApiError;
+use crate::metering::spend::SpendBook;
 
 /// Where calls come from: the one setting the checks need beyond the user's rules.
 pub struct Gate {
@@ -54,11 +55,17 @@ pub fn admit_caller(client_ip: Option<IpAddr>, principal: &Principal) -> Result<
     Ok(())
 }
 
-/// What applies to a call for a model: the spend limit, the model ACL, then the endpoint ACL.
-pub fn admit_call(principal: &Principal, path: &str, model: &str) -> Result<(), ApiError> {
+/// What applies to a call for a model: the spend limit (against the spend the accountant keeps),
+/// the model ACL, then the endpoint ACL.
+pub fn admit_call(
+    principal: &Principal,
+    spend: &SpendBook,
+    path: &str,
+    model: &str,
+) -> Result<(), ApiError> {
     let user = &principal.user;
     if let Some(limit) = user.spend_limit_nanos {
-        if user.spent_nanos >= limit {
+        if spend.spent(&user.id, user.spent_nanos) >= limit {
             return Err(ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "budget_exceeded",

@@ -7,7 +7,8 @@ use actix::{Actor, ActorFutureExt, AtomicResponse, Context, Handler, Message, Wr
 use futures_util::future::BoxFuture;
 
 use crate::auth::AuthCache;
-use crate::db::Db;
+use crate::db::{repo, Db};
+use crate::metering::prices::PriceBook;
 use crate::routing::{KeyPools, ModelMapper};
 
 /// The kinds of record an admin can change.
@@ -33,21 +34,25 @@ pub struct ConfigSyncActor {
     auth_cache: Arc<AuthCache>,
     pools: Arc<KeyPools>,
     mapper: Arc<ModelMapper>,
+    prices: Arc<PriceBook>,
     db: Db,
 }
 
 impl ConfigSyncActor {
-    /// An actor that invalidates `auth_cache` and reloads the pools and the mappings.
+    /// An actor that invalidates `auth_cache` and reloads the pools, the mappings and the
+    /// prices.
     pub fn new(
         auth_cache: Arc<AuthCache>,
         pools: Arc<KeyPools>,
         mapper: Arc<ModelMapper>,
+        prices: Arc<PriceBook>,
         db: Db,
     ) -> Self {
         ConfigSyncActor {
             auth_cache,
             pools,
             mapper,
+            prices,
             db,
         }
     }
@@ -95,8 +100,15 @@ impl ConfigSyncActor {
                 let mapper = self.mapper.clone();
                 Box::pin(async move { reload_mappings(&mapper, &db).await })
             }
-            // Prices are read by metering, which is not cached yet.
-            Entity::Price => Box::pin(async {}),
+            Entity::Price => {
+                let prices = self.prices.clone();
+                Box::pin(async move {
+                    match repo::prices::all(&db).await {
+                        Ok(all) => prices.replace(all),
+                        Err(err) => tracing::error!(error = %err, "reloading prices failed"),
+                    }
+                })
+            }
         }
     }
 }

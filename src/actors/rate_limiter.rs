@@ -14,7 +14,6 @@ use actix::prelude::*;
 
 use crate::limits::redis_store::RedisLink;
 use crate::limits::{RateLimiter, RedisState, Ticket};
-use crate::proxy::usage::Observed;
 
 /// How often Redis is re-checked while away, and idle windows are pruned.
 const TICK: Duration = Duration::from_secs(1);
@@ -26,7 +25,10 @@ const PRUNE_EVERY: u32 = 30;
 #[rtype(result = "()")]
 pub struct Settle {
     pub ticket: Ticket,
-    pub observed: Observed,
+    /// The tokens the provider reported, if it reported any.
+    pub actual: Option<i64>,
+    /// Whether the provider answered 2xx.
+    pub succeeded: bool,
 }
 
 /// Settles the calls of one worker thread, over that worker's Redis connection.
@@ -49,10 +51,10 @@ impl Handler<Settle> for RateLimiterActor {
     type Result = ();
 
     fn handle(&mut self, msg: Settle, ctx: &mut Self::Context) {
-        let actual = match msg.observed.total_tokens() {
+        let actual = match msg.actual {
             Some(tokens) => tokens,
             // Nothing came back that a provider charges for: give the estimate back.
-            None if !msg.observed.succeeded => 0,
+            None if !msg.succeeded => 0,
             None => return,
         };
         let (limiter, link) = (self.limiter.clone(), self.link.clone());

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use chrono::NaiveDateTime;
 use lru::LruCache;
 use parking_lot::Mutex;
+use prometheus::IntCounter;
 
 use crate::access::rules::AccessRules;
 use crate::domain::User;
+use crate::metering::metrics::Metrics;
 
 /// A user's record and its rules compiled for checking.
 #[derive(Clone)]
@@ -46,6 +48,33 @@ pub struct AuthCache {
     keys: Mutex<LruCache<String, VerifiedKey>>,
     users: Mutex<LruCache<String, CachedUser>>,
     generation: AtomicU64,
+    /// Lookups answered and missed, for `/metrics`.
+    pub stats: CacheStats,
+}
+
+/// Hits and misses of the two caches (Prometheus counters: one relaxed atomic add a lookup).
+pub struct CacheStats {
+    pub key_hits: IntCounter,
+    pub key_misses: IntCounter,
+    pub user_hits: IntCounter,
+    pub user_misses: IntCounter,
+}
+
+impl CacheStats {
+    /// Counters exported in `metrics`.
+    pub fn exported(metrics: &Metrics) -> Self {
+        CacheStats {
+            key_hits: metrics.cache_counter("user_keys", true),
+            key_misses: metrics.cache_counter("user_keys", false),
+            user_hits: metrics.cache_counter("users", true),
+            user_misses: metrics.cache_counter("users", false),
+        }
+    }
+}
+
+fn count<T>(found: Option<T>, hits: &IntCounter, misses: &IntCounter) -> Option<T> {
+    if found.is_some() { hits } else { misses }.inc();
+    found
 }
 
 /// A bounded LRU that grows with use: `LruCache::new` would allocate room for every entry up
@@ -58,11 +87,12 @@ fn bounded<K: std::hash::Hash + Eq, V>(n: usize) -> LruCache<K, V> {
 
 impl AuthCache {
     /// Empty caches holding at most the given numbers of keys and users.
-    pub fn new(key_capacity: usize, user_capacity: usize) -> Self {
+    pub fn new(key_capacity: usize, user_capacity: usize, stats: CacheStats) -> Self {
         AuthCache {
             keys: Mutex::new(bounded(key_capacity)),
             users: Mutex::new(bounded(user_capacity)),
             generation: AtomicU64::new(0),
+            stats,
         }
     }
 
@@ -73,7 +103,8 @@ impl AuthCache {
 
     /// The verified key with this record id.
     pub fn key(&self, key_id: &str) -> Option<VerifiedKey> {
-        self.keys.lock().get(key_id).cloned()
+        let found = self.keys.lock().get(key_id).cloned();
+        count(found, &self.stats.key_hits, &self.stats.key_misses)
     }
 
     /// Remembers a verified key, unless something was invalidated since `generation`.
@@ -86,7 +117,8 @@ impl AuthCache {
 
     /// The cached rules of a user.
     pub fn user(&self, user_id: &str) -> Option<CachedUser> {
-        self.users.lock().get(user_id).cloned()
+        let found = self.users.lock().get(user_id).cloned();
+        count(found, &self.stats.user_hits, &self.stats.user_misses)
     }
 
     /// Remembers a user's rules, unless something was invalidated since `generation`.
@@ -118,7 +150,7 @@ mod tests {
 
     #[test]
     fn the_cache_stays_within_its_bound() {
-        let cache = AuthCache::new(2, 2);
+        let cache = AuthCache::new(2, 2, CacheStats::exported(&Metrics::new().unwrap()));
         for i in 0..5 {
             let key = VerifiedKey {
                 secret_digest: [0; 32],

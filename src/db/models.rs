@@ -3,7 +3,9 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
-use super::schema::{model_mappings, prices, upstream_keys, user_keys, users};
+use super::schema::{
+    model_mappings, prices, request_logs, upstream_keys, usage_records, user_keys, users,
+};
 use super::DbError;
 use crate::domain::{ModelMapping, Price, Provider, UpstreamKey, User, UserKey, UserStatus};
 
@@ -309,4 +311,49 @@ impl From<&Price> for PriceRow {
             updated_at: p.updated_at,
         }
     }
+}
+
+/// A `usage_records` row: what one call used and cost.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = usage_records)]
+pub struct UsageRow {
+    pub request_id: String,
+    pub ts: NaiveDateTime,
+    pub user_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub upstream_model: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cached_tokens: i64,
+    pub images: i64,
+    pub audio_seconds: f64,
+    pub characters: i64,
+    pub cost_nanos: i64,
+    pub partial: bool,
+}
+
+/// A `request_logs` row: one client call.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = request_logs)]
+pub struct LogRow {
+    pub id: String,
+    pub ts: NaiveDateTime,
+    pub user_id: Option<String>,
+    pub key_id: Option<String>,
+    pub route: String,
+    pub model: Option<String>,
+    pub upstream_model: Option<String>,
+    pub upstream_key_id: Option<String>,
+    pub level: Option<i32>,
+    pub status: i32,
+    pub attempts: i32,
+    pub latency_ms: i64,
+    pub ttfb_ms: Option<i64>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_nanos: i64,
+    pub partial: bool,
+    pub error_code: Option<String>,
 }

@@ -64,13 +64,39 @@ fn bpe_for(model: &str) -> Option<&'static CoreBPE> {
     })
 }
 
-/// The tokens to charge for a JSON call body sent to `model`.
+/// The tokens to charge for a JSON call body sent to `model`: its prompt, and its completion
+/// cap when it sets one.
 pub fn tokens(model: &str, body: &[u8]) -> i64 {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         return bytes_estimate(body.len());
     };
+    let cap = CAP_KEYS
+        .iter()
+        .filter_map(|k| value.get(*k).and_then(Value::as_i64))
+        .max()
+        .unwrap_or(0);
+    prompt_of(model, &value) + cap.max(0)
+}
+
+/// The prompt tokens of a JSON call body sent to `model`.
+pub fn prompt_tokens(model: &str, body: &[u8]) -> i64 {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(value) => prompt_of(model, &value),
+        Err(_) => bytes_estimate(body.len()),
+    }
+}
+
+/// The tokens of a piece of text produced by `model`.
+pub fn text_tokens(model: &str, text: &str) -> i64 {
+    match bpe_for(model) {
+        Some(bpe) => bpe.encode_ordinary(text).len() as i64,
+        None => bytes_estimate(text.len()),
+    }
+}
+
+fn prompt_of(model: &str, value: &Value) -> i64 {
     let mut texts = Vec::new();
-    collect(&value, false, &mut texts);
+    collect(value, false, &mut texts);
     let bpe = bpe_for(model);
     let mut total: i64 = texts
         .iter()
@@ -85,12 +111,7 @@ pub fn tokens(model: &str, body: &[u8]) -> i64 {
     if let Some(messages) = value.get("messages").and_then(Value::as_array) {
         total += 4 * messages.len() as i64 + 3;
     }
-    let cap = CAP_KEYS
-        .iter()
-        .filter_map(|k| value.get(*k).and_then(Value::as_i64))
-        .max()
-        .unwrap_or(0);
-    total + cap.max(0)
+    total
 }
 
 /// One token per 4 bytes, rounded up.

@@ -24,6 +24,9 @@ pub struct Answered {
     /// The key (and its level) that answered.
     pub key_id: Option<String>,
     pub level: i32,
+    /// The attempts that failed: key id and why (`rate_limited`, `rejected`, `server_error`,
+    /// `timeout`, `unreachable`).
+    pub failures: Vec<(String, &'static str)>,
 }
 
 /// Why the last attempt failed, which decides the gateway error.
@@ -48,6 +51,7 @@ pub async fn send(
     let first_byte = Duration::from_secs(settings.first_byte_timeout_secs);
     let mut attempts = 0;
     let mut last = LastFailure::None;
+    let mut failures = Vec::new();
     'levels: for &level in levels {
         let Some(pool) = local.pool(level) else {
             continue;
@@ -80,13 +84,16 @@ pub async fn send(
                             settings.default_cooldown_secs,
                         )));
                         tracing::info!(upstream_key_id = %key.id, level, "upstream 429; trying the next key");
+                        failures.push((key.id.clone(), "rate_limited"));
                         last = LastFailure::Upstream;
                     } else if matches!(status.as_u16(), 401 | 403) {
                         report(Outcome::Rejected(status.as_u16()));
+                        failures.push((key.id.clone(), "rejected"));
                         last = LastFailure::Upstream;
                     } else if status.is_server_error() {
                         report(Outcome::Failed);
                         tracing::info!(upstream_key_id = %key.id, level, status = status.as_u16(), "upstream error; trying the next key");
+                        failures.push((key.id.clone(), "server_error"));
                         last = LastFailure::Upstream;
                     } else {
                         report(Outcome::Success);
@@ -95,6 +102,7 @@ pub async fn send(
                             attempts,
                             key_id: Some(key.id.clone()),
                             level,
+                            failures,
                         };
                     }
                 }
@@ -102,6 +110,10 @@ pub async fn send(
                     report(Outcome::Failed);
                     let timed_out = matches!(err, SendRequestError::Timeout);
                     tracing::info!(upstream_key_id = %key.id, level, timed_out, error = crate::upstream::client::describe(&err), "upstream unreachable; trying the next key");
+                    failures.push((
+                        key.id.clone(),
+                        if timed_out { "timeout" } else { "unreachable" },
+                    ));
                     last = if timed_out {
                         LastFailure::Timeout
                     } else {
@@ -133,6 +145,7 @@ pub async fn send(
         attempts,
         key_id: None,
         level: levels.first().copied().unwrap_or_default(),
+        failures,
     }
 }
 

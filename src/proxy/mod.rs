@@ -4,7 +4,6 @@
 pub mod failover;
 pub mod multipart;
 pub mod relay;
-pub mod usage;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -19,12 +18,16 @@ use tracing_actix_web::RootSpan;
 use actix::Addr;
 
 use crate::access;
-use crate::actors::rate_limiter::{RateLimiterActor, Settle};
+use crate::actors::rate_limiter::RateLimiterActor;
 use crate::auth::Principal;
 use crate::config::UpstreamSettings;
 use crate::error::ApiError;
 use crate::limits::redis_store::RedisLink;
 use crate::limits::{estimate, Plan, RateLimiter};
+use crate::metering::meter::CallMeter;
+use crate::metering::record::Recorder;
+use crate::metering::spend::SpendBook;
+use crate::metering::usage::Endpoint;
 use crate::routing::pools::WorkerPools;
 use crate::routing::{KeyPools, ModelMapper};
 use crate::telemetry;
@@ -35,6 +38,10 @@ pub struct Proxy {
     pub mapper: Arc<ModelMapper>,
     pub settings: UpstreamSettings,
     pub limiter: Arc<RateLimiter>,
+    /// Where finished calls go to be metered.
+    pub recorder: Arc<Recorder>,
+    /// Users' spend, for the budget check.
+    pub spend: Arc<SpendBook>,
 }
 
 /// What each worker thread has of its own: its view of the key pools, its HTTP client (awc
@@ -65,6 +72,9 @@ pub struct Call {
     pub stream: bool,
     /// The request's content type, passed on.
     pub content_type: Option<String>,
+    /// Switchyard asked the provider for a stream's usage on its own: the usage event is
+    /// removed from what the client receives.
+    pub hide_usage: bool,
 }
 
 impl Call {
@@ -79,22 +89,28 @@ impl Call {
     }
 }
 
-/// Reads a JSON call body: an object with a string `model`. When a mapping applies the body is
-/// re-serialised with the mapped model; otherwise it goes upstream byte for byte.
+/// Reads a JSON call body: an object with a string `model`. The body goes upstream byte for
+/// byte unless a mapping changes the model or a stream's usage must be asked for.
 fn parse_json_call(
     req: &HttpRequest,
     body: Bytes,
     principal: &Principal,
-    mapper: &ModelMapper,
+    proxy: &Proxy,
 ) -> Result<Call, ApiError> {
-    // Only `model` and `stream` are read: the rest is skipped without being built, and the
-    // body goes upstream as it came unless a mapping changes the model.
+    // Only what routing needs is read: the rest is skipped without being built.
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
         #[serde(borrow, default)]
         model: Option<std::borrow::Cow<'a, str>>,
         #[serde(default)]
         stream: Option<bool>,
+        #[serde(default)]
+        stream_options: Option<StreamOptions>,
+    }
+    #[derive(serde::Deserialize)]
+    struct StreamOptions {
+        #[serde(default)]
+        include_usage: Option<bool>,
     }
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::invalid("request body must be a JSON object"));
@@ -106,15 +122,41 @@ fn parse_json_call(
         _ => return Err(ApiError::invalid("request body must have a string `model`")),
     };
     let stream = peek.stream.unwrap_or(false);
-    let mapped = mapper.resolve(&principal.user.id, &model);
-    let body = match &mapped {
-        Some(to) => {
+    let hide_usage = stream
+        && proxy.settings.request_stream_usage
+        && Endpoint::of(req.path()).usage_on_request()
+        && peek.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true);
+    let mapped = proxy.mapper.resolve(&principal.user.id, &model);
+    let body = match (&mapped, hide_usage, &peek.stream_options) {
+        (None, false, _) => body,
+        // The common streaming case: only the usage to ask for, spliced in without a re-parse.
+        (None, true, None) => {
+            let start = body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+            let mut spliced = Vec::with_capacity(body.len() + INCLUDE_USAGE.len());
+            spliced.extend_from_slice(&body[..start]);
+            spliced.extend_from_slice(INCLUDE_USAGE);
+            spliced.extend_from_slice(&body[start..]);
+            Bytes::from(spliced)
+        }
+        _ => {
             let mut object: Map<String, Value> =
                 serde_json::from_slice(&body).map_err(ApiError::internal)?;
-            object.insert("model".into(), Value::String(to.to_string()));
+            if let Some(to) = &mapped {
+                object.insert("model".into(), Value::String(to.to_string()));
+            }
+            if hide_usage {
+                let options = object
+                    .entry("stream_options")
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !options.is_object() {
+                    *options = Value::Object(Map::new());
+                }
+                if let Value::Object(options) = options {
+                    options.insert("include_usage".into(), Value::Bool(true));
+                }
+            }
             Bytes::from(serde_json::to_vec(&object).map_err(ApiError::internal)?)
         }
-        None => body,
     };
     Ok(Call {
         path: upstream_path(req.path()),
@@ -123,7 +165,17 @@ fn parse_json_call(
         body,
         stream,
         content_type: Some("application/json".into()),
+        hide_usage,
     })
+}
+
+/// The member that asks for a stream's usage, spliced in as the body's first member.
+const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
+
+/// Notes Switchyard's own refusal of a call on its meter, and passes the error on.
+fn refuse(meter: &mut CallMeter, error: ApiError) -> ApiError {
+    meter.refused(&error);
+    error
 }
 
 /// `/v1/chat/completions` → `/chat/completions`: provider base URLs end with their version.
@@ -140,8 +192,10 @@ pub async fn forward_json(
     proxy: web::Data<Proxy>,
     worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
-    let call = parse_json_call(&req, body, &principal, &proxy.mapper)?;
-    forward(&req, call, &principal, &proxy, &worker).await
+    let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
+    let call =
+        parse_json_call(&req, body, &principal, &proxy).map_err(|e| refuse(&mut meter, e))?;
+    forward(&req, call, &principal, &proxy, &worker, meter).await
 }
 
 /// `POST /v1/audio/transcriptions` and `/v1/audio/translations`: multipart forms passed on
@@ -153,13 +207,16 @@ pub async fn forward_multipart(
     proxy: web::Data<Proxy>,
     worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
+    let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
     let content_type = req
         .headers()
         .get(actix_web::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let form = multipart::read_form(&content_type, body).await?;
+    let form = multipart::read_form(&content_type, body)
+        .await
+        .map_err(|e| refuse(&mut meter, e))?;
     let mapped = proxy.mapper.resolve(&principal.user.id, &form.model);
     let body = match &mapped {
         Some(to) => multipart::with_model(&form, to),
@@ -172,8 +229,9 @@ pub async fn forward_multipart(
         body,
         stream: form.stream,
         content_type: Some(content_type),
+        hide_usage: false,
     };
-    forward(&req, call, &principal, &proxy, &worker).await
+    forward(&req, call, &principal, &proxy, &worker, meter).await
 }
 
 /// Passes the call through the access gate and the rate limits, then failover, and relays the
@@ -184,6 +242,7 @@ async fn forward(
     principal: &Principal,
     proxy: &Proxy,
     worker: &Worker,
+    mut meter: CallMeter,
 ) -> Result<HttpResponse, ApiError> {
     let span = req.extensions().get::<RootSpan>().cloned();
     if let Some(span) = &span {
@@ -197,23 +256,27 @@ async fn forward(
             None => telemetry::record(span, [("model", &call.model)]),
         }
     }
-    access::admit_call(principal, req.path(), &call.model)?;
+    meter.call(&call.model, call.upstream_model(), &call.body);
+    access::admit_call(principal, &proxy.spend, req.path(), &call.model)
+        .map_err(|e| refuse(&mut meter, e))?;
     let admitted = match Plan::for_call(&principal.user.id, &principal.rules, &call.model) {
         Some(mut plan) => {
             if plan.counts_tokens() && call.is_json() {
-                plan.tokens = estimate_tokens(&call).await?;
+                plan.tokens = estimate_tokens(&call)
+                    .await
+                    .map_err(|e| refuse(&mut meter, e))?;
             }
-            Some(proxy.limiter.admit(&plan, &worker.redis).await?)
+            let admitted = proxy.limiter.admit(&plan, &worker.redis).await;
+            Some(admitted.map_err(|e| refuse(&mut meter, e))?)
         }
         None => None,
     };
     let (ticket, headers) = admitted.unzip();
     // Token limits are settled with the usage the answer reports, after it is relayed.
-    let tap = ticket.filter(|t| !t.token_keys.is_empty()).map(|ticket| {
-        let actor = worker.settler.clone();
-        usage::Tap::new(move |observed| actor.do_send(Settle { ticket, observed }))
-    });
-    let result = send_and_relay(span, &call, principal, proxy, worker, tap).await;
+    if let Some(ticket) = ticket.filter(|t| !t.token_keys.is_empty()) {
+        meter.settle_with(ticket, worker.settler.clone());
+    }
+    let result = send_and_relay(span, &call, principal, proxy, worker, meter).await;
     match (result, headers) {
         (Ok(mut response), Some(headers)) => {
             headers.apply(response.headers_mut());
@@ -243,7 +306,7 @@ async fn send_and_relay(
     principal: &Principal,
     proxy: &Proxy,
     worker: &Worker,
-    tap: Option<usage::Tap>,
+    mut meter: CallMeter,
 ) -> Result<HttpResponse, ApiError> {
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
@@ -262,7 +325,9 @@ async fn send_and_relay(
             None => telemetry::record(span, [("attempts", &answered.attempts)]),
         }
     }
-    let response = answered.result?;
+    let answered_by = answered.key_id.as_deref().map(|k| (k, answered.level));
+    meter.attempts(answered.attempts, answered_by, answered.failures);
+    let response = answered.result.map_err(|e| refuse(&mut meter, e))?;
     let idle = Duration::from_secs(proxy.settings.idle_timeout_secs);
-    relay::respond(response, call, idle, tap).await
+    relay::respond(response, call, idle, meter).await
 }

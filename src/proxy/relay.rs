@@ -1,6 +1,7 @@
 //! Relaying an upstream answer: chunk by chunk as it arrives, with an idle timeout, the
-//! client's model name restored when a mapping changed it, and an error event (never a normal
-//! end) when a stream breaks.
+//! client's model name restored when a mapping changed it, the usage event removed when the
+//! client did not ask for it, and an error event (never a normal end) when a stream breaks.
+//! Every chunk is shown to the call's meter as the provider sent it.
 
 use std::time::Duration;
 
@@ -11,9 +12,9 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::failover::UpstreamResponse;
-use super::usage::Tap;
 use super::Call;
 use crate::error::ApiError;
+use crate::metering::meter::CallMeter;
 
 /// Largest non-streamed body read whole to restore a mapped model name.
 const MAX_REWRITE_BODY: usize = 64 * 1024 * 1024;
@@ -27,7 +28,7 @@ pub async fn respond(
     mut upstream: UpstreamResponse,
     call: &Call,
     idle: Duration,
-    mut tap: Option<Tap>,
+    mut meter: CallMeter,
 ) -> Result<HttpResponse, ApiError> {
     let mut response = HttpResponse::build(upstream.status());
     for name in &PASSED_HEADERS {
@@ -43,23 +44,26 @@ pub async fn respond(
     if is_sse {
         response.insert_header((CACHE_CONTROL, "no-cache"));
     }
-    if let Some(tap) = &mut tap {
-        tap.begin(upstream.status().is_success(), is_sse);
-    }
+    meter.begin(upstream.status().as_u16(), is_sse, is_text(&upstream));
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
     match (rename, is_sse) {
         (Some(model), false) => {
             // A whole JSON answer: restore the model name the client asked for.
-            let body = upstream.body().limit(MAX_REWRITE_BODY).await.map_err(|e| {
-                ApiError::new(
-                    actix_web::http::StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    format!("reading the upstream answer failed: {e}"),
-                )
-            })?;
-            if let Some(tap) = &mut tap {
-                tap.push(&body);
-            }
+            let body = match upstream.body().limit(MAX_REWRITE_BODY).await {
+                Ok(body) => body,
+                Err(e) => {
+                    meter.end(false);
+                    let error = ApiError::new(
+                        actix_web::http::StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        format!("reading the upstream answer failed: {e}"),
+                    );
+                    meter.refused(&error);
+                    return Err(error);
+                }
+            };
+            meter.push(&body);
+            meter.end(true);
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
         (None, false) => {
@@ -70,22 +74,36 @@ pub async fn respond(
                 .get(actix_web::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let body = relay_stream(upstream, idle, false, None, None, tap);
+            let body = relay_stream(upstream, idle, false, None, None, meter);
             Ok(match length {
                 Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
                 None => response.streaming(body),
             })
         }
         (rename, _) => {
-            let rewriter = rename.map(SseRenamer::new);
+            let rewriter = (rename.is_some() || call.hide_usage)
+                .then(|| SseRewriter::new(rename, call.hide_usage));
             // OpenAI's chat and text completion streams always end with `data: [DONE]`; awc
             // reports a connection lost mid-body as a normal end, so its absence is the tell.
             let done = (is_sse
                 && matches!(call.path.as_str(), "/chat/completions" | "/completions"))
             .then(DoneWatcher::default);
-            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done, tap)))
+            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done, meter)))
         }
     }
+}
+
+/// Whether an answer's body is text worth keeping for its usage (JSON, events, subtitles), not
+/// audio or an image.
+fn is_text(upstream: &UpstreamResponse) -> bool {
+    upstream
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| {
+            let v = v.to_ascii_lowercase();
+            v.starts_with("application/json") || v.starts_with("text/")
+        })
 }
 
 /// The upstream body as a stream for the client, with an idle timeout between chunks.
@@ -93,26 +111,26 @@ fn relay_stream<S>(
     upstream: S,
     idle: Duration,
     is_sse: bool,
-    renamer: Option<SseRenamer>,
+    renamer: Option<SseRewriter>,
     done: Option<DoneWatcher>,
-    tap: Option<Tap>,
+    meter: CallMeter,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
 {
     struct State<S> {
         upstream: S,
-        renamer: Option<SseRenamer>,
+        renamer: Option<SseRewriter>,
         done: Option<DoneWatcher>,
         // Dropped with the stream: when it ends, breaks, or the client goes away.
-        tap: Option<Tap>,
+        meter: CallMeter,
         finished: bool,
     }
     let state = State {
         upstream,
         renamer,
         done,
-        tap,
+        meter,
         finished: false,
     };
     futures_util::stream::unfold(state, move |mut st| async move {
@@ -125,9 +143,7 @@ where
                     if let Some(done) = &mut st.done {
                         done.observe(&chunk);
                     }
-                    if let Some(tap) = &mut st.tap {
-                        tap.push(&chunk);
-                    }
+                    st.meter.push(&chunk);
                     let out = match &mut st.renamer {
                         Some(renamer) => renamer.push(&chunk),
                         None => chunk,
@@ -138,15 +154,17 @@ where
                 }
                 Ok(None) if st.done.as_ref().is_some_and(|d| !d.seen) => {
                     st.finished = true;
+                    st.meter.end(false);
                     tracing::warn!("upstream stream ended without [DONE]");
                     return Some((Ok(Bytes::from_static(STREAM_ERROR_EVENT)), st));
                 }
                 Ok(None) => {
                     st.finished = true;
+                    st.meter.end(true);
                     let rest = st
                         .renamer
                         .as_mut()
-                        .map(SseRenamer::finish)
+                        .map(SseRewriter::finish)
                         .unwrap_or_default();
                     if !rest.is_empty() {
                         return Some((Ok(rest), st));
@@ -154,6 +172,7 @@ where
                 }
                 Ok(Some(Err(_))) | Err(_) => {
                     st.finished = true;
+                    st.meter.end(false);
                     tracing::warn!("upstream stream broke after the first byte");
                     if is_sse {
                         // Tell the SDK the stream failed; a silent end would look complete.
@@ -209,22 +228,29 @@ fn rename_model_in_json(body: &[u8], model: &str) -> Bytes {
     }
 }
 
-/// Restores the client's model name in each `data:` line of an SSE stream, passing complete
-/// lines on at once and holding only a partial last line until its end arrives.
-pub struct SseRenamer {
-    model: String,
+/// Rewrites the `data:` lines of an SSE stream: restores the client's model name, and removes
+/// the usage Switchyard asked for on the client's behalf (the usage event, and the
+/// `"usage":null` member of every other event). Complete lines pass on at once; only a partial
+/// last line is held until its end arrives.
+pub struct SseRewriter {
+    model: Option<String>,
+    hide_usage: bool,
     pending: BytesMut,
+    /// The blank line that ended a removed event is removed too.
+    skip_blank: bool,
 }
 
-impl SseRenamer {
-    fn new(model: String) -> Self {
-        SseRenamer {
+impl SseRewriter {
+    fn new(model: Option<String>, hide_usage: bool) -> Self {
+        SseRewriter {
             model,
+            hide_usage,
             pending: BytesMut::new(),
+            skip_blank: false,
         }
     }
 
-    /// Takes a chunk; returns the complete lines it finished, renamed.
+    /// Takes a chunk; returns the complete lines it finished, rewritten.
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
         self.pending.extend_from_slice(chunk);
         let Some(last_newline) = self.pending.iter().rposition(|b| *b == b'\n') else {
@@ -233,40 +259,69 @@ impl SseRenamer {
         let complete = self.pending.split_to(last_newline + 1);
         let mut out = BytesMut::with_capacity(complete.len() + 16);
         for line in complete.split_inclusive(|b| *b == b'\n') {
-            self.rename_line(line, &mut out);
+            self.rewrite_line(line, &mut out);
         }
         out.freeze()
     }
 
-    /// The stream ended: whatever partial line is left, renamed.
+    /// The stream ended: whatever partial line is left, rewritten.
     pub fn finish(&mut self) -> Bytes {
         let rest = self.pending.split();
         let mut out = BytesMut::new();
         if !rest.is_empty() {
-            self.rename_line(&rest, &mut out);
+            self.rewrite_line(&rest, &mut out);
         }
         out.freeze()
     }
 
-    fn rename_line(&self, line: &[u8], out: &mut BytesMut) {
+    fn rewrite_line(&mut self, line: &[u8], out: &mut BytesMut) {
         let content = line.strip_suffix(b"\n").unwrap_or(line);
         let (content, cr) = match content.strip_suffix(b"\r") {
             Some(c) => (c, true),
             None => (content, false),
         };
-        let payload = content.strip_prefix(b"data:").map(<[u8]>::trim_ascii_start);
-        let renamed = payload
-            .filter(|p| p.first() == Some(&b'{'))
-            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
-            .and_then(|value| match value {
-                Value::Object(mut object) if object.contains_key("model") => {
-                    object.insert("model".into(), Value::String(self.model.clone()));
-                    serde_json::to_vec(&object).ok()
-                }
-                _ => None,
-            });
-        match renamed {
-            Some(json) => {
+        if std::mem::take(&mut self.skip_blank) && content.is_empty() {
+            return;
+        }
+        let payload = content
+            .strip_prefix(b"data:")
+            .map(<[u8]>::trim_ascii_start)
+            .filter(|p| p.first() == Some(&b'{'));
+        let Some(payload) = payload else {
+            out.extend_from_slice(line);
+            return;
+        };
+        let mentions_usage = self.hide_usage && contains(payload, b"\"usage\"");
+        if self.model.is_none() && !mentions_usage {
+            out.extend_from_slice(line);
+            return;
+        }
+        let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(payload) else {
+            out.extend_from_slice(line);
+            return;
+        };
+        if mentions_usage {
+            let reports_usage = object.get("usage").is_some_and(|u| !u.is_null());
+            let no_choices = object
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            if reports_usage && no_choices {
+                // The event that only carries the usage: removed, with its blank line.
+                self.skip_blank = true;
+                return;
+            }
+            if object.get("usage").is_some_and(Value::is_null) {
+                object.remove("usage");
+            }
+        }
+        if let Some(model) = &self.model {
+            if object.contains_key("model") {
+                object.insert("model".into(), Value::String(model.clone()));
+            }
+        }
+        match serde_json::to_vec(&object) {
+            Ok(json) => {
                 out.extend_from_slice(b"data: ");
                 out.extend_from_slice(&json);
                 if cr {
@@ -276,9 +331,13 @@ impl SseRenamer {
                     out.extend_from_slice(b"\n");
                 }
             }
-            None => out.extend_from_slice(line),
+            Err(_) => out.extend_from_slice(line),
         }
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -287,12 +346,26 @@ mod tests {
 
     #[test]
     fn sse_lines_get_the_asked_model_even_when_split_across_chunks() {
-        let mut r = SseRenamer::new("asked".into());
+        let mut r = SseRewriter::new(Some("asked".into()), false);
         let a = r.push(b"data: {\"id\":1,\"model\":\"real\"}\n\ndata: {\"mo");
         assert_eq!(&a[..], b"data: {\"id\":1,\"model\":\"asked\"}\n\n");
         let b = r.push(b"del\":\"real\"}\n\ndata: [DONE]\n\n");
         assert_eq!(&b[..], b"data: {\"model\":\"asked\"}\n\ndata: [DONE]\n\n");
         assert!(r.finish().is_empty());
+    }
+
+    #[test]
+    fn usage_the_client_did_not_ask_for_is_removed() {
+        let mut r = SseRewriter::new(None, true);
+        let a = r.push(b"data: {\"id\":1,\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n");
+        let a: Value =
+            serde_json::from_slice(a.strip_prefix(b"data: ").unwrap().trim_ascii()).unwrap();
+        assert!(a.get("usage").is_none());
+        assert_eq!(a["id"], 1);
+        let b = r.push(
+            b"data: {\"id\":1,\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n",
+        );
+        assert_eq!(&b[..], b"data: [DONE]\n\n");
     }
 
     #[test]

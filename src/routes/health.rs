@@ -1,4 +1,4 @@
-//! Liveness and readiness.
+//! Liveness, readiness and metrics.
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -8,6 +8,13 @@ use crate::state::AppState;
 /// Alive: the process answers.
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metering.metrics.render())
 }
 
 /// Ready: migrations ran at start-up and the database answers now. Redis is reported, not

@@ -17,6 +17,7 @@ use crate::proxy;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/healthz").get(health::healthz))
         .service(web::resource("/readyz").get(health::readyz))
+        .service(web::resource("/metrics").get(health::metrics))
         .service(web::resource("/v1/models").get(models::list))
         .service(web::resource("/v1/chat/completions").post(proxy::forward_json))
         .service(web::resource("/v1/completions").post(proxy::forward_json))

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use actix_web::{web, HttpResponse};
+use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde_json::json;
 
 use crate::auth::Principal;
@@ -10,8 +11,9 @@ use crate::db::repo;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Named models come from the price table, mappings and upstream keys' model lists (globs name
-/// no single model, so they are left out), filtered by the caller's `allowed_models`.
+/// Named models come from upstream keys' model lists and mappings (globs name no single model,
+/// so they are left out), and from the price table where an enabled upstream key may serve the
+/// model; all filtered by the caller's `allowed_models`.
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
@@ -19,19 +21,26 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     crate::access::admit_endpoint(&principal, req.path())?;
     let mut names = BTreeSet::new();
-    names.extend(
-        repo::prices::all(&state.db)
-            .await?
-            .into_iter()
-            .map(|p| p.model),
-    );
+    let keys = repo::upstream_keys::all(&state.db).await?;
+    let servable: Vec<GlobSet> = keys
+        .iter()
+        .filter(|k| k.enabled)
+        .map(|k| globs(&k.models))
+        .collect();
+    for price in repo::prices::all(&state.db).await? {
+        // `model:quality:size` entries price variants of one image model.
+        let model = price.model;
+        if !model.contains(':') && servable.iter().any(|g| g.is_empty() || g.is_match(&model)) {
+            names.insert(model);
+        }
+    }
     for mapping in repo::mappings::all(&state.db).await? {
         if mapping.user_id.is_none() || mapping.user_id.as_deref() == Some(&principal.user.id) {
             names.insert(mapping.from);
             names.insert(mapping.to);
         }
     }
-    for key in repo::upstream_keys::all(&state.db).await? {
+    for key in keys {
         names.extend(key.models);
     }
     let data: Vec<_> = names
@@ -41,6 +50,17 @@ pub async fn list(
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"}))
         .collect();
     Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+/// A key's model globs (an invalid one, refused when the key was saved, matches nothing).
+fn globs(patterns: &[String]) -> GlobSet {
+    let mut set = GlobSetBuilder::new();
+    for pattern in patterns {
+        if let Ok(glob) = Glob::new(pattern) {
+            set.add(glob);
+        }
+    }
+    set.build().unwrap_or_else(|_| GlobSet::empty())
 }
 
 fn is_glob(name: &str) -> bool {

@@ -170,7 +170,13 @@ async fn suspended_over_budget_and_acl_refusals_have_their_codes(backend: Backen
 
 async fn the_models_list_shows_only_allowed_models(backend: Backend) {
     let app = spawn_app(backend).await;
-    for model in ["gpt-4o", "gpt-4o-mini", "o3"] {
+    // Priced models are listed when a key may serve them; this key serves three of them.
+    app.add_upstream(
+        json!({"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "secret": "ok",
+                            "models": ["gpt-4o", "gpt-4o-mini", "o3"]}),
+    )
+    .await;
+    for model in ["gpt-4o", "gpt-4o-mini", "o3", "my-model"] {
         let (status, _) = app
             .admin_json(
                 Method::PUT,

@@ -1,15 +1,15 @@
 //! `/admin/model-mappings` and `/admin/prices`.
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, spawn_app, Backend};
+use crate::helpers::{assert_error, spawn_app, spawn_replica, Backend, TestApp};
 use crate::on_both_backends;
 
 on_both_backends!(
     mappings_are_created_listed_and_deleted,
     bad_mappings_are_refused,
-    prices_are_set_replaced_and_listed,
+    prices_are_seeded_set_replaced_and_listed,
     bad_prices_are_refused,
 );
 
@@ -91,18 +91,40 @@ async fn bad_mappings_are_refused(backend: Backend) {
     );
 }
 
-async fn prices_are_set_replaced_and_listed(backend: Backend) {
+/// A price as `GET /admin/prices` lists it.
+async fn listed_price(app: &TestApp, model: &str) -> Option<Value> {
+    let (_, list) = app
+        .admin_json(Method::GET, "/admin/prices?limit=1000", None)
+        .await;
+    list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["model"] == model)
+        .cloned()
+}
+
+async fn prices_are_seeded_set_replaced_and_listed(backend: Backend) {
     let app = spawn_app(backend).await;
+    // The shipped table is there from the first start.
+    let seeded = listed_price(&app, "gpt-4o")
+        .await
+        .expect("gpt-4o is priced");
+    assert_eq!(seeded["input_per_mtok"], json!(2.5));
+    assert_eq!(seeded["cached_input_per_mtok"], json!(1.25));
+    assert!(listed_price(&app, "claude-sonnet-4").await.is_some());
+    assert!(listed_price(&app, "gemini-2.5-pro").await.is_some());
+
     let (status, price) = app
         .admin_json(
             Method::PUT,
-            "/admin/prices/gpt-4o",
+            "/admin/prices/my-model",
             Some(json!({"input_per_mtok": 2.5, "output_per_mtok": 10.0,
                         "cached_input_per_mtok": 1.25})),
         )
         .await;
     assert_eq!(status, 200, "{price}");
-    assert_eq!(price["model"], "gpt-4o");
+    assert_eq!(price["model"], "my-model");
     assert_eq!(price["input_per_mtok"], json!(2.5));
     assert_eq!(price["cached_input_per_mtok"], json!(1.25));
     assert_eq!(price["reasoning_per_mtok"], json!(null));
@@ -115,22 +137,16 @@ async fn prices_are_set_replaced_and_listed(backend: Backend) {
         .await;
     assert_eq!(replaced["input_per_mtok"], json!(0.15));
     assert_eq!(replaced["cached_input_per_mtok"], json!(null));
-    app.admin_json(
-        Method::PUT,
-        "/admin/prices/dall-e-3",
-        Some(json!({"input_per_mtok": 0, "output_per_mtok": 0, "per_image": 0.04})),
-    )
-    .await;
-    let (_, list) = app.admin_json(Method::GET, "/admin/prices", None).await;
-    let models: Vec<_> = list["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["model"].as_str().unwrap())
-        .collect();
-    assert_eq!(models, ["dall-e-3", "gpt-4o"]);
-    assert_eq!(list["data"][0]["per_image"], json!(0.04));
-    assert_eq!(list["data"][1]["output_per_mtok"], json!(0.6));
+    assert_eq!(
+        listed_price(&app, "my-model").await.unwrap()["output_per_mtok"],
+        json!(10.0)
+    );
+
+    // A restart seeds again, but never over a price an admin set.
+    let replica = spawn_replica(&app, &[]).await;
+    let kept = listed_price(&replica, "gpt-4o").await.unwrap();
+    assert_eq!(kept["input_per_mtok"], json!(0.15));
+    assert_eq!(kept["output_per_mtok"], json!(0.6));
 }
 
 async fn bad_prices_are_refused(backend: Backend) {
@@ -148,6 +164,7 @@ async fn bad_prices_are_refused(backend: Backend) {
         assert_eq!(result.0, 400, "{body}: {}", result.1);
         assert_error(result, 400, "invalid_request");
     }
-    let (_, list) = app.admin_json(Method::GET, "/admin/prices", None).await;
-    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    // Nothing was written.
+    let price = listed_price(&app, "gpt-4o").await.unwrap();
+    assert_eq!(price["input_per_mtok"], json!(2.5));
 }

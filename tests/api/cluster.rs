@@ -105,11 +105,12 @@ impl OwnRedis {
     }
 
     /// How many keys it holds.
+    /// Rate-limit windows stored (spend totals live beside them).
     async fn keys(&self) -> usize {
         let client = redis::Client::open(self.url()).unwrap();
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
         let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
+            .arg("*rl:*")
             .query_async(&mut connection)
             .await
             .unwrap();

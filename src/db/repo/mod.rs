@@ -1,9 +1,11 @@
 //! One module per entity; every function runs on whichever backend is configured.
 
+pub mod logs;
 pub mod mappings;
 pub mod meta;
 pub mod prices;
 pub mod upstream_keys;
+pub mod usage;
 pub mod user_keys;
 pub mod users;
 

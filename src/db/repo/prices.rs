@@ -61,3 +61,22 @@ pub async fn all(db: &Db) -> Result<Vec<Price>, DbError> {
     });
     Ok(rows.into_iter().map(Price::from).collect())
 }
+
+/// Stores the prices of models that have none yet; set prices are left as they are. Returns
+/// how many were added.
+pub async fn insert_missing(db: &Db, prices: &[Price]) -> Result<usize, DbError> {
+    let rows: Vec<PriceRow> = prices.iter().map(PriceRow::from).collect();
+    // One row at a time (diesel cannot batch a conflict-skipping insert on SQLite); this runs
+    // once at start, on a few dozen rows.
+    with_conn!(db, |conn| {
+        let mut added = 0;
+        for row in &rows {
+            added += diesel::insert_into(prices::table)
+                .values(row)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+        }
+        Ok(added)
+    })
+}

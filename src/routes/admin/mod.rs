@@ -3,6 +3,7 @@
 pub mod mappings;
 pub mod prices;
 pub mod upstream_keys;
+pub mod usage;
 pub mod user_keys;
 pub mod users;
 
@@ -63,6 +64,8 @@ pub fn scope() -> actix_web::Scope<
         .service(web::resource("/model-mappings/{id}").delete(mappings::delete))
         .service(web::resource("/prices").get(prices::list))
         .service(web::resource("/prices/{model:.+}").put(prices::put))
+        .service(web::resource("/usage").get(usage::summary))
+        .service(web::resource("/logs").get(usage::logs))
 }
 
 /// Refuses any admin call without the configured token, compared in constant time.

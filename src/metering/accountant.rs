@@ -1,0 +1,333 @@
+//! `UsageAccountant`: turns each finished call into its usage, cost and log entry, off the
+//! request path. It empties the recorder's queue every few milliseconds, prices what each call
+//! used, keeps every user's spend (shared across replicas through Redis when configured), and
+//! writes usage rows in batches; log rows go on to the `LogWriter` in batches too.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::buffer::{write_all, BatchBuffer};
+use super::log_writer::{FlushLogs, Log, LogWriter};
+use super::metrics::Metrics;
+use super::prices::{cost_nanos, PriceBook};
+use super::record::{CallRecord, Recorder};
+use super::spend::{SharedSpend, SpendBook};
+use super::usage::{self, Endpoint, Usage};
+use crate::config::MeteringSettings;
+use crate::db::models::{LogRow, UsageRow};
+use crate::db::repo::usage::SpendWritten;
+use crate::db::{repo, Db};
+use crate::domain::money::nanos_to_usd;
+
+/// How often the recorder's queue is emptied.
+const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// How often the spend of this replica's users is read back from the shared store.
+const REFRESH_SPEND_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes everything (calls still queued included) until `deadline`.
+#[derive(Message)]
+#[rtype(result = "FlushReport")]
+pub struct Flush {
+    pub deadline: Instant,
+}
+
+/// What the final flush could not write.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FlushReport {
+    pub usage_left: usize,
+    pub logs_left: usize,
+}
+
+/// What the accountant works with.
+pub struct Ledger {
+    pub recorder: Arc<Recorder>,
+    pub db: Db,
+    pub prices: Arc<PriceBook>,
+    pub spend: Arc<SpendBook>,
+    pub shared: Option<Arc<SharedSpend>>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct UsageAccountant {
+    ledger: Ledger,
+    logs: Addr<LogWriter>,
+    buffer: BatchBuffer<UsageRow>,
+    /// Models already reported as having no price.
+    unpriced: HashSet<String>,
+    refreshing: bool,
+}
+
+impl UsageAccountant {
+    pub fn new(ledger: Ledger, logs: Addr<LogWriter>, settings: &MeteringSettings) -> Self {
+        UsageAccountant {
+            ledger,
+            logs,
+            buffer: BatchBuffer::new(
+                "usage",
+                settings.buffer_records,
+                settings.batch_size,
+                Duration::from_millis(settings.flush_interval_ms),
+            ),
+            unpriced: HashSet::new(),
+            refreshing: false,
+        }
+    }
+
+    /// Accounts every queued call: usage rows to the buffer, log rows to the log writer.
+    fn drain(&mut self) {
+        let records = self.ledger.recorder.take();
+        let dropped = self.ledger.recorder.take_dropped();
+        if dropped > 0 {
+            tracing::warn!(dropped, "metering queue full: calls dropped unmetered");
+            self.ledger.metrics.dropped("calls", dropped);
+        }
+        if !records.is_empty() {
+            let mut logs = Vec::with_capacity(records.len());
+            for record in records {
+                logs.push(self.account(record));
+            }
+            self.logs.do_send(Log(logs));
+        }
+        let dropped = self.buffer.take_dropped();
+        if dropped > 0 {
+            tracing::warn!(dropped, "usage buffer full: usage rows dropped");
+            self.ledger.metrics.dropped("usage", dropped);
+        }
+        self.ledger
+            .metrics
+            .queue_depth("calls", self.ledger.recorder.len());
+        self.ledger.metrics.queue_depth("usage", self.buffer.len());
+    }
+
+    /// One call: its usage and cost, its metrics, its log entry.
+    fn account(&mut self, mut record: CallRecord) -> LogRow {
+        let metrics = self.ledger.metrics.clone();
+        for (key, outcome) in &record.failures {
+            metrics.attempt(key, outcome);
+        }
+        if let Some(key) = &record.upstream_key_id {
+            metrics.attempt(key, "answered");
+        }
+        metrics.call(
+            record.route,
+            record.model.as_deref(),
+            record.status,
+            record.latency.as_secs_f64(),
+            record.ttfb.map(|t| t.as_secs_f64()),
+        );
+        let model = record.upstream_model.clone().unwrap_or_default();
+        let reported = record
+            .reported
+            .take()
+            .or_else(|| usage::reported(record.endpoint, &record.observed));
+        let measured = usage::measure(
+            record.endpoint,
+            &record.observed,
+            reported,
+            &record.request,
+            &model,
+        );
+        // A call an upstream answered is recorded even when it reported no usage.
+        let usage = measured.or_else(|| record.observed.succeeded().then(Usage::default));
+        let partial = record.observed.succeeded() && record.observed.partial();
+        let cost = usage.as_ref().map_or(0, |u| self.cost(&record, &model, u));
+        if let Some(usage) = &usage {
+            metrics.usage(&model, usage, nanos_to_usd(cost));
+            self.ledger.spend.add_pending(&record.user_id, cost);
+        }
+        let log = LogRow {
+            id: record.request_id.clone(),
+            ts: record.ts,
+            user_id: Some(record.user_id.clone()),
+            key_id: Some(record.key_id.clone()),
+            route: record.route.to_owned(),
+            model: record.model.clone(),
+            upstream_model: record.upstream_model.clone(),
+            upstream_key_id: record.upstream_key_id.clone(),
+            level: record.level,
+            status: i32::from(record.status),
+            attempts: record.attempts as i32,
+            latency_ms: record.latency.as_millis() as i64,
+            ttfb_ms: record.ttfb.map(|t| t.as_millis() as i64),
+            prompt_tokens: usage.as_ref().map_or(0, |u| u.prompt_tokens),
+            completion_tokens: usage.as_ref().map_or(0, |u| u.completion_tokens),
+            cost_nanos: cost,
+            partial,
+            error_code: record.error_code.map(str::to_owned),
+        };
+        if let Some(usage) = usage {
+            self.buffer.push(UsageRow {
+                request_id: record.request_id,
+                ts: record.ts,
+                user_id: record.user_id,
+                key_id: record.key_id,
+                model: record.model.unwrap_or_default(),
+                upstream_model: model,
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                reasoning_tokens: usage.reasoning_tokens,
+                cached_tokens: usage.cached_tokens,
+                images: usage.images,
+                audio_seconds: usage.audio_seconds,
+                characters: usage.characters,
+                cost_nanos: cost,
+                partial,
+            });
+        }
+        log
+    }
+
+    /// The cost of `usage` at the price of `model` (0 when the model has no price, which is
+    /// logged once per model).
+    fn cost(&mut self, record: &CallRecord, model: &str, usage: &Usage) -> i64 {
+        let image =
+            (record.endpoint == Endpoint::Images).then(|| usage::image_spec(&record.request));
+        match self.ledger.prices.price_of(model, image.as_ref()) {
+            Some(price) => cost_nanos(usage, &price),
+            None => {
+                if self.unpriced.insert(model.to_owned()) {
+                    tracing::warn!(model, "no price for this model: its calls are metered at no cost; set one with PUT /admin/prices/{{model}}");
+                }
+                0
+            }
+        }
+    }
+
+    /// Writes one batch of usage if one is due; the actor waits for it, so writes never overlap.
+    fn write(&mut self, ctx: &mut Context<Self>) {
+        if !self.buffer.due(Instant::now()) {
+            return;
+        }
+        let batch = self.buffer.take_batch();
+        let db = self.ledger.db.clone();
+        let write = async move {
+            match repo::usage::insert_batch(&db, &batch).await {
+                Ok(written) => Ok(written),
+                Err(e) => Err((e, batch)),
+            }
+        };
+        ctx.wait(write.into_actor(self).map(|result, actor, ctx| {
+            match result {
+                Ok(written) => {
+                    actor.buffer.written();
+                    actor.confirm(&[written], ctx);
+                }
+                Err((error, batch)) => actor.buffer.failed(batch, &error),
+            }
+            actor.write(ctx);
+        }));
+    }
+
+    /// Spend that reached the database: confirmed here, and published to the other replicas.
+    fn confirm(&self, written: &[SpendWritten], ctx: &mut Context<Self>) {
+        let mut totals = Vec::new();
+        for (user, cost, total) in written.iter().flat_map(|w| w.users.iter()) {
+            self.ledger.spend.confirm(user, *cost, *total);
+            totals.push((user.clone(), *total));
+        }
+        if let (Some(shared), false) = (self.ledger.shared.clone(), totals.is_empty()) {
+            ctx.spawn(
+                async move {
+                    if let Err(e) = shared.publish(&totals).await {
+                        tracing::debug!(error = %crate::limits::describe(&e), "publishing spend to redis failed");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+
+    /// Reads back the spend of the users this replica checks budgets for, as the other replicas
+    /// left it (Redis), or as stored (the database, when there is no Redis).
+    fn refresh_spend(&mut self, ctx: &mut Context<Self>) {
+        if self.refreshing {
+            return;
+        }
+        let users = self.ledger.spend.users();
+        if users.is_empty() {
+            return;
+        }
+        self.refreshing = true;
+        let (shared, db, spend) = (
+            self.ledger.shared.clone(),
+            self.ledger.db.clone(),
+            self.ledger.spend.clone(),
+        );
+        let refresh = async move {
+            let totals = match shared {
+                Some(shared) => shared
+                    .read(&users)
+                    .await
+                    .map_err(|e| crate::limits::describe(&e)),
+                None => repo::usage::spent(&db, &users)
+                    .await
+                    .map_err(|e| e.to_string()),
+            };
+            match totals {
+                Ok(totals) => totals.iter().for_each(|(u, t)| spend.refresh(u, *t)),
+                Err(e) => tracing::debug!(error = %e, "reading shared spend failed"),
+            }
+        };
+        ctx.spawn(
+            refresh
+                .into_actor(self)
+                .map(|(), actor, _| actor.refreshing = false),
+        );
+    }
+}
+
+impl Actor for UsageAccountant {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(DRAIN_EVERY, |actor, ctx| {
+            actor.drain();
+            actor.write(ctx);
+        });
+        ctx.run_interval(REFRESH_SPEND_EVERY, |actor, ctx| actor.refresh_spend(ctx));
+    }
+}
+
+impl Handler<Flush> for UsageAccountant {
+    type Result = AtomicResponse<Self, FlushReport>;
+
+    fn handle(&mut self, msg: Flush, _: &mut Self::Context) -> Self::Result {
+        self.drain();
+        let rows = self.buffer.take_all();
+        let db = self.ledger.db.clone();
+        let logs = self.logs.clone();
+        let deadline = msg.deadline;
+        let batch = self.buffer.batch();
+        let flush = async move {
+            let (written, left) = write_all(rows, batch, deadline, move |batch| {
+                let db = db.clone();
+                async move {
+                    match repo::usage::insert_batch(&db, &batch).await {
+                        Ok(w) => Ok(w),
+                        Err(e) => Err((e, batch)),
+                    }
+                }
+            })
+            .await;
+            let logs_left = logs
+                .send(FlushLogs { deadline })
+                .await
+                .unwrap_or(usize::MAX);
+            (written, left, logs_left)
+        };
+        AtomicResponse::new(Box::pin(flush.into_actor(self).map(
+            |(written, left, logs_left), actor, ctx| {
+                actor.confirm(&written, ctx);
+                let report = FlushReport {
+                    usage_left: left.len(),
+                    logs_left,
+                };
+                actor.buffer.restore(left);
+                report
+            },
+        )))
+    }
+}

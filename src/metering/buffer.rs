@@ -1,0 +1,172 @@
+//! The rows a background writer holds until they are in the database: written in batches (by
+//! size and by time), kept through a database outage up to a bound, retried until they land.
+//! Writes are idempotent (keyed by request id), so a batch whose commit was not confirmed is
+//! simply sent again.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::db::DbError;
+
+/// Wait before retrying a failed write.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Rows waiting to be written.
+pub struct BatchBuffer<T> {
+    /// What the rows are, for logs and metric labels (`usage`, `logs`).
+    pub name: &'static str,
+    rows: VecDeque<T>,
+    bound: usize,
+    batch: usize,
+    interval: Duration,
+    last_write: Instant,
+    retry_at: Option<Instant>,
+    /// Dropped since the last report.
+    dropped: u64,
+}
+
+impl<T> BatchBuffer<T> {
+    pub fn new(name: &'static str, bound: usize, batch: usize, interval: Duration) -> Self {
+        BatchBuffer {
+            name,
+            rows: VecDeque::new(),
+            bound: bound.max(1),
+            batch: batch.max(1),
+            interval,
+            last_write: Instant::now(),
+            retry_at: None,
+            dropped: 0,
+        }
+    }
+
+    /// Queues a row; past the bound it is dropped and counted.
+    pub fn push(&mut self, row: T) {
+        if self.rows.len() < self.bound {
+            self.rows.push_back(row);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Most rows in one write.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Rows dropped since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Whether a write should start now: a full batch, or rows older than the interval, and
+    /// not while waiting to retry.
+    pub fn due(&self, now: Instant) -> bool {
+        if self.rows.is_empty() || self.retry_at.is_some_and(|at| now < at) {
+            return false;
+        }
+        self.rows.len() >= self.batch || now.duration_since(self.last_write) >= self.interval
+    }
+
+    /// The next batch to write.
+    pub fn take_batch(&mut self) -> Vec<T> {
+        let n = self.rows.len().min(self.batch);
+        self.rows.drain(..n).collect()
+    }
+
+    /// Every row, for the final flush.
+    pub fn take_all(&mut self) -> Vec<T> {
+        self.rows.drain(..).collect()
+    }
+
+    /// A batch was written.
+    pub fn written(&mut self) {
+        if self.retry_at.take().is_some() {
+            tracing::info!(
+                rows = self.name,
+                "database answers again: buffered rows are being written"
+            );
+        }
+        self.last_write = Instant::now();
+    }
+
+    /// A batch failed: its rows go back to the front, to be retried in order.
+    pub fn failed(&mut self, batch: Vec<T>, error: &DbError) {
+        if self.retry_at.is_none() {
+            tracing::warn!(rows = self.name, error = %error, buffered = self.rows.len() + batch.len(), "writing to the database failed; holding rows until it answers");
+        }
+        self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        for row in batch.into_iter().rev() {
+            self.rows.push_front(row);
+        }
+        // Rows past the bound (pushed back over it) are the newest: drop those.
+        while self.rows.len() > self.bound {
+            self.rows.pop_back();
+            self.dropped += 1;
+        }
+    }
+
+    /// Puts rows the final flush could not write back, so they are reported.
+    pub fn restore(&mut self, rows: Vec<T>) {
+        self.rows.extend(rows);
+    }
+}
+
+/// Writes `rows` in batches of `batch` until all are written or `deadline` passes, retrying
+/// failed batches. Returns what each write reported and the rows left unwritten.
+pub async fn write_all<T, R, F, Fut>(
+    mut rows: Vec<T>,
+    batch: usize,
+    deadline: Instant,
+    mut write: F,
+) -> (Vec<R>, Vec<T>)
+where
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: Future<Output = Result<R, (DbError, Vec<T>)>>,
+{
+    let mut reports = Vec::new();
+    while !rows.is_empty() && Instant::now() < deadline {
+        let rest = rows.split_off(rows.len().min(batch.max(1)));
+        match write(rows).await {
+            Ok(report) => {
+                reports.push(report);
+                rows = rest;
+            }
+            Err((error, mut failed)) => {
+                tracing::warn!(error = %error, "final write failed; retrying");
+                failed.extend(rest);
+                rows = failed;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    (reports, rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_is_retried_first_and_the_bound_drops_the_newest() {
+        let mut buffer = BatchBuffer::new("t", 3, 2, Duration::from_secs(60));
+        for i in 0..4 {
+            buffer.push(i);
+        }
+        assert_eq!(buffer.take_dropped(), 1);
+        assert!(buffer.due(Instant::now()));
+        let batch = buffer.take_batch();
+        assert_eq!(batch, vec![0, 1]);
+        buffer.failed(batch, &DbError::Unavailable("down".into()));
+        assert!(!buffer.due(Instant::now()));
+        assert_eq!(buffer.take_all(), vec![0, 1, 2]);
+    }
+}

@@ -1,0 +1,235 @@
+//! What a call costs: the price table (seeded from `config/prices.toml`, overridden through
+//! `/admin/prices`), how a model finds its price, and the arithmetic, in whole nano-USD.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+
+use super::usage::{ImageSpec, Usage};
+use crate::domain::money::usd_to_nanos;
+use crate::domain::{now, Price};
+
+/// The price table shipped with the binary.
+const DEFAULT_PRICES: &str = include_str!("../../config/prices.toml");
+
+/// The prices in force, swapped whole when an admin changes one.
+#[derive(Default)]
+pub struct PriceBook {
+    prices: ArcSwap<HashMap<String, Price>>,
+}
+
+impl PriceBook {
+    /// Replaces the table.
+    pub fn replace(&self, prices: Vec<Price>) {
+        let table = prices.into_iter().map(|p| (p.model.clone(), p)).collect();
+        self.prices.store(Arc::new(table));
+    }
+
+    /// The price of `model`: its own entry, else that of the longest priced name it extends
+    /// with a `-` (`gpt-4o-2024-08-06` is priced as `gpt-4o`), after dropping any provider prefix
+    /// (`openai/gpt-4o`). Image calls first look for `model:quality:size`, then `model:size`.
+    pub fn price_of(&self, model: &str, image: Option<&ImageSpec>) -> Option<Price> {
+        let table = self.prices.load();
+        let name = model.rsplit('/').next().unwrap_or(model);
+        let base = [model, name]
+            .into_iter()
+            .find_map(|m| table.get(m))
+            .or_else(|| {
+                table
+                    .iter()
+                    .filter(|(k, _)| {
+                        name.strip_prefix(k.as_str())
+                            .is_some_and(|rest| rest.starts_with('-'))
+                    })
+                    .max_by_key(|(k, _)| k.len())
+                    .map(|(_, p)| p)
+            })?;
+        if let Some(ImageSpec { size, quality }) = image {
+            let variants = [
+                size.as_ref()
+                    .zip(quality.as_ref())
+                    .map(|(s, q)| format!("{}:{q}:{s}", base.model)),
+                size.as_ref().map(|s| format!("{}:{s}", base.model)),
+            ];
+            if let Some(price) = variants.iter().flatten().find_map(|k| table.get(k)) {
+                return Some(price.clone());
+            }
+        }
+        Some(base.clone())
+    }
+}
+
+/// The cost of `usage` at `price`, in nano-USD:
+/// `(prompt - cached) × input + cached × cached_input + (completion - reasoning) × output +
+/// reasoning × reasoning`, per million tokens, plus characters at the input price per million,
+/// images at the per-image price and audio seconds at the per-second price. Computed in 128-bit
+/// integers and rounded once, at the end, to the nearest nano-USD.
+pub fn cost_nanos(usage: &Usage, price: &Price) -> i64 {
+    let cached = usage.cached_tokens.clamp(0, usage.prompt_tokens.max(0)) as i128;
+    let reasoning = usage
+        .reasoning_tokens
+        .clamp(0, usage.completion_tokens.max(0)) as i128;
+    let prompt = usage.prompt_tokens.max(0) as i128;
+    let completion = usage.completion_tokens.max(0) as i128;
+    let input = price.input_per_mtok_nanos as i128;
+    let output = price.output_per_mtok_nanos as i128;
+    let cached_input = price
+        .cached_input_per_mtok_nanos
+        .unwrap_or(price.input_per_mtok_nanos) as i128;
+    let reasoning_price = price
+        .reasoning_per_mtok_nanos
+        .unwrap_or(price.output_per_mtok_nanos) as i128;
+    let per_million = (prompt - cached) * input
+        + cached * cached_input
+        + (completion - reasoning) * output
+        + reasoning * reasoning_price
+        + usage.characters.max(0) as i128 * input;
+    let tokens = (per_million + 500_000) / 1_000_000;
+    let images = usage.images.max(0) as i128 * price.per_image_nanos.unwrap_or(0) as i128;
+    let audio = (usage.audio_seconds.max(0.0) * price.per_audio_second_nanos.unwrap_or(0) as f64)
+        .round() as i128;
+    (tokens + images + audio).clamp(0, i64::MAX as i128) as i64
+}
+
+/// One entry of the shipped table, in USD.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    model: String,
+    input_per_mtok: f64,
+    output_per_mtok: f64,
+    cached_input_per_mtok: Option<f64>,
+    reasoning_per_mtok: Option<f64>,
+    per_image: Option<f64>,
+    per_audio_second: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct Table {
+    price: Vec<Entry>,
+}
+
+/// The shipped price table.
+pub fn default_prices() -> anyhow::Result<Vec<Price>> {
+    let table: Table = toml::from_str(DEFAULT_PRICES)?;
+    let at = now();
+    let nanos = |usd: f64| {
+        usd_to_nanos(usd).ok_or_else(|| anyhow::anyhow!("a shipped price is not a valid amount"))
+    };
+    let optional = |usd: Option<f64>| usd.map(nanos).transpose();
+    table
+        .price
+        .into_iter()
+        .map(|e| {
+            Ok(Price {
+                input_per_mtok_nanos: nanos(e.input_per_mtok)?,
+                output_per_mtok_nanos: nanos(e.output_per_mtok)?,
+                cached_input_per_mtok_nanos: optional(e.cached_input_per_mtok)?,
+                reasoning_per_mtok_nanos: optional(e.reasoning_per_mtok)?,
+                per_image_nanos: optional(e.per_image)?,
+                per_audio_second_nanos: optional(e.per_audio_second)?,
+                model: e.model,
+                updated_at: at,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book() -> PriceBook {
+        let book = PriceBook::default();
+        book.replace(default_prices().unwrap());
+        book
+    }
+
+    #[test]
+    fn the_shipped_table_parses() {
+        assert!(default_prices().unwrap().len() > 40);
+    }
+
+    #[test]
+    fn dated_and_prefixed_models_find_their_family() {
+        let book = book();
+        assert_eq!(
+            book.price_of("gpt-4o-2024-08-06", None).unwrap().model,
+            "gpt-4o"
+        );
+        assert_eq!(
+            book.price_of("gpt-4o-mini-2024-07-18", None).unwrap().model,
+            "gpt-4o-mini"
+        );
+        assert_eq!(
+            book.price_of("openai/gpt-4o", None).unwrap().model,
+            "gpt-4o"
+        );
+        assert!(book.price_of("llama-3", None).is_none());
+    }
+
+    #[test]
+    fn image_prices_follow_quality_and_size() {
+        let book = book();
+        let hd = ImageSpec {
+            size: Some("1024x1792".into()),
+            quality: Some("hd".into()),
+        };
+        assert_eq!(
+            book.price_of("dall-e-3", Some(&hd))
+                .unwrap()
+                .per_image_nanos,
+            Some(120_000_000)
+        );
+        let small = ImageSpec {
+            size: Some("256x256".into()),
+            quality: None,
+        };
+        assert_eq!(
+            book.price_of("dall-e-2", Some(&small))
+                .unwrap()
+                .per_image_nanos,
+            Some(16_000_000)
+        );
+        assert_eq!(
+            book.price_of("dall-e-3", Some(&ImageSpec::default()))
+                .unwrap()
+                .per_image_nanos,
+            Some(40_000_000)
+        );
+    }
+
+    #[test]
+    fn each_part_is_billed_at_its_own_price() {
+        let price = book().price_of("gpt-4o", None).unwrap();
+        let usage = Usage {
+            prompt_tokens: 1000,
+            cached_tokens: 400,
+            completion_tokens: 200,
+            reasoning_tokens: 50,
+            ..Usage::default()
+        };
+        // 600 × 2.5 + 400 × 1.25 + 150 × 10 + 50 × 10 (reasoning falls back to output), per M.
+        let expected = (600.0 * 2.5 + 400.0 * 1.25 + 150.0 * 10.0 + 50.0 * 10.0) * 1000.0;
+        assert_eq!(cost_nanos(&usage, &price), expected as i64);
+    }
+
+    #[test]
+    fn audio_and_speech_are_billed_by_second_and_character() {
+        let book = book();
+        let whisper = book.price_of("whisper-1", None).unwrap();
+        let usage = Usage {
+            audio_seconds: 90.0,
+            ..Usage::default()
+        };
+        assert_eq!(cost_nanos(&usage, &whisper), 9_000_000);
+        let tts = book.price_of("tts-1", None).unwrap();
+        let usage = Usage {
+            characters: 1000,
+            ..Usage::default()
+        };
+        assert_eq!(cost_nanos(&usage, &tts), 15_000_000);
+    }
+}
