@@ -48,6 +48,22 @@ fn announce_admin_token(token: &str, path: &std::path::Path) {
     }
 }
 
+/// Waits for SIGTERM or SIGINT; returns which.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM and SIGINT; stop the process by other means");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
@@ -179,6 +195,9 @@ impl Application {
                 .wrap(TracingLogger::<RequestSpan>::new())
         })
         .listen(listener)?
+        // Signals are ours (see `run_until_stopped`): actix-server would stop the whole actix
+        // system after draining, before metering could write what the last calls used.
+        .disable_signals()
         .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
@@ -199,7 +218,17 @@ impl Application {
     /// Serves until SIGTERM or SIGINT, then drains in-flight calls (bounded by
     /// `server.shutdown_timeout_secs`) and writes what they used and logged.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await?;
+        let handle = self.server.handle();
+        let mut server = self.server;
+        tokio::select! {
+            served = &mut server => served?,
+            signal = stop_signal() => {
+                tracing::info!(signal, "stopping: no new connections; draining calls in flight");
+                // The server future carries the stop out, so it is polled while stopping.
+                actix_web::rt::spawn(handle.stop(true));
+                server.await?;
+            }
+        }
         self.metering.flush().await;
         tracing::info!("switchyard stopped");
         Ok(())

@@ -109,10 +109,14 @@ impl Metering {
         let report = match tokio::time::timeout(self.flush_for + Duration::from_secs(1), sent).await
         {
             Ok(Ok(report)) => report,
-            _ => FlushReport {
-                usage_left: usize::MAX,
-                logs_left: usize::MAX,
-            },
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "metering's writers are gone: what they held is lost");
+                return FlushReport::default();
+            }
+            Err(_) => {
+                tracing::error!("the final write of usage and logs did not finish in time");
+                return FlushReport::default();
+            }
         };
         if report == FlushReport::default() {
             tracing::info!("usage and request logs written");

@@ -297,6 +297,18 @@ impl TestApp {
             .expect("chat call")
     }
 
+    /// A running server (say, a child process) seen through the helpers.
+    pub fn attach(address: &str, admin_token: &str, master_key: &str, database_url: &str) -> Self {
+        TestApp {
+            address: address.to_owned(),
+            admin_token: admin_token.to_owned(),
+            master_key: master_key.to_owned(),
+            database_url: database_url.to_owned(),
+            http: reqwest::Client::new(),
+            _dir: None,
+        }
+    }
+
     /// The storage layer on the same database, to check what is stored.
     pub fn db(&self) -> switchyard::db::Db {
         let settings = test_settings(&self.database_url, &self.admin_token, &self.master_key);

@@ -8,6 +8,7 @@ mod admin_users;
 mod auth;
 mod cluster;
 mod helpers;
+mod metering;
 mod mock_upstream;
 mod openai_sdk;
 mod operations;

@@ -10,6 +10,11 @@
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
+//! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
+//! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
+//!
+//! Embeddings report 8 prompt tokens; images answer `n` images; speech answers audio bytes;
+//! transcriptions report 30 seconds of audio.
 
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -126,7 +131,28 @@ async fn handle(
         content_type,
     });
     if req.path().ends_with("/audio/transcriptions") {
-        return HttpResponse::Ok().json(json!({"text": "hello from the mock"}));
+        return HttpResponse::Ok().json(
+            json!({"text": "hello from the mock", "usage": {"type": "duration", "seconds": 30}}),
+        );
+    }
+    if req.path().ends_with("/embeddings") {
+        return HttpResponse::Ok().json(json!({
+            "object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+            "usage": {"prompt_tokens": 8, "total_tokens": 8},
+        }));
+    }
+    if req.path().ends_with("/images/generations") {
+        let n = body["n"].as_u64().unwrap_or(1);
+        let data: Vec<Value> = (0..n)
+            .map(|i| json!({"url": format!("https://images.example/{i}.png")}))
+            .collect();
+        return HttpResponse::Ok().json(json!({"created": 1, "data": data}));
+    }
+    if req.path().ends_with("/audio/speech") {
+        return HttpResponse::Ok()
+            .content_type("audio/mpeg")
+            .body(vec![0xffu8; 4096]);
     }
     let model = body["model"].as_str().unwrap_or("none").to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
@@ -179,14 +205,29 @@ async fn handle(
     } else {
         (5, 1)
     };
-    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+    let usage = if secret.starts_with("usage") {
+        json!({"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
+               "prompt_tokens_details": {"cached_tokens": 400},
+               "completion_tokens_details": {"reasoning_tokens": 50}})
+    } else {
+        json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    };
     if stream {
+        // As OpenAI does: with usage asked for, every other chunk carries `"usage": null`.
+        let include_usage = body["stream_options"]["include_usage"] == json!(true);
+        let event = |content: &str, finish: Option<&str>| {
+            let mut event = chunk(&model, content, finish);
+            if include_usage {
+                event["usage"] = Value::Null;
+            }
+            Ok(sse(&event))
+        };
         let mut chunks: Vec<Result<Bytes, std::io::Error>> = vec![
-            Ok(sse(&chunk(&model, "Hel", None))),
-            Ok(sse(&chunk(&model, "lo", None))),
-            Ok(sse(&chunk(&model, "", Some("stop")))),
+            event("Hel", None),
+            event("lo", None),
+            event("", Some("stop")),
         ];
-        if body["stream_options"]["include_usage"] == json!(true) {
+        if include_usage {
             chunks.push(Ok(sse(&json!({
                 "id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
                 "model": model, "choices": [], "usage": usage,

@@ -17,15 +17,15 @@ use crate::helpers::{
 use crate::on_both_backends;
 
 /// A `switchyard serve` child process with its output going to a file.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    address: String,
+    pub(crate) address: String,
     log_path: std::path::PathBuf,
 }
 
 impl Server {
     /// Starts the binary in `dir` with `env` (and a fresh port), waiting until `/healthz` answers.
-    async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+    pub(crate) async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let log_path = dir.join(format!("switchyard-{port}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -70,7 +70,7 @@ impl Server {
     }
 
     /// Sends SIGTERM and returns the exit status.
-    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);

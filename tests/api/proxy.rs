@@ -51,7 +51,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_stream(backend: Backend)
     }
 }
 
-fn transcription_form(model: &str) -> reqwest::multipart::Form {
+pub(crate) fn transcription_form(model: &str) -> reqwest::multipart::Form {
     let audio = reqwest::multipart::Part::bytes(b"RIFF\x00\x01fake-wave".to_vec())
         .file_name("a.wav")
         .mime_str("audio/wav")

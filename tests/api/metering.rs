@@ -1,0 +1,690 @@
+//! Metering: exact usage and cost for every kind of call, the usage event hidden from clients
+//! that did not ask for it, partial streams, failed attempts, the budget, `/metrics`, and usage
+//! that survives a SIGTERM and a database outage.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    assert_error, fresh_database_url, into_json, pg_admin_url, spawn_app_with, Backend, TestApp,
+};
+use crate::mock_upstream::MockUpstream;
+use crate::on_both_backends;
+use crate::operations::Server;
+use crate::proxy::transcription_form;
+
+on_both_backends!(
+    json_calls_are_metered_exactly,
+    a_stream_is_metered_and_its_usage_hidden_unless_asked,
+    embeddings_images_and_audio_are_metered,
+    an_aborted_stream_is_metered_as_partial,
+    a_failed_attempt_costs_nothing_but_is_logged,
+    the_budget_is_enforced_from_metered_spend,
+    metrics_are_exported,
+    usage_survives_sigterm_right_after_the_calls,
+    usage_survives_a_database_outage,
+);
+
+/// An app that writes its usage every 50 ms, so tests wait little.
+async fn metered_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, &[("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "50")]).await
+}
+
+async fn set_price(app: &TestApp, model: &str, price: Value) {
+    let (status, body) = app
+        .admin_json(Method::PUT, &format!("/admin/prices/{model}"), Some(price))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Polls `/admin/usage` (`query` without `?`) until its rows count `requests` calls in all.
+async fn usage_rows(app: &TestApp, query: &str, requests: i64) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = app
+            .admin_json(Method::GET, &format!("/admin/usage?{query}"), None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let rows = body["data"].as_array().unwrap().clone();
+        let total: i64 = rows.iter().map(|r| r["requests"].as_i64().unwrap()).sum();
+        if total == requests {
+            return rows;
+        }
+        assert!(total < requests, "more usage than calls: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "usage never reached {requests}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `/admin/logs` for `user_id` until it holds `n` entries.
+async fn log_entries(app: &TestApp, user_id: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = app
+            .admin_json(Method::GET, &format!("/admin/logs?user_id={user_id}"), None)
+            .await;
+        let entries = body["data"].as_array().unwrap().clone();
+        if entries.len() == n {
+            return entries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} log entries: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn hello(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+/// A user and key, an upstream answering with `secret`, and the test prices: `metered-model`
+/// at 2 in, 8 out, 0.5 cached in, 16 reasoning (USD per million tokens).
+async fn setup(app: &TestApp, secret: &str) -> (MockUpstream, String, String) {
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": secret}))
+        .await;
+    set_price(
+        app,
+        "metered-model",
+        json!({"input_per_mtok": 2, "output_per_mtok": 8, "cached_input_per_mtok": 0.5,
+               "reasoning_per_mtok": 16}),
+    )
+    .await;
+    let (user_id, key) = app.user_with_key().await;
+    (mock, user_id, key)
+}
+
+/// One `usage` call at the test prices: (1000 - 400) × 2 + 400 × 0.5 + (200 - 50) × 8 +
+/// 50 × 16 = 3400 per million tokens.
+const USAGE_CALL_USD: f64 = 0.0034;
+
+async fn json_calls_are_metered_exactly(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "usage-a").await;
+    for _ in 0..3 {
+        let response = app.chat(&key, hello("metered-model")).await;
+        assert_eq!(response.status(), 200);
+    }
+    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 3).await;
+    assert_eq!(
+        rows,
+        [
+            json!({"model": "metered-model", "requests": 3, "prompt_tokens": 3000,
+                "completion_tokens": 600, "reasoning_tokens": 150, "cached_tokens": 1200,
+                "cost_usd": 0.0102})
+        ]
+    );
+    let (_, by_user) = app
+        .admin_json(Method::GET, "/admin/usage?group_by=user", None)
+        .await;
+    assert_eq!(by_user["data"][0]["user_id"], json!(user_id));
+    assert_eq!(by_user["data"][0]["requests"], 3);
+    let (_, by_day) = app
+        .admin_json(
+            Method::GET,
+            "/admin/usage?group_by=day&since=2000-01-01",
+            None,
+        )
+        .await;
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(by_day["data"][0]["day"], json!(today));
+    let (_, none) = app
+        .admin_json(Method::GET, "/admin/usage?until=2000-01-01", None)
+        .await;
+    assert_eq!(none["data"], json!([]));
+    assert_error(
+        app.admin_json(Method::GET, "/admin/usage?group_by=hour", None)
+            .await,
+        400,
+        "invalid_request",
+    );
+
+    let entries = log_entries(&app, &user_id, 3).await;
+    for entry in &entries {
+        assert_eq!(entry["status"], 200);
+        assert_eq!(entry["model"], "metered-model");
+        assert_eq!(entry["upstream_model"], "metered-model");
+        assert_eq!(entry["level"], 1);
+        assert_eq!(entry["attempts"], 1);
+        assert_eq!(entry["prompt_tokens"], 1000);
+        assert_eq!(entry["completion_tokens"], 200);
+        assert_eq!(entry["cost_usd"], json!(USAGE_CALL_USD));
+        assert_eq!(entry["partial"], false);
+        assert!(entry["upstream_key_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("upk_"));
+        assert!(entry["latency_ms"].as_i64().unwrap() >= 0);
+        assert!(entry["ttfb_ms"].is_i64());
+        assert!(
+            !entry.to_string().contains("usage-a"),
+            "a secret in a log entry"
+        );
+    }
+    let times: Vec<&str> = entries.iter().map(|e| e["ts"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(times, sorted, "newest first");
+    let (_, limited) = app
+        .admin_json(
+            Method::GET,
+            &format!("/admin/logs?user_id={user_id}&limit=2"),
+            None,
+        )
+        .await;
+    assert_eq!(limited["data"].as_array().unwrap().len(), 2);
+    assert_eq!(limited["has_more"], true);
+
+    // The user's spend is what was metered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, user) = app
+            .admin_json(Method::GET, &format!("/admin/users/{user_id}"), None)
+            .await;
+        if user["spent_usd"] == json!(0.0102) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spend never reached 0.0102: {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn a_stream_is_metered_and_its_usage_hidden_unless_asked(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (mock, user_id, key) = setup(&app, "usage-s").await;
+    let mut body = hello("metered-model");
+    body["stream"] = json!(true);
+    let text = app.chat(&key, body.clone()).await.text().await.unwrap();
+    // The provider was asked for the usage; the client, which did not ask, sees none of it.
+    assert_eq!(
+        mock.calls()[0].body["stream_options"]["include_usage"],
+        json!(true)
+    );
+    assert!(!text.contains("usage"), "{text}");
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 4, "three chunks and [DONE]: {text}");
+    assert_eq!(events[3], "data: [DONE]");
+
+    // A client that asks gets the usage event.
+    body["stream_options"] = json!({"include_usage": true});
+    let text = app.chat(&key, body).await.text().await.unwrap();
+    assert!(text.contains(r#""prompt_tokens":1000"#), "{text}");
+
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 2).await;
+    assert_eq!(rows[0]["prompt_tokens"], 2000);
+    assert_eq!(rows[0]["completion_tokens"], 400);
+    assert_eq!(rows[0]["cost_usd"], json!(2.0 * USAGE_CALL_USD));
+}
+
+async fn embeddings_images_and_audio_are_metered(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "ok-media").await;
+    set_price(
+        &app,
+        "embed-model",
+        json!({"input_per_mtok": 0.1, "output_per_mtok": 0}),
+    )
+    .await;
+    set_price(
+        &app,
+        "image-model",
+        json!({"input_per_mtok": 0, "output_per_mtok": 0, "per_image": 0.04}),
+    )
+    .await;
+    set_price(
+        &app,
+        "image-model:hd:1024x1792",
+        json!({"input_per_mtok": 0, "output_per_mtok": 0, "per_image": 0.12}),
+    )
+    .await;
+    set_price(
+        &app,
+        "voice-model",
+        json!({"input_per_mtok": 15, "output_per_mtok": 0}),
+    )
+    .await;
+    set_price(
+        &app,
+        "listen-model",
+        json!({"input_per_mtok": 0, "output_per_mtok": 0, "per_audio_second": 0.0001}),
+    )
+    .await;
+    let post = |path: &str, body: Value| {
+        app.http
+            .post(format!("{}{path}", app.address))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let mut request_ids = Vec::new();
+    for (path, body) in [
+        (
+            "/v1/embeddings",
+            json!({"model": "embed-model", "input": "abc"}),
+        ),
+        (
+            "/v1/images/generations",
+            json!({"model": "image-model", "prompt": "a cat", "n": 2, "size": "1024x1792", "quality": "hd"}),
+        ),
+        (
+            "/v1/images/generations",
+            json!({"model": "image-model", "prompt": "a dog"}),
+        ),
+        (
+            "/v1/audio/speech",
+            json!({"model": "voice-model", "input": "Hello there", "voice": "alloy"}),
+        ),
+    ] {
+        let response = post(path, body).await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        request_ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        response.bytes().await.unwrap();
+    }
+    let response = app
+        .http
+        .post(format!("{}/v1/audio/transcriptions", app.address))
+        .bearer_auth(&key)
+        .multipart(transcription_form("listen-model"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    request_ids.push(
+        response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned(),
+    );
+
+    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 5).await;
+    let row = |model: &str| rows.iter().find(|r| r["model"] == model).unwrap().clone();
+    assert_eq!(row("embed-model")["prompt_tokens"], 8);
+    assert_eq!(row("embed-model")["cost_usd"], json!(0.0000008));
+    assert_eq!(row("image-model")["requests"], 2);
+    assert_eq!(
+        row("image-model")["cost_usd"],
+        json!(0.28),
+        "2 × 0.12 + 0.04"
+    );
+    assert_eq!(
+        row("voice-model")["cost_usd"],
+        json!(0.000165),
+        "11 characters at 15 per million"
+    );
+    assert_eq!(
+        row("listen-model")["cost_usd"],
+        json!(0.003),
+        "30 s at 0.0001"
+    );
+
+    let db = app.db();
+    let stored = |i: usize| {
+        let (db, id) = (db.clone(), request_ids[i].clone());
+        async move { switchyard::db::repo::usage::get(&db, &id).await.unwrap() }
+    };
+    assert_eq!(stored(1).await.images, 2);
+    assert_eq!(stored(2).await.images, 1);
+    assert_eq!(stored(3).await.characters, 11);
+    assert_eq!(stored(4).await.audio_seconds, 30.0);
+}
+
+async fn an_aborted_stream_is_metered_as_partial(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "drip-a").await;
+    let mut body = hello("gpt-4o");
+    body["stream"] = json!(true);
+    let mut response = app.chat(&key, body).await;
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().expect("a first chunk");
+    assert!(String::from_utf8_lossy(&first).contains("\"x\""));
+    drop(response);
+
+    let entries = log_entries(&app, &user_id, 1).await;
+    assert_eq!(entries[0]["status"], 200);
+    assert_eq!(entries[0]["partial"], true);
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 1).await;
+    // "Hello" is one token, with 4 for its message and 3 for the reply; each delivered chunk
+    // is one "x", and far fewer than the 50 of the whole stream were delivered.
+    assert_eq!(rows[0]["prompt_tokens"], 8);
+    let completion = rows[0]["completion_tokens"].as_i64().unwrap();
+    assert!((1..50).contains(&completion), "{completion}");
+    assert!(rows[0]["cost_usd"].as_f64().unwrap() > 0.0);
+}
+
+async fn a_failed_attempt_costs_nothing_but_is_logged(backend: Backend) {
+    let app = metered_app(backend).await;
+    let mock = MockUpstream::start();
+    let refused = app
+        .add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "r429-a", "level": 1}))
+        .await;
+    let answered = app
+        .add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "usage-b", "level": 2}))
+        .await;
+    set_price(&app, "metered-model", json!({"input_per_mtok": 2, "output_per_mtok": 8, "cached_input_per_mtok": 0.5, "reasoning_per_mtok": 16})).await;
+    let user = app.create_user(json!({"fallback_levels": [2]})).await;
+    let user_id = user["id"].as_str().unwrap();
+    let (_, key) = app.create_key(user_id, json!({})).await;
+    assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+
+    let entries = log_entries(&app, user_id, 1).await;
+    assert_eq!(entries[0]["attempts"], 2);
+    assert_eq!(entries[0]["level"], 2);
+    assert_eq!(entries[0]["upstream_key_id"], json!(answered));
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 1).await;
+    assert_eq!(
+        rows[0]["cost_usd"],
+        json!(USAGE_CALL_USD),
+        "only the answer is billed"
+    );
+    let metrics = scrape(&app).await;
+    assert!(
+        has_sample(
+            &metrics,
+            "switchyard_upstream_attempts_total",
+            &[
+                &format!("upstream_key_id=\"{refused}\""),
+                "outcome=\"rate_limited\""
+            ],
+            "1"
+        ),
+        "{metrics}"
+    );
+    assert!(has_sample(
+        &metrics,
+        "switchyard_upstream_attempts_total",
+        &[
+            &format!("upstream_key_id=\"{answered}\""),
+            "outcome=\"answered\""
+        ],
+        "1"
+    ));
+}
+
+async fn the_budget_is_enforced_from_metered_spend(backend: Backend) {
+    let app = metered_app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "usage-c"}))
+        .await;
+    // 1000 prompt tokens at 1000 USD per million: 1 USD a call, against a 1.5 USD limit.
+    set_price(
+        &app,
+        "pricey",
+        json!({"input_per_mtok": 1000, "output_per_mtok": 0}),
+    )
+    .await;
+    let user = app.create_user(json!({"spend_limit_usd": 1.5})).await;
+    let user_id = user["id"].as_str().unwrap();
+    let (_, key) = app.create_key(user_id, json!({})).await;
+    assert_eq!(app.chat(&key, hello("pricey")).await.status(), 200);
+    assert_eq!(app.chat(&key, hello("pricey")).await.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = into_json(app.chat(&key, hello("pricey")).await).await;
+        if status == 402 {
+            assert_error((status, body), 402, "budget_exceeded");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was never enforced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The refusal is logged with its code.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, logs) = app
+            .admin_json(
+                Method::GET,
+                &format!("/admin/logs?user_id={user_id}&status=402"),
+                None,
+            )
+            .await;
+        if let Some(entry) = logs["data"].as_array().unwrap().first() {
+            assert_eq!(entry["error_code"], "budget_exceeded");
+            assert_eq!(entry["cost_usd"], json!(0.0));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refusal was never logged");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn scrape(app: &TestApp) -> String {
+    let response = app
+        .http
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    response.text().await.unwrap()
+}
+
+/// Whether `metrics` has a sample of `name` with every label in `labels` and `value`.
+fn has_sample(metrics: &str, name: &str, labels: &[&str], value: &str) -> bool {
+    metrics.lines().any(|line| {
+        line.starts_with(&format!("{name}{{"))
+            && labels.iter().all(|l| line.contains(l))
+            && line.rsplit(' ').next() == Some(value)
+    })
+}
+
+async fn metrics_are_exported(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "usage-m").await;
+    for _ in 0..2 {
+        assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+    }
+    usage_rows(&app, &format!("user_id={user_id}"), 2).await;
+    let metrics = scrape(&app).await;
+    let route = "route=\"/v1/chat/completions\"";
+    assert!(
+        has_sample(
+            &metrics,
+            "switchyard_calls_total",
+            &[route, "model=\"metered-model\"", "status=\"200\""],
+            "2"
+        ),
+        "{metrics}"
+    );
+    assert!(has_sample(
+        &metrics,
+        "switchyard_call_duration_seconds_count",
+        &[route],
+        "2"
+    ));
+    assert!(has_sample(
+        &metrics,
+        "switchyard_time_to_first_byte_seconds_count",
+        &[route],
+        "2"
+    ));
+    assert!(has_sample(
+        &metrics,
+        "switchyard_tokens_total",
+        &["model=\"metered-model\"", "kind=\"prompt\""],
+        "2000"
+    ));
+    assert!(has_sample(
+        &metrics,
+        "switchyard_tokens_total",
+        &["kind=\"reasoning\""],
+        "100"
+    ));
+    assert!(has_sample(
+        &metrics,
+        "switchyard_cost_usd_total",
+        &["model=\"metered-model\""],
+        "0.0068"
+    ));
+    assert!(has_sample(
+        &metrics,
+        "switchyard_cache_lookups_total",
+        &["cache=\"user_keys\"", "result=\"hit\""],
+        "1"
+    ));
+    assert!(metrics.contains("switchyard_queue_depth{queue=\"usage\"}"));
+    assert!(!metrics.contains("usage-m"), "a secret in the metrics");
+}
+
+/// Counts a user's usage rows and log entries straight from the database.
+async fn stored_counts(db: &switchyard::db::Db, user_id: &str) -> (i64, usize) {
+    use switchyard::db::repo;
+    let filter = repo::usage::UsageFilter {
+        user_id: Some(user_id.to_owned()),
+        ..Default::default()
+    };
+    let usage: i64 = repo::usage::summary(db, &filter, repo::usage::GroupBy::User)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.requests)
+        .sum();
+    let logs = repo::logs::LogFilter {
+        user_id: Some(user_id.to_owned()),
+        status: None,
+    };
+    let page = repo::Page {
+        limit: 1000,
+        offset: 0,
+    };
+    let (entries, _) = repo::logs::list(db, &logs, page).await.unwrap();
+    (usage, entries.len())
+}
+
+async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
+    let (database_url, dir) = fresh_database_url(backend).await;
+    let dir = dir.unwrap_or_else(crate::helpers::tempdir::Dir::new);
+    let token = format!("admin-{}", uuid::Uuid::new_v4().simple());
+    let master_key = switchyard::crypto::MasterKey::generate_base64().unwrap();
+    // Nothing is written on a timer: only the shutdown flush can store these calls.
+    let env = [
+        ("SWITCHYARD_DATABASE_URL", database_url.as_str()),
+        ("SWITCHYARD_ADMIN_TOKEN", token.as_str()),
+        ("SWITCHYARD_MASTER_KEY", master_key.as_str()),
+        ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "600000"),
+    ];
+    let server = Server::start(dir.path(), &env).await;
+    let app = TestApp::attach(&server.address, &token, &master_key, &database_url);
+    let (_mock, user_id, key) = setup(&app, "usage-t").await;
+    let calls = (0..20).map(|_| app.chat(&key, hello("metered-model")));
+    for response in futures_util::future::join_all(calls).await {
+        assert_eq!(response.status(), 200);
+    }
+    let (status, log) = server.terminate();
+    assert!(status.success(), "exit status {status}: {log}");
+    assert_eq!(stored_counts(&app.db(), &user_id).await, (20, 20), "{log}");
+    let (_, usage) = (
+        (),
+        switchyard::db::repo::usage::summary(
+            &app.db(),
+            &switchyard::db::repo::usage::UsageFilter::default(),
+            switchyard::db::repo::usage::GroupBy::Model,
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(usage[0].cost_nanos, 20 * 3_400_000);
+}
+
+/// A database made unreachable: PostgreSQL refusing connections to it (and its open ones cut),
+/// or SQLite's write lock held by another connection.
+enum Outage {
+    Postgres(Box<diesel_async::AsyncPgConnection>, String),
+    Sqlite(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>),
+}
+
+impl Outage {
+    async fn begin(backend: Backend, database_url: &str) -> Outage {
+        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+        match backend {
+            Backend::Postgres => {
+                let name = database_url.rsplit('/').next().unwrap().to_owned();
+                let mut admin = diesel_async::AsyncPgConnection::establish(&pg_admin_url())
+                    .await
+                    .unwrap();
+                admin
+                    .batch_execute(&format!(
+                        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+                         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+                    ))
+                    .await
+                    .unwrap();
+                Outage::Postgres(Box::new(admin), name)
+            }
+            Backend::Sqlite => {
+                use diesel::connection::SimpleConnection;
+                use diesel::Connection;
+                let path = database_url.strip_prefix("sqlite://").unwrap().to_owned();
+                let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+                let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+                let holder = std::thread::spawn(move || {
+                    let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+                    conn.batch_execute("BEGIN EXCLUSIVE").unwrap();
+                    locked_tx.send(()).unwrap();
+                    let _ = release_rx.recv();
+                    conn.batch_execute("ROLLBACK").unwrap();
+                });
+                locked_rx.recv().unwrap();
+                Outage::Sqlite(release_tx, holder)
+            }
+        }
+    }
+
+    async fn end(self) {
+        use diesel_async::SimpleAsyncConnection;
+        match self {
+            Outage::Postgres(mut admin, name) => admin
+                .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+                .await
+                .unwrap(),
+            Outage::Sqlite(release, holder) => {
+                release.send(()).unwrap();
+                tokio::task::spawn_blocking(move || holder.join().unwrap())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
+async fn usage_survives_a_database_outage(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "usage-o").await;
+    // One call before, so the key and the user are in the caches the outage cannot reach.
+    assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+    usage_rows(&app, &format!("user_id={user_id}"), 1).await;
+
+    let outage = Outage::begin(backend, &app.database_url).await;
+    for _ in 0..10 {
+        assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long enough for writes to fail (SQLite's busy timeout is 5 s) and be retried.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    outage.end().await;
+
+    // Everything lands once the database is back, and nothing twice.
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 11).await;
+    assert_eq!(rows[0]["prompt_tokens"], 11_000);
+    assert_eq!(rows[0]["cost_usd"], json!(0.0374), "11 calls at 0.0034");
+    log_entries(&app, &user_id, 11).await;
+}
