@@ -334,9 +334,10 @@ pub struct UsageRow {
     pub partial: bool,
 }
 
-/// A `request_logs` row: one client call.
+/// A `request_logs` row: one client call. `None` is written as NULL, not as the column's
+/// default, so a batch of rows is one multi-row insert on SQLite too.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = request_logs)]
+#[diesel(table_name = request_logs, treat_none_as_default_value = false)]
 pub struct LogRow {
     pub id: String,
     pub ts: NaiveDateTime,

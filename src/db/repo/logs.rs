@@ -2,7 +2,7 @@
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 
 use super::{split_page, Page};
 use crate::db::models::LogRow;
@@ -27,20 +27,29 @@ pub async fn insert_batch(db: &Db, rows: &[LogRow]) -> Result<usize, DbError> {
                 .await?)
         }
         Db::Sqlite(pool) => {
+            // Synchronous diesel on the blocking pool writes one multi-row insert, which
+            // diesel-async's SQLite wrapper cannot.
             let mut conn = pool.get().await?;
-            conn.transaction::<_, DbError, _>(async |conn| {
-                let mut inserted = 0;
-                for row in rows {
-                    inserted += diesel::insert_into(request_logs::table)
-                        .values(row)
-                        .on_conflict_do_nothing()
-                        .execute(conn)
-                        .await?;
-                }
-                Ok(inserted)
-            })
-            .await
+            let rows = rows.to_vec();
+            Ok(conn
+                .spawn_blocking(move |conn| sqlite::insert_batch(conn, &rows))
+                .await?)
         }
+    }
+}
+
+/// The SQLite side of [`insert_batch`], in synchronous diesel (its own trait imports).
+mod sqlite {
+    use diesel::prelude::*;
+
+    use crate::db::models::LogRow;
+    use crate::db::schema::request_logs;
+
+    pub fn insert_batch(conn: &mut SqliteConnection, rows: &[LogRow]) -> QueryResult<usize> {
+        diesel::insert_into(request_logs::table)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .execute(conn)
     }
 }
 

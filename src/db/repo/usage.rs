@@ -23,9 +23,11 @@ pub struct SpendWritten {
 }
 
 /// Adds the cost of the rows just inserted to their users' spend and reads back the totals of
-/// every user in the batch. Expanded once per backend, inside the batch's transaction.
+/// every user in the batch, inside the batch's transaction. Expanded once per backend: with
+/// `.await` after each query for PostgreSQL's async connection, with nothing for SQLite's, which
+/// runs whole on the blocking pool.
 macro_rules! add_spend {
-    ($conn:expr, $rows:expr, $new_ids:expr, $user_ids:expr) => {{
+    ($conn:expr, $rows:expr, $new_ids:expr, $user_ids:expr $(, $suffix:tt)*) => {{
         let new: HashSet<&str> = $new_ids.iter().map(String::as_str).collect();
         let mut added: BTreeMap<&str, i64> = BTreeMap::new();
         for row in $rows.iter().filter(|r| new.contains(r.request_id.as_str())) {
@@ -34,15 +36,13 @@ macro_rules! add_spend {
         for (user, nanos) in added.iter().filter(|(_, n)| **n != 0) {
             diesel::update(users::table.find(*user))
                 .set(users::spent_nanos.eq(users::spent_nanos + *nanos))
-                .execute($conn)
-                .await?;
+                .execute($conn) $($suffix)* ?;
         }
         let totals: Vec<(String, i64)> = users::table
             .filter(users::id.eq_any($user_ids))
             .select((users::id, users::spent_nanos))
-            .load($conn)
-            .await?;
-        Ok::<_, DbError>((totals, $new_ids.len()))
+            .load($conn) $($suffix)* ?;
+        Ok((totals, $new_ids.len()))
     }};
 }
 
@@ -72,27 +72,17 @@ pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, Db
                     .returning(usage_records::request_id)
                     .get_results(conn)
                     .await?;
-                add_spend!(conn, rows, new_ids, user_ids)
+                add_spend!(conn, rows, new_ids, user_ids, ., await)
             })
             .await?
         }
         Db::Sqlite(pool) => {
+            // Synchronous diesel on the blocking pool: it writes the batch as one multi-row
+            // insert (diesel-async's SQLite wrapper cannot), under a write lock taken up front.
             let mut conn = pool.get().await?;
-            conn.transaction::<_, DbError, _>(async |conn| {
-                let mut new_ids = Vec::with_capacity(rows.len());
-                for row in rows {
-                    let inserted = diesel::insert_into(usage_records::table)
-                        .values(row)
-                        .on_conflict_do_nothing()
-                        .execute(conn)
-                        .await?;
-                    if inserted == 1 {
-                        new_ids.push(row.request_id.clone());
-                    }
-                }
-                add_spend!(conn, rows, new_ids, user_ids)
-            })
-            .await?
+            let (rows, user_ids) = (rows.to_vec(), user_ids.clone());
+            conn.spawn_blocking(move |conn| sqlite::insert_batch(conn, &rows, &user_ids))
+                .await?
         }
     };
     let totals: BTreeMap<String, i64> = totals.into_iter().collect();
@@ -104,6 +94,31 @@ pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, Db
             .collect(),
         inserted,
     })
+}
+
+/// The SQLite side of [`insert_batch`], in synchronous diesel (its own trait imports).
+mod sqlite {
+    use std::collections::{BTreeMap, HashSet};
+
+    use diesel::prelude::*;
+
+    use crate::db::models::UsageRow;
+    use crate::db::schema::{usage_records, users};
+
+    pub fn insert_batch(
+        conn: &mut SqliteConnection,
+        rows: &[UsageRow],
+        user_ids: &[String],
+    ) -> QueryResult<(Vec<(String, i64)>, usize)> {
+        conn.immediate_transaction(|conn| {
+            let new_ids: Vec<String> = diesel::insert_into(usage_records::table)
+                .values(rows)
+                .on_conflict_do_nothing()
+                .returning(usage_records::request_id)
+                .get_results(conn)?;
+            add_spend!(conn, rows, new_ids, user_ids)
+        })
+    }
 }
 
 /// Stored spend of `user_ids`.
