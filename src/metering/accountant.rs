@@ -246,7 +246,7 @@ impl UsageAccountant {
         if self.refreshing {
             return;
         }
-        let users = self.ledger.spend.users();
+        let users = self.ledger.spend.watched();
         if users.is_empty() {
             return;
         }

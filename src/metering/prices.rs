@@ -1,7 +1,7 @@
 //! What a call costs: the price table (seeded from `config/prices.toml`, overridden through
 //! `/admin/prices`), how a model finds its price, and the arithmetic, in whole nano-USD.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -93,46 +93,57 @@ pub fn cost_nanos(usage: &Usage, price: &Price) -> i64 {
     (tokens + images + audio).clamp(0, i64::MAX as i128) as i64
 }
 
-/// One entry of the shipped table, in USD.
-#[derive(Deserialize)]
+/// A model's prices in USD, as `PUT /admin/prices/{model}` and the shipped table give them.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Entry {
-    model: String,
-    input_per_mtok: f64,
-    output_per_mtok: f64,
-    cached_input_per_mtok: Option<f64>,
-    reasoning_per_mtok: Option<f64>,
-    per_image: Option<f64>,
-    per_audio_second: Option<f64>,
+pub struct PriceInUsd {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+    pub reasoning_per_mtok: Option<f64>,
+    pub per_image: Option<f64>,
+    pub per_audio_second: Option<f64>,
 }
 
+impl PriceInUsd {
+    /// The price of `model` in nano-USD, or which field is not a non-negative amount.
+    pub fn into_price(self, model: String) -> Result<Price, String> {
+        let nanos = |field: &str, usd: f64| {
+            usd_to_nanos(usd).ok_or_else(|| format!("{field} must be a non-negative number"))
+        };
+        let optional = |field: &str, usd: Option<f64>| usd.map(|v| nanos(field, v)).transpose();
+        Ok(Price {
+            input_per_mtok_nanos: nanos("input_per_mtok", self.input_per_mtok)?,
+            output_per_mtok_nanos: nanos("output_per_mtok", self.output_per_mtok)?,
+            cached_input_per_mtok_nanos: optional(
+                "cached_input_per_mtok",
+                self.cached_input_per_mtok,
+            )?,
+            reasoning_per_mtok_nanos: optional("reasoning_per_mtok", self.reasoning_per_mtok)?,
+            per_image_nanos: optional("per_image", self.per_image)?,
+            per_audio_second_nanos: optional("per_audio_second", self.per_audio_second)?,
+            model,
+            updated_at: now(),
+        })
+    }
+}
+
+/// The shipped table: `[prices."<model>"]` entries.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Table {
-    price: Vec<Entry>,
+    prices: BTreeMap<String, PriceInUsd>,
 }
 
 /// The shipped price table.
 pub fn default_prices() -> anyhow::Result<Vec<Price>> {
     let table: Table = toml::from_str(DEFAULT_PRICES)?;
-    let at = now();
-    let nanos = |usd: f64| {
-        usd_to_nanos(usd).ok_or_else(|| anyhow::anyhow!("a shipped price is not a valid amount"))
-    };
-    let optional = |usd: Option<f64>| usd.map(nanos).transpose();
     table
-        .price
+        .prices
         .into_iter()
-        .map(|e| {
-            Ok(Price {
-                input_per_mtok_nanos: nanos(e.input_per_mtok)?,
-                output_per_mtok_nanos: nanos(e.output_per_mtok)?,
-                cached_input_per_mtok_nanos: optional(e.cached_input_per_mtok)?,
-                reasoning_per_mtok_nanos: optional(e.reasoning_per_mtok)?,
-                per_image_nanos: optional(e.per_image)?,
-                per_audio_second_nanos: optional(e.per_audio_second)?,
-                model: e.model,
-                updated_at: at,
-            })
+        .map(|(model, usd)| {
+            usd.into_price(model.clone())
+                .map_err(|e| anyhow::anyhow!("shipped price of {model}: {e}"))
         })
         .collect()
 }

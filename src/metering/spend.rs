@@ -15,6 +15,8 @@ struct Spend {
     confirmed: i64,
     /// Metered here, not yet written.
     pending: i64,
+    /// A budget check read it: kept, and kept current from the other replicas.
+    watched: bool,
 }
 
 /// Spend per user, in nano-USD.
@@ -27,11 +29,12 @@ impl SpendBook {
     /// The user's spend for the budget check. `stored` is what the user's record said when it
     /// was loaded; the first check of a user adds it to the users this replica keeps current.
     pub fn spent(&self, user_id: &str, stored: i64) -> i64 {
-        if let Some(spend) = self.users.read().get(user_id) {
+        if let Some(spend) = self.users.read().get(user_id).filter(|s| s.watched) {
             return spend.confirmed.max(stored) + spend.pending;
         }
         let mut users = self.users.write();
         let spend = users.entry(user_id.to_owned()).or_default();
+        spend.watched = true;
         spend.confirmed = spend.confirmed.max(stored);
         spend.confirmed + spend.pending
     }
@@ -52,6 +55,10 @@ impl SpendBook {
         let spend = users.entry(user_id.to_owned()).or_default();
         spend.pending = (spend.pending - written).max(0);
         spend.confirmed = spend.confirmed.max(total);
+        // Users without a budget check are only held while they have spend in flight.
+        if !spend.watched && spend.pending == 0 {
+            users.remove(user_id);
+        }
     }
 
     /// The stored total as another replica (or the database) reports it.
@@ -61,9 +68,14 @@ impl SpendBook {
         }
     }
 
-    /// The users this replica keeps current.
-    pub fn users(&self) -> Vec<String> {
-        self.users.read().keys().cloned().collect()
+    /// The users whose budget this replica checks, to be kept current.
+    pub fn watched(&self) -> Vec<String> {
+        let users = self.users.read();
+        users
+            .iter()
+            .filter(|(_, s)| s.watched)
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 }
 
@@ -161,5 +173,15 @@ mod tests {
         assert_eq!(book.spent("u", 100), 400);
         book.refresh("u", 10);
         assert_eq!(book.spent("u", 100), 400);
+        assert_eq!(book.watched(), ["u"]);
+    }
+
+    #[test]
+    fn users_without_a_budget_check_are_not_kept() {
+        let book = SpendBook::default();
+        book.add_pending("v", 50);
+        book.confirm("v", 50, 50);
+        assert!(book.watched().is_empty());
+        assert!(book.users.read().is_empty());
     }
 }
