@@ -90,7 +90,8 @@ taskset -c 1 nginx -c "$WORK/proxy.conf" -p "$WORK"
 # Switchyard: one worker on CPU 1, SQLite, logging at info to a file, a user key, one upstream.
 ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM"
 (cd "$WORK" && SWITCHYARD_LISTEN="127.0.0.1:$SY_PORT" SWITCHYARD_ADMIN_TOKEN="$ADMIN_TOKEN" \
-  SWITCHYARD_DATABASE_URL="sqlite://$WORK/bench.db" SWITCHYARD_SERVER__WORKERS=1 \
+  SWITCHYARD_DATABASE_URL="${BENCH_DATABASE_URL:-sqlite://$WORK/bench.db}" SWITCHYARD_SERVER__WORKERS=1 \
+  SWITCHYARD_MASTER_KEY="${BENCH_MASTER_KEY:-}" \
   SWITCHYARD_LOG__LEVEL="${BENCH_LOG_LEVEL:-info}" SWITCHYARD_REDIS_URL="${BENCH_REDIS_URL:-}" \
   SWITCHYARD_REDIS__KEY_PREFIX="switchyard-bench-$RANDOM:" \
   taskset -c 1 "$BIN" serve > "$WORK/switchyard.log" 2>&1) &

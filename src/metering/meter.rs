@@ -71,12 +71,16 @@ impl CallMeter {
             .expect("a meter records until it is dropped")
     }
 
-    /// The call was read: the model asked for, the one sent, and the body.
-    pub fn call(&mut self, model: &str, upstream_model: &str, body: &Bytes) {
+    /// The call was read: the model asked for, the one sent, and the body, which is kept only
+    /// where the usage needs it (images asked, characters spoken, the prompt of a stream that
+    /// may be cut before its usage arrives).
+    pub fn call(&mut self, model: &str, upstream_model: &str, body: &Bytes, stream: bool) {
         let record = self.record();
         record.model = Some(model.to_owned());
         record.upstream_model = Some(upstream_model.to_owned());
-        record.request = body.clone();
+        if stream || matches!(record.endpoint, Endpoint::Images | Endpoint::Speech) {
+            record.request = body.clone();
+        }
     }
 
     /// Settles `ticket` with the answer's usage when the call ends.

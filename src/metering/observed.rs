@@ -1,7 +1,8 @@
-//! What was relayed of one answer, kept by reference (the relay's own `Bytes`, no copies) so the
-//! usage can be read off it later, in the background: the whole body of a JSON answer, and a
-//! stream's events (all of them up to a bound, then only its last few KiB, where the usage
-//! event sits).
+//! What was relayed of one answer, copied so the usage can be read off it later, in the
+//! background: the whole body of a JSON answer, and a stream's events (all of them up to a
+//! bound, then only its last few KiB, where the usage event sits). Copied, not referenced: a
+//! relayed chunk is a slice of the connection's read buffer, and holding it would hold that
+//! whole buffer until the accountant is done.
 
 use actix_web::web::Bytes;
 
@@ -33,8 +34,7 @@ pub struct Observed {
     pub stream: bool,
     /// Whether the body is text worth keeping (JSON, SSE, subtitles), not audio or images.
     keep: bool,
-    chunks: Vec<Bytes>,
-    kept: usize,
+    kept: Vec<u8>,
     /// The start of the body was dropped (a long stream) or all of it (a huge JSON answer).
     pub truncated: bool,
     pub ending: Ending,
@@ -59,23 +59,17 @@ impl Observed {
         if !self.keep || chunk.is_empty() {
             return;
         }
-        self.chunks.push(chunk.clone());
-        self.kept += chunk.len();
-        if self.kept <= MAX_KEPT && !self.truncated {
+        self.kept.extend_from_slice(chunk);
+        if self.kept.len() <= MAX_KEPT && !self.truncated {
             return;
         }
         self.truncated = true;
         if self.stream {
-            // Keep the newest chunks only, but never fewer than one.
-            let mut drop = 0;
-            while self.kept > STREAM_TAIL && drop + 1 < self.chunks.len() {
-                self.kept -= self.chunks[drop].len();
-                drop += 1;
-            }
-            self.chunks.drain(..drop);
+            // Keep the newest bytes only.
+            let excess = self.kept.len().saturating_sub(STREAM_TAIL);
+            self.kept.drain(..excess);
         } else {
-            self.chunks.clear();
-            self.kept = 0;
+            self.kept = Vec::new();
             self.keep = false;
         }
     }
@@ -94,13 +88,9 @@ impl Observed {
         matches!(self.ending, Ending::ClientGone | Ending::Broken)
     }
 
-    /// The kept body as one contiguous slice (copied only when it came in several chunks).
-    pub fn body(&self) -> std::borrow::Cow<'_, [u8]> {
-        match self.chunks.as_slice() {
-            [] => std::borrow::Cow::Borrowed(&[]),
-            [one] => std::borrow::Cow::Borrowed(one),
-            many => std::borrow::Cow::Owned(many.iter().flat_map(|c| c.iter().copied()).collect()),
-        }
+    /// The kept body.
+    pub fn body(&self) -> &[u8] {
+        &self.kept
     }
 }
 
@@ -119,7 +109,7 @@ mod tests {
         o.push(&Bytes::from_static(b"data: end\n\n"));
         assert!(o.truncated);
         assert!(o.body().ends_with(b"data: end\n\n"));
-        assert!(o.body().len() <= 1024 * 1024 + 64);
+        assert!(o.body().len() <= 16 * 1024);
     }
 
     #[test]

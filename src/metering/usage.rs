@@ -88,15 +88,15 @@ pub fn reported(endpoint: Endpoint, observed: &Observed) -> Option<Usage> {
         return None;
     }
     if observed.stream {
-        return data_events(&body)
+        return data_events(body)
             .filter_map(|event| serde_json::from_slice::<Answer>(event).ok())
             .filter_map(Answer::into_usage)
             .next_back();
     }
-    match serde_json::from_slice::<Answer>(&body) {
+    match serde_json::from_slice::<Answer>(body) {
         Ok(answer) => answer.into_usage(),
         // Transcriptions in `srt` or `vtt` format: the last cue's end is the audio's length.
-        Err(_) if endpoint == Endpoint::Transcriptions => subtitle_seconds(&body).map(|s| Usage {
+        Err(_) if endpoint == Endpoint::Transcriptions => subtitle_seconds(body).map(|s| Usage {
             audio_seconds: s,
             ..Usage::default()
         }),
@@ -126,7 +126,7 @@ pub fn measure(
             usage.get_or_insert_with(Usage::default).characters = characters;
         }
         Endpoint::Images if observed.succeeded() => {
-            let images = serde_json::from_slice::<ImagesAnswer>(&observed.body())
+            let images = serde_json::from_slice::<ImagesAnswer>(observed.body())
                 .ok()
                 .and_then(|a| a.data)
                 .map_or(0, |d| d.len() as i64);
@@ -165,9 +165,8 @@ fn request_json(request: &[u8]) -> Option<Value> {
 /// What a cut stream delivered: its prompt counted from the request and its completion from the
 /// text relayed before the cut.
 fn delivered(observed: &Observed, request: &[u8], model: &str) -> Usage {
-    let body = observed.body();
     let mut text = String::new();
-    for event in data_events(&body) {
+    for event in data_events(observed.body()) {
         if let Ok(delta) = serde_json::from_slice::<Delta>(event) {
             delta.append_text(&mut text);
         }

@@ -256,7 +256,7 @@ async fn forward(
             None => telemetry::record(span, [("model", &call.model)]),
         }
     }
-    meter.call(&call.model, call.upstream_model(), &call.body);
+    meter.call(&call.model, call.upstream_model(), &call.body, call.stream);
     access::admit_call(principal, &proxy.spend, req.path(), &call.model)
         .map_err(|e| refuse(&mut meter, e))?;
     let admitted = match Plan::for_call(&principal.user.id, &principal.rules, &call.model) {

@@ -1,5 +1,6 @@
 //! Limits shared through Redis: three replicas hold one user's rpm together, and a replica keeps
-//! serving on in-process limits while Redis is away, then goes back to it by itself.
+//! serving on in-process limits while Redis is away, then goes back to it by itself; a user's
+//! spend metered on one replica stops the user on another.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use crate::on_both_backends;
 on_both_backends!(
     three_replicas_hold_one_rpm_limit_together,
     serving_goes_on_without_redis_and_returns_to_it,
+    spend_is_shared_across_replicas_through_redis,
 );
 
 fn hello() -> Value {
@@ -177,4 +179,68 @@ async fn serving_goes_on_without_redis_and_returns_to_it(backend: Backend) {
     }
     assert_eq!(app.chat(&busy, hello()).await.status(), 200);
     assert_eq!(redis.keys().await, 1, "counting in Redis again");
+}
+
+async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
+    let (url, prefix) = (redis_url(), redis_prefix());
+    let env = [
+        ("SWITCHYARD_REDIS_URL", url.as_str()),
+        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
+        ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "50"),
+    ];
+    let first = spawn_app_with(backend, &env).await;
+    let mock = MockUpstream::start();
+    first
+        .add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "usage-a"}))
+        .await;
+    // The mock reports 1000 prompt tokens: 1 USD a call at this price, against 1.5 USD.
+    let (status, _) = first
+        .admin_json(
+            reqwest::Method::PUT,
+            "/admin/prices/pricey",
+            Some(json!({"input_per_mtok": 1000, "output_per_mtok": 0})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let user = first.create_user(json!({"spend_limit_usd": 1.5})).await;
+    let user_id = user["id"].as_str().unwrap();
+    let (_, key) = first.create_key(user_id, json!({})).await;
+    let second = spawn_replica(&first, &env).await;
+    let pricey = json!({"model": "pricey", "messages": [{"role": "user", "content": "hi"}]});
+
+    // The second replica serves (and caches) the user first: 1 USD spent there.
+    assert_eq!(second.chat(&key, pricey.clone()).await.status(), 200);
+    wait_for_spend(&first, user_id, 1.0).await;
+    // The first replica sees 1 USD, under the limit, and spends 1 more.
+    assert_eq!(first.chat(&key, pricey.clone()).await.status(), 200);
+    wait_for_spend(&first, user_id, 2.0).await;
+    // The second replica learns of it through Redis within its one-second refresh, though its
+    // own count says 1 USD.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_error(
+        into_json(second.chat(&key, pricey).await).await,
+        402,
+        "budget_exceeded",
+    );
+}
+
+async fn wait_for_spend(app: &TestApp, user_id: &str, usd: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, user) = app
+            .admin_json(
+                reqwest::Method::GET,
+                &format!("/admin/users/{user_id}"),
+                None,
+            )
+            .await;
+        if user["spent_usd"] == json!(usd) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spend never reached {usd}: {user}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
