@@ -181,6 +181,9 @@ MORE=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" -s "$WORK/post.lua" "http://127.0.
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
 HWM_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SY_PID/status")
 
+# Metering keeps up or drops and counts: the records it had to drop (0 means every call metered).
+DROPPED=$(curl -sf "http://127.0.0.1:$SY_PORT/metrics" | awk '/^switchyard_dropped_records_total/ {n += $2} END {print n + 0}')
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a - b }'; }
 echo
@@ -195,3 +198,4 @@ echo "switchyard / nginx: throughput $(ratio "${RPS[switchyard]}" "${RPS[nginx]}
 echo "added latency: p50 $(added "${P50[switchyard]}" "${P50[direct]}") µs (target <= 100), p99 $(added "${P99[switchyard]}" "${P99[direct]}") µs (target <= 300)"
 echo "streaming time to first byte (median of 200): direct ${TTFB_DIRECT} µs, switchyard ${TTFB_SY} µs, added $((TTFB_SY - TTFB_DIRECT)) µs (target <= 500)"
 echo "resident memory after ${MORE} more calls (over 1,000,000 in all): $((RSS_KB / 1024)) MiB now, $((HWM_KB / 1024)) MiB peak (target < 100)"
+echo "metering: ${DROPPED} records dropped (0 = every call metered)"

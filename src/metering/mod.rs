@@ -34,25 +34,6 @@ use spend::{SharedSpend, SpendBook};
 /// Connections of metering's own pool: one writer each, and one for reads.
 const METERING_CONNECTIONS: usize = 3;
 
-/// Nice value of metering's thread: the kernel runs a waiting request before a batch write,
-/// so writes fill idle time instead of stalling calls on a busy core.
-const BACKGROUND_NICE: i32 = 10;
-
-/// Lowers the calling thread's scheduling priority (Linux keeps a nice value per thread).
-fn yield_to_requests() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: plain syscalls on the calling thread's own id.
-        let result = unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE)
-        };
-        if result != 0 {
-            tracing::debug!("could not lower metering's thread priority");
-        }
-    }
-}
-
 /// The metering side of one instance.
 pub struct Metering {
     pub recorder: Arc<Recorder>,
@@ -100,9 +81,6 @@ impl Metering {
             metrics: metrics.clone(),
         };
         let arbiter = Arbiter::new();
-        // Runs before the actors start there; threads this one spawns (SQLite's blocking
-        // writes) inherit it.
-        arbiter.spawn_fn(yield_to_requests);
         let metering = settings.metering.clone();
         let log_metrics = metrics.clone();
         let logs = LogWriter::start_in_arbiter(&arbiter.handle(), move |_| {
