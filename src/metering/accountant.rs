@@ -312,10 +312,13 @@ impl Handler<Flush> for UsageAccountant {
                 }
             })
             .await;
-            let logs_left = logs
-                .send(FlushLogs { deadline })
-                .await
-                .unwrap_or(usize::MAX);
+            let logs_left = match logs.send(FlushLogs { deadline }).await {
+                Ok(left) => left,
+                Err(err) => {
+                    tracing::error!(error = %err, "the log writer is gone: its buffered entries are lost");
+                    0
+                }
+            };
             (written, left, logs_left)
         };
         AtomicResponse::new(Box::pin(flush.into_actor(self).map(

@@ -210,10 +210,10 @@ async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
 
     // The second replica serves (and caches) the user first: 1 USD spent there.
     assert_eq!(second.chat(&key, pricey.clone()).await.status(), 200);
-    wait_for_spend(&first, user_id, 1.0).await;
+    first.wait_for_spend(user_id, 1.0).await;
     // The first replica sees 1 USD, under the limit, and spends 1 more.
     assert_eq!(first.chat(&key, pricey.clone()).await.status(), 200);
-    wait_for_spend(&first, user_id, 2.0).await;
+    first.wait_for_spend(user_id, 2.0).await;
     // The second replica learns of it through Redis within its one-second refresh, though its
     // own count says 1 USD.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -222,25 +222,4 @@ async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
         402,
         "budget_exceeded",
     );
-}
-
-async fn wait_for_spend(app: &TestApp, user_id: &str, usd: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, user) = app
-            .admin_json(
-                reqwest::Method::GET,
-                &format!("/admin/users/{user_id}"),
-                None,
-            )
-            .await;
-        if user["spent_usd"] == json!(usd) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spend never reached {usd}: {user}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -381,3 +381,41 @@ pub fn free_port() -> u16 {
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_switchyard"))
 }
+
+/// Polls `check` every 50 ms until it gives `Ok`, and panics with its last `Err` (what it saw)
+/// after `secs` seconds: for what the app does in the background, such as metering.
+pub async fn eventually<T, F, Fut>(secs: u64, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) if std::time::Instant::now() >= deadline => panic!("{seen}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+}
+
+impl TestApp {
+    /// Waits until the user's `spent_usd` reads `usd`.
+    pub async fn wait_for_spend(&self, user_id: &str, usd: f64) {
+        eventually(10, || async move {
+            let (_, user) = self
+                .admin_json(
+                    reqwest::Method::GET,
+                    &format!("/admin/users/{user_id}"),
+                    None,
+                )
+                .await;
+            if user["spent_usd"] == json!(usd) {
+                Ok(())
+            } else {
+                Err(format!("spend never reached {usd}: {user}"))
+            }
+        })
+        .await
+    }
+}

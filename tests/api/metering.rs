@@ -2,13 +2,14 @@
 //! that did not ask for it, partial streams, failed attempts, the budget, `/metrics`, and usage
 //! that survives a SIGTERM and a database outage.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, fresh_database_url, into_json, pg_admin_url, spawn_app_with, Backend, TestApp,
+    assert_error, eventually, fresh_database_url, into_json, pg_admin_url, spawn_app_with, Backend,
+    TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -41,43 +42,37 @@ async fn set_price(app: &TestApp, model: &str, price: Value) {
 
 /// Polls `/admin/usage` (`query` without `?`) until its rows count `requests` calls in all.
 async fn usage_rows(app: &TestApp, query: &str, requests: i64) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(30, || async move {
         let (status, body) = app
             .admin_json(Method::GET, &format!("/admin/usage?{query}"), None)
             .await;
         assert_eq!(status, 200, "{body}");
         let rows = body["data"].as_array().unwrap().clone();
         let total: i64 = rows.iter().map(|r| r["requests"].as_i64().unwrap()).sum();
+        assert!(total <= requests, "more usage than calls: {body}");
         if total == requests {
-            return rows;
+            Ok(rows)
+        } else {
+            Err(format!("usage never reached {requests}: {body}"))
         }
-        assert!(total < requests, "more usage than calls: {body}");
-        assert!(
-            Instant::now() < deadline,
-            "usage never reached {requests}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
-/// Polls `/admin/logs` for `user_id` until it holds `n` entries.
-async fn log_entries(app: &TestApp, user_id: &str, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+/// Polls `/admin/logs` (`query` without `?`) until it lists `n` entries.
+async fn log_entries(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
+    eventually(30, || async move {
         let (_, body) = app
-            .admin_json(Method::GET, &format!("/admin/logs?user_id={user_id}"), None)
+            .admin_json(Method::GET, &format!("/admin/logs?{query}"), None)
             .await;
         let entries = body["data"].as_array().unwrap().clone();
         if entries.len() == n {
-            return entries;
+            Ok(entries)
+        } else {
+            Err(format!("expected {n} log entries: {body}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "expected {n} log entries: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 fn hello(model: &str) -> Value {
@@ -146,7 +141,7 @@ async fn json_calls_are_metered_exactly(backend: Backend) {
         "invalid_request",
     );
 
-    let entries = log_entries(&app, &user_id, 3).await;
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 3).await;
     for entry in &entries {
         assert_eq!(entry["status"], 200);
         assert_eq!(entry["model"], "metered-model");
@@ -183,20 +178,7 @@ async fn json_calls_are_metered_exactly(backend: Backend) {
     assert_eq!(limited["has_more"], true);
 
     // The user's spend is what was metered.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, user) = app
-            .admin_json(Method::GET, &format!("/admin/users/{user_id}"), None)
-            .await;
-        if user["spent_usd"] == json!(0.0102) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spend never reached 0.0102: {user}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_for_spend(&user_id, 0.0102).await;
 }
 
 async fn a_stream_is_metered_and_its_usage_hidden_unless_asked(backend: Backend) {
@@ -354,7 +336,7 @@ async fn an_aborted_stream_is_metered_as_partial(backend: Backend) {
     assert!(String::from_utf8_lossy(&first).contains("\"x\""));
     drop(response);
 
-    let entries = log_entries(&app, &user_id, 1).await;
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 1).await;
     assert_eq!(entries[0]["status"], 200);
     assert_eq!(entries[0]["partial"], true);
     let rows = usage_rows(&app, &format!("user_id={user_id}"), 1).await;
@@ -381,7 +363,7 @@ async fn a_failed_attempt_costs_nothing_but_is_logged(backend: Backend) {
     let (_, key) = app.create_key(user_id, json!({})).await;
     assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
 
-    let entries = log_entries(&app, user_id, 1).await;
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 1).await;
     assert_eq!(entries[0]["attempts"], 2);
     assert_eq!(entries[0]["level"], 2);
     assert_eq!(entries[0]["upstream_key_id"], json!(answered));
@@ -432,34 +414,24 @@ async fn the_budget_is_enforced_from_metered_spend(backend: Backend) {
     let (_, key) = app.create_key(user_id, json!({})).await;
     assert_eq!(app.chat(&key, hello("pricey")).await.status(), 200);
     assert_eq!(app.chat(&key, hello("pricey")).await.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = into_json(app.chat(&key, hello("pricey")).await).await;
-        if status == 402 {
-            assert_error((status, body), 402, "budget_exceeded");
-            break;
+    let refusal = eventually(10, || {
+        let key = key.clone();
+        let app = &app;
+        async move {
+            let answer = into_json(app.chat(&key, hello("pricey")).await).await;
+            if answer.0 == 402 {
+                Ok(answer)
+            } else {
+                Err(format!("the budget was never enforced: {answer:?}"))
+            }
         }
-        assert!(Instant::now() < deadline, "the budget was never enforced");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_error(refusal, 402, "budget_exceeded");
     // The refusal is logged with its code.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, logs) = app
-            .admin_json(
-                Method::GET,
-                &format!("/admin/logs?user_id={user_id}&status=402"),
-                None,
-            )
-            .await;
-        if let Some(entry) = logs["data"].as_array().unwrap().first() {
-            assert_eq!(entry["error_code"], "budget_exceeded");
-            assert_eq!(entry["cost_usd"], json!(0.0));
-            break;
-        }
-        assert!(Instant::now() < deadline, "the refusal was never logged");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let entry = &log_entries(&app, &format!("user_id={user_id}&status=402"), 1).await[0];
+    assert_eq!(entry["error_code"], "budget_exceeded");
+    assert_eq!(entry["cost_usd"], json!(0.0));
 }
 
 async fn scrape(app: &TestApp) -> String {
@@ -686,5 +658,5 @@ async fn usage_survives_a_database_outage(backend: Backend) {
     let rows = usage_rows(&app, &format!("user_id={user_id}"), 11).await;
     assert_eq!(rows[0]["prompt_tokens"], 11_000);
     assert_eq!(rows[0]["cost_usd"], json!(0.0374), "11 calls at 0.0034");
-    log_entries(&app, &user_id, 11).await;
+    log_entries(&app, &format!("user_id={user_id}"), 11).await;
 }
