@@ -129,8 +129,9 @@ fn parse_json_call(
     let mapped = proxy.mapper.resolve(&principal.user.id, &model);
     let body = match (&mapped, hide_usage, &peek.stream_options) {
         (None, false, _) => body,
-        // The common streaming case: only the usage to ask for, spliced in without a re-parse.
-        (None, true, None) => {
+        // The common streaming case: only the usage to ask for, spliced in without a re-parse
+        // (unless the body names `stream_options` at all, say as null: a second key could lose).
+        (None, true, None) if !body.windows(16).any(|w| w == b"\"stream_options\"") => {
             let start = body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
             let mut spliced = Vec::with_capacity(body.len() + INCLUDE_USAGE.len());
             spliced.extend_from_slice(&body[..start]);

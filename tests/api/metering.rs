@@ -197,15 +197,24 @@ async fn a_stream_is_metered_and_its_usage_hidden_unless_asked(backend: Backend)
     assert_eq!(events.len(), 4, "three chunks and [DONE]: {text}");
     assert_eq!(events[3], "data: [DONE]");
 
+    // Options sent as null are replaced, not duplicated.
+    body["stream_options"] = Value::Null;
+    let text = app.chat(&key, body.clone()).await.text().await.unwrap();
+    assert!(!text.contains("usage"), "{text}");
+    assert_eq!(
+        mock.calls()[1].body["stream_options"]["include_usage"],
+        json!(true)
+    );
+
     // A client that asks gets the usage event.
     body["stream_options"] = json!({"include_usage": true});
     let text = app.chat(&key, body).await.text().await.unwrap();
     assert!(text.contains(r#""prompt_tokens":1000"#), "{text}");
 
-    let rows = usage_rows(&app, &format!("user_id={user_id}"), 2).await;
-    assert_eq!(rows[0]["prompt_tokens"], 2000);
-    assert_eq!(rows[0]["completion_tokens"], 400);
-    assert_eq!(rows[0]["cost_usd"], json!(2.0 * USAGE_CALL_USD));
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 3).await;
+    assert_eq!(rows[0]["prompt_tokens"], 3000);
+    assert_eq!(rows[0]["completion_tokens"], 600);
+    assert_eq!(rows[0]["cost_usd"], json!(0.0102));
 }
 
 async fn embeddings_images_and_audio_are_metered(backend: Backend) {
