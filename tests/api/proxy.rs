@@ -4,7 +4,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, into_json, spawn_app, Backend, TestApp};
+use crate::helpers::{assert_error, eventually, into_json, spawn_app, Backend, TestApp};
 use crate::mock_upstream::{start_breaking_upstream, MockUpstream};
 use crate::on_both_backends;
 
@@ -147,6 +147,20 @@ async fn key_view(app: &TestApp, id: &str) -> Value {
     view
 }
 
+/// The admin view of an upstream key once it shows `state`: the pool acts at once, and the
+/// stored state the view reads is written just after, off the request path.
+async fn key_in_state(app: &TestApp, id: &str, state: &str) -> Value {
+    eventually(5, || async move {
+        let view = key_view(app, id).await;
+        if view["state"] == state {
+            Ok(view)
+        } else {
+            Err(format!("expected {state}: {view}"))
+        }
+    })
+    .await
+}
+
 fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -227,8 +241,7 @@ async fn a_429_cools_the_key_down_and_the_next_key_answers(backend: Backend) {
     }
     assert_eq!(mock.calls_with("r429-a"), 1, "a cooling key is skipped");
     assert_eq!(mock.calls_with("ok-b"), 4);
-    let view = key_view(&app, &ids[0]).await;
-    assert_eq!(view["state"], "cooling_down", "{view}");
+    let view = key_in_state(&app, &ids[0], "cooling_down").await;
     let until =
         chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap()).unwrap();
     let rest = until
@@ -247,8 +260,7 @@ async fn a_401_from_the_provider_disables_the_key(backend: Backend) {
         assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
     }
     assert_eq!(mock.calls_with("r401-a"), 1);
-    let view = key_view(&app, &ids[0]).await;
-    assert_eq!(view["state"], "disabled", "{view}");
+    let view = key_in_state(&app, &ids[0], "disabled").await;
     assert!(view["disabled_reason"].as_str().unwrap().contains("401"));
     // An admin re-enabling it puts it back in rotation.
     app.admin_json(
