@@ -65,6 +65,11 @@ impl CallMeter {
         }
     }
 
+    /// The kind of call, from its route.
+    pub fn endpoint(&self) -> Endpoint {
+        self.record.as_ref().map_or(Endpoint::Other, |r| r.endpoint)
+    }
+
     fn record(&mut self) -> &mut CallRecord {
         self.record
             .as_mut()

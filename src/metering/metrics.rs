@@ -201,11 +201,6 @@ impl Metrics {
         }
     }
 
-    /// Dropped so far from `queue` (for tests and logs).
-    pub fn dropped_total(&self, queue: &str) -> u64 {
-        self.dropped.with_label_values(&[queue]).get()
-    }
-
     /// Everything, in Prometheus's text format.
     pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(16 * 1024);

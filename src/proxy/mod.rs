@@ -93,6 +93,7 @@ impl Call {
 /// byte unless a mapping changes the model or a stream's usage must be asked for.
 fn parse_json_call(
     req: &HttpRequest,
+    endpoint: Endpoint,
     body: Bytes,
     principal: &Principal,
     proxy: &Proxy,
@@ -124,14 +125,14 @@ fn parse_json_call(
     let stream = peek.stream.unwrap_or(false);
     let hide_usage = stream
         && proxy.settings.request_stream_usage
-        && Endpoint::of(req.path()).usage_on_request()
+        && endpoint.usage_on_request()
         && peek.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true);
     let mapped = proxy.mapper.resolve(&principal.user.id, &model);
     let body = match (&mapped, hide_usage, &peek.stream_options) {
         (None, false, _) => body,
         // The common streaming case: only the usage to ask for, spliced in without a re-parse
         // (unless the body names `stream_options` at all, say as null: a second key could lose).
-        (None, true, None) if !body.windows(16).any(|w| w == b"\"stream_options\"") => {
+        (None, true, None) if !relay::contains(&body, b"\"stream_options\"") => {
             let start = body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
             let mut spliced = Vec::with_capacity(body.len() + INCLUDE_USAGE.len());
             spliced.extend_from_slice(&body[..start]);
@@ -194,8 +195,8 @@ pub async fn forward_json(
     worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
     let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
-    let call =
-        parse_json_call(&req, body, &principal, &proxy).map_err(|e| refuse(&mut meter, e))?;
+    let call = parse_json_call(&req, meter.endpoint(), body, &principal, &proxy)
+        .map_err(|e| refuse(&mut meter, e))?;
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }
 

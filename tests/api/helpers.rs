@@ -419,3 +419,64 @@ impl TestApp {
         .await
     }
 }
+
+/// A database made unreachable: PostgreSQL refusing connections to it (and its open ones cut),
+/// or SQLite's write lock held by another connection.
+pub enum Outage {
+    Postgres(Box<diesel_async::AsyncPgConnection>, String),
+    Sqlite(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>),
+}
+
+impl Outage {
+    pub async fn begin(backend: Backend, database_url: &str) -> Outage {
+        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+        match backend {
+            Backend::Postgres => {
+                let name = database_url.rsplit('/').next().unwrap().to_owned();
+                let mut admin = diesel_async::AsyncPgConnection::establish(&pg_admin_url())
+                    .await
+                    .unwrap();
+                admin
+                    .batch_execute(&format!(
+                        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+                         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+                    ))
+                    .await
+                    .unwrap();
+                Outage::Postgres(Box::new(admin), name)
+            }
+            Backend::Sqlite => {
+                use diesel::connection::SimpleConnection;
+                use diesel::Connection;
+                let path = database_url.strip_prefix("sqlite://").unwrap().to_owned();
+                let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+                let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+                let holder = std::thread::spawn(move || {
+                    let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
+                    conn.batch_execute("BEGIN EXCLUSIVE").unwrap();
+                    locked_tx.send(()).unwrap();
+                    let _ = release_rx.recv();
+                    conn.batch_execute("ROLLBACK").unwrap();
+                });
+                locked_rx.recv().unwrap();
+                Outage::Sqlite(release_tx, holder)
+            }
+        }
+    }
+
+    pub async fn end(self) {
+        use diesel_async::SimpleAsyncConnection;
+        match self {
+            Outage::Postgres(mut admin, name) => admin
+                .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
+                .await
+                .unwrap(),
+            Outage::Sqlite(release, holder) => {
+                release.send(()).unwrap();
+                tokio::task::spawn_blocking(move || holder.join().unwrap())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}

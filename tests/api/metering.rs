@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, eventually, fresh_database_url, into_json, pg_admin_url, spawn_app_with, Backend,
+    assert_error, eventually, fresh_database_url, into_json, spawn_app_with, Backend, Outage,
     TestApp,
 };
 use crate::mock_upstream::MockUpstream;
@@ -526,19 +526,16 @@ async fn metrics_are_exported(backend: Backend) {
     assert!(!metrics.contains("usage-m"), "a secret in the metrics");
 }
 
-/// Counts a user's usage rows and log entries straight from the database.
-async fn stored_counts(db: &switchyard::db::Db, user_id: &str) -> (i64, usize) {
+/// A user's metered calls, their cost and log entries, straight from the database.
+async fn stored(db: &switchyard::db::Db, user_id: &str) -> (i64, i64, usize) {
     use switchyard::db::repo;
     let filter = repo::usage::UsageFilter {
         user_id: Some(user_id.to_owned()),
         ..Default::default()
     };
-    let usage: i64 = repo::usage::summary(db, &filter, repo::usage::GroupBy::User)
+    let groups = repo::usage::summary(db, &filter, repo::usage::GroupBy::User)
         .await
-        .unwrap()
-        .iter()
-        .map(|g| g.requests)
-        .sum();
+        .unwrap();
     let logs = repo::logs::LogFilter {
         user_id: Some(user_id.to_owned()),
         status: None,
@@ -548,7 +545,11 @@ async fn stored_counts(db: &switchyard::db::Db, user_id: &str) -> (i64, usize) {
         offset: 0,
     };
     let (entries, _) = repo::logs::list(db, &logs, page).await.unwrap();
-    (usage, entries.len())
+    (
+        groups.iter().map(|g| g.requests).sum(),
+        groups.iter().map(|g| g.cost_nanos).sum(),
+        entries.len(),
+    )
 }
 
 async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
@@ -572,79 +573,12 @@ async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
     }
     let (status, log) = server.terminate();
     assert!(status.success(), "exit status {status}: {log}");
-    assert_eq!(stored_counts(&app.db(), &user_id).await, (20, 20), "{log}");
-    let (_, usage) = (
-        (),
-        switchyard::db::repo::usage::summary(
-            &app.db(),
-            &switchyard::db::repo::usage::UsageFilter::default(),
-            switchyard::db::repo::usage::GroupBy::Model,
-        )
-        .await
-        .unwrap(),
+    // Every call, at its exact cost (0.0034 USD each), and its log entry.
+    assert_eq!(
+        stored(&app.db(), &user_id).await,
+        (20, 20 * 3_400_000, 20),
+        "{log}"
     );
-    assert_eq!(usage[0].cost_nanos, 20 * 3_400_000);
-}
-
-/// A database made unreachable: PostgreSQL refusing connections to it (and its open ones cut),
-/// or SQLite's write lock held by another connection.
-enum Outage {
-    Postgres(Box<diesel_async::AsyncPgConnection>, String),
-    Sqlite(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>),
-}
-
-impl Outage {
-    async fn begin(backend: Backend, database_url: &str) -> Outage {
-        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-        match backend {
-            Backend::Postgres => {
-                let name = database_url.rsplit('/').next().unwrap().to_owned();
-                let mut admin = diesel_async::AsyncPgConnection::establish(&pg_admin_url())
-                    .await
-                    .unwrap();
-                admin
-                    .batch_execute(&format!(
-                        "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
-                         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
-                    ))
-                    .await
-                    .unwrap();
-                Outage::Postgres(Box::new(admin), name)
-            }
-            Backend::Sqlite => {
-                use diesel::connection::SimpleConnection;
-                use diesel::Connection;
-                let path = database_url.strip_prefix("sqlite://").unwrap().to_owned();
-                let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-                let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-                let holder = std::thread::spawn(move || {
-                    let mut conn = diesel::SqliteConnection::establish(&path).unwrap();
-                    conn.batch_execute("BEGIN EXCLUSIVE").unwrap();
-                    locked_tx.send(()).unwrap();
-                    let _ = release_rx.recv();
-                    conn.batch_execute("ROLLBACK").unwrap();
-                });
-                locked_rx.recv().unwrap();
-                Outage::Sqlite(release_tx, holder)
-            }
-        }
-    }
-
-    async fn end(self) {
-        use diesel_async::SimpleAsyncConnection;
-        match self {
-            Outage::Postgres(mut admin, name) => admin
-                .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
-                .await
-                .unwrap(),
-            Outage::Sqlite(release, holder) => {
-                release.send(()).unwrap();
-                tokio::task::spawn_blocking(move || holder.join().unwrap())
-                    .await
-                    .unwrap();
-            }
-        }
-    }
 }
 
 async fn usage_survives_a_database_outage(backend: Backend) {

@@ -5,14 +5,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use reqwest::Method;
 use serde_json::{json, Value};
 use switchyard::crypto::MasterKey;
 
 use crate::helpers::{
-    binary, free_port, fresh_database_url, into_json, pg_admin_url, spawn_app, spawn_mock_provider,
-    tempdir, Backend,
+    binary, eventually, free_port, fresh_database_url, into_json, pg_admin_url, spawn_app,
+    spawn_mock_provider, tempdir, Backend, Outage,
 };
 use crate::on_both_backends;
 
@@ -302,16 +301,8 @@ async fn readyz_follows_the_database_and_recovers() {
             .as_u16()
     };
     assert_eq!(ready().await, 200);
-    let name = app.database_url.rsplit('/').next().unwrap().to_owned();
-    let mut admin_conn = AsyncPgConnection::establish(&pg_admin_url()).await.unwrap();
-    // Take the database away: rename it and end every session on it.
-    admin_conn
-        .batch_execute(&format!(
-            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
-        ))
-        .await
-        .unwrap();
+    // Take the database away: it refuses connections and every session on it is ended.
+    let outage = Outage::begin(Backend::Postgres, &app.database_url).await;
     assert_eq!(ready().await, 503);
     assert_eq!(
         into_json(
@@ -325,15 +316,14 @@ async fn readyz_follows_the_database_and_recovers() {
         .0,
         200
     );
-    admin_conn
-        .batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ready().await != 200 {
-        assert!(Instant::now() < deadline, "readyz did not recover");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    outage.end().await;
+    eventually(10, || async {
+        match ready().await {
+            200 => Ok(()),
+            status => Err(format!("readyz did not recover: {status}")),
+        }
+    })
+    .await;
 }
 
 on_both_backends!(no_secret_reaches_the_logs_at_trace_level);

@@ -18,8 +18,6 @@ use crate::with_conn;
 pub struct SpendWritten {
     /// Per user: the cost of the batch's rows (new or already stored) and the stored total now.
     pub users: Vec<(String, i64, i64)>,
-    /// Rows that were new (the rest had been written by an earlier attempt).
-    pub inserted: usize,
 }
 
 /// Adds the cost of the rows just inserted to their users' spend and reads back the totals of
@@ -42,7 +40,7 @@ macro_rules! add_spend {
             .filter(users::id.eq_any($user_ids))
             .select((users::id, users::spent_nanos))
             .load($conn) $($suffix)* ?;
-        Ok((totals, $new_ids.len()))
+        Ok(totals)
     }};
 }
 
@@ -61,7 +59,7 @@ pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, Db
     }
     let user_ids: Vec<String> = batch_cost.keys().map(|u| u.to_string()).collect();
     let user_ids = &user_ids;
-    let (totals, inserted) = match db {
+    let totals = match db {
         Db::Pg(pool) => {
             let mut conn = pool.get().await?;
             conn.transaction::<_, DbError, _>(async |conn| {
@@ -92,7 +90,6 @@ pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, Db
             // A user deleted since the call has no total to report.
             .filter_map(|(u, cost)| totals.get(u).map(|t| (u.to_owned(), cost, *t)))
             .collect(),
-        inserted,
     })
 }
 
@@ -109,7 +106,7 @@ mod sqlite {
         conn: &mut SqliteConnection,
         rows: &[UsageRow],
         user_ids: &[String],
-    ) -> QueryResult<(Vec<(String, i64)>, usize)> {
+    ) -> QueryResult<Vec<(String, i64)>> {
         conn.immediate_transaction(|conn| {
             let new_ids: Vec<String> = diesel::insert_into(usage_records::table)
                 .values(rows)
