@@ -15,6 +15,17 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub log: LogSettings,
     pub metering: MeteringSettings,
+    pub cluster: ClusterSettings,
+}
+
+/// How replicas keep each other's configuration current.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClusterSettings {
+    /// Milliseconds between two reads of the stored configuration version; a replica that finds
+    /// it ahead of what it applied (a missed announcement) reloads everything.
+    pub version_check_ms: u64,
+    /// Seconds a verified key or a user's rules stay in the shared Redis cache.
+    pub shared_cache_ttl_secs: u64,
 }
 
 /// The HTTP listener.

@@ -7,14 +7,21 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 const NONCE_LEN: usize = 12;
 
-/// The key that encrypts upstream secrets. Debug never shows it.
+/// The key that encrypts upstream secrets and signs what replicas share through Redis. Debug
+/// never shows it.
 #[derive(Clone)]
-pub struct MasterKey(Aes256Gcm);
+pub struct MasterKey {
+    cipher: Aes256Gcm,
+    /// HMAC key derived from the master key, so anyone who can write to Redis still cannot
+    /// forge a cache entry (a verified key, a user's rules) that a replica would trust.
+    signing_key: [u8; 32],
+}
 
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,7 +42,13 @@ impl MasterKey {
         );
         let cipher = Aes256Gcm::new_from_slice(&bytes)
             .map_err(|_| anyhow::anyhow!("the master key has the wrong length"))?;
-        Ok(MasterKey(cipher))
+        let mut derivation = Sha256::new();
+        derivation.update(b"switchyard shared-cache signing key\0");
+        derivation.update(&bytes);
+        Ok(MasterKey {
+            cipher,
+            signing_key: derivation.finalize().into(),
+        })
     }
 
     /// A new random master key, as base64.
@@ -48,7 +61,7 @@ impl MasterKey {
     pub fn encrypt(&self, record_id: &str, secret: &str) -> anyhow::Result<String> {
         let nonce = random_bytes::<NONCE_LEN>()?;
         let sealed = self
-            .0
+            .cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
                 Payload {
@@ -70,7 +83,7 @@ impl MasterKey {
         anyhow::ensure!(bytes.len() > NONCE_LEN, "stored secret is too short");
         let (nonce, body) = bytes.split_at(NONCE_LEN);
         let plain = self
-            .0
+            .cipher
             .decrypt(
                 Nonce::from_slice(nonce),
                 Payload {
@@ -80,6 +93,24 @@ impl MasterKey {
             )
             .map_err(|_| anyhow::anyhow!("stored secret does not decrypt (wrong master key?)"))?;
         String::from_utf8(plain).map_err(|_| anyhow::anyhow!("stored secret is not UTF-8"))
+    }
+}
+
+impl MasterKey {
+    /// HMAC-SHA-256 of `data` under the key derived for shared caches.
+    pub fn sign(&self, data: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.signing_key)
+            .expect("HMAC accepts a key of any length");
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is [`MasterKey::sign`] of `data`, compared in constant time.
+    pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.signing_key)
+            .expect("HMAC accepts a key of any length");
+        mac.update(data);
+        mac.verify_slice(tag).is_ok()
     }
 }
 

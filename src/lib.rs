@@ -4,6 +4,7 @@ pub mod access;
 pub mod actors;
 pub mod auth;
 pub mod bootstrap;
+pub mod cluster;
 pub mod config;
 pub mod crypto;
 pub mod db;

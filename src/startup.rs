@@ -14,14 +14,15 @@ use anyhow::Context;
 use tracing_actix_web::TracingLogger;
 
 use crate::access::Gate;
-use crate::actors::config_sync::ConfigSyncActor;
+use crate::actors::config_sync::{Caches, ConfigSyncActor};
 use crate::actors::key_pool::PoolPolicy;
 use crate::actors::rate_limiter::{LimiterUpkeep, RateLimiterActor};
 use crate::auth::cache::CacheStats;
-use crate::auth::{AuthCache, Authenticator};
+use crate::auth::{AuthCache, Authenticator, SharedCache};
 use crate::bootstrap;
+use crate::cluster::bus::Bus;
 use crate::config::Settings;
-use crate::db::{migrate, Db};
+use crate::db::{migrate, repo, Db};
 use crate::limits::redis_store::RedisLink;
 use crate::limits::{self, RateLimiter};
 use crate::metering::metrics::Metrics;
@@ -96,6 +97,21 @@ impl Application {
             settings.auth.user_cache_size,
             CacheStats::exported(&metrics),
         ));
+        let shared_cache = SharedCache::new(
+            &settings.redis.url,
+            &settings.redis.key_prefix,
+            Duration::from_secs(settings.cluster.shared_cache_ttl_secs),
+            Duration::from_millis(settings.redis.timeout_ms),
+            secrets.master_key.clone(),
+            &metrics,
+        )?;
+        shared_cache.connect().await;
+        let bus = Bus::new(&settings.redis)?;
+        // Read before loading: a change stored meanwhile shows as a newer version and is
+        // picked up by the first check.
+        let config_version = repo::meta::config_version(&db)
+            .await
+            .context("reading the configuration version")?;
         let pools = KeyPools::new(
             db.clone(),
             secrets.master_key.clone(),
@@ -103,16 +119,23 @@ impl Application {
                 breaker_failures: settings.upstream.breaker_failures,
                 breaker_open: Duration::from_secs(settings.upstream.breaker_open_secs),
             },
+            bus.clone(),
         );
         pools.reload().await.context("loading upstream keys")?;
         let mapper = Arc::new(ModelMapper::default());
         mapper.reload(&db).await.context("loading model mappings")?;
         let config_sync = ConfigSyncActor::new(
-            auth_cache.clone(),
-            pools.clone(),
-            mapper.clone(),
-            metering.prices.clone(),
+            Caches {
+                auth: auth_cache.clone(),
+                shared: shared_cache.clone(),
+                pools: pools.clone(),
+                mapper: mapper.clone(),
+                prices: metering.prices.clone(),
+            },
+            bus,
             db.clone(),
+            config_version,
+            Duration::from_millis(settings.cluster.version_check_ms.max(50)),
         )
         .start();
         let limiter = Arc::new(
@@ -155,7 +178,7 @@ impl Application {
             limiter_upkeep,
             metering: metering.clone(),
         });
-        let authenticator = web::Data::new(Authenticator::new(db, auth_cache));
+        let authenticator = web::Data::new(Authenticator::new(db, auth_cache, shared_cache));
 
         let listener = TcpListener::bind(&settings.server.listen)
             .with_context(|| format!("binding {}", settings.server.listen))?;

@@ -30,10 +30,25 @@ impl AppState {
     /// Tells the config-sync actor that a record changed, and waits until the caches have
     /// dropped it, so the admin's next call already sees the change.
     pub async fn changed(&self, entity: Entity, id: &str) {
-        let msg = Changed {
+        self.tell(Changed {
             entity,
             id: id.to_owned(),
-        };
+            created: false,
+        })
+        .await
+    }
+
+    /// Like [`AppState::changed`] for a record just created, which no cache can hold yet.
+    pub async fn created(&self, entity: Entity, id: &str) {
+        self.tell(Changed {
+            entity,
+            id: id.to_owned(),
+            created: true,
+        })
+        .await
+    }
+
+    async fn tell(&self, msg: Changed) {
         if let Err(err) = self.config_sync.send(msg).await {
             tracing::error!(error = %err, "config-sync actor unreachable");
         }

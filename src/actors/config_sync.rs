@@ -1,18 +1,30 @@
 //! `ConfigSyncActor`: hears of every admin change and makes the caches forget what changed.
-//! Within one instance a change is delivered by message; replicas learn of it through Redis.
+//!
+//! A change made here is applied, counted in the stored configuration version, then announced
+//! on the Redis channel; other replicas apply what they hear. Announcements are not durable, so
+//! each replica also reads the stored version every `cluster.version_check_ms` and reloads
+//! everything when it finds changes it never heard of (after a Redis restart, a network blip,
+//! or with no Redis at all).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
-use actix::{Actor, ActorFutureExt, AtomicResponse, Context, Handler, Message, WrapFuture};
-use futures_util::future::BoxFuture;
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, AtomicResponse, Context, Handler, Message, WrapFuture,
+};
 
-use crate::auth::AuthCache;
+use crate::actors::key_pool::Outcome;
+use crate::auth::shared::Kind;
+use crate::auth::{AuthCache, SharedCache};
+use crate::cluster::bus::{Announcement, Bus, Heard};
 use crate::db::{repo, Db};
 use crate::metering::prices::PriceBook;
 use crate::routing::{KeyPools, ModelMapper};
 
 /// The kinds of record an admin can change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Entity {
     User,
     UserKey,
@@ -27,94 +39,266 @@ pub enum Entity {
 pub struct Changed {
     pub entity: Entity,
     pub id: String,
+    /// The record is new: no cache holds an older state of it.
+    pub created: bool,
 }
 
-/// Owns the reaction to configuration changes.
+/// Reads the stored configuration version now; a full resync follows when it is ahead of what
+/// this replica applied.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct CheckVersion {
+    /// Resync at the first sight of a newer version (the channel was down, so nothing else
+    /// will bring the change).
+    at_once: bool,
+}
+
+/// Owns the reaction to configuration changes, local and announced, and the configuration
+/// version this replica has applied.
 pub struct ConfigSyncActor {
-    auth_cache: Arc<AuthCache>,
-    pools: Arc<KeyPools>,
-    mapper: Arc<ModelMapper>,
-    prices: Arc<PriceBook>,
+    caches: Caches,
+    bus: Arc<Bus>,
     db: Db,
+    /// The configuration version everything held here reflects.
+    version: i64,
+    /// Versions announced beyond `version + 1`, applied but waiting for the ones between.
+    ahead: BTreeSet<i64>,
+    /// The last check found the stored version ahead, perhaps of an announcement on its way.
+    behind: bool,
+    check_every: Duration,
+}
+
+/// What a change makes stale.
+#[derive(Clone)]
+pub struct Caches {
+    pub auth: Arc<AuthCache>,
+    pub shared: Arc<SharedCache>,
+    pub pools: Arc<KeyPools>,
+    pub mapper: Arc<ModelMapper>,
+    pub prices: Arc<PriceBook>,
 }
 
 impl ConfigSyncActor {
-    /// An actor that invalidates `auth_cache` and reloads the pools, the mappings and the
-    /// prices.
-    pub fn new(
-        auth_cache: Arc<AuthCache>,
-        pools: Arc<KeyPools>,
-        mapper: Arc<ModelMapper>,
-        prices: Arc<PriceBook>,
-        db: Db,
-    ) -> Self {
+    /// An actor keeping `caches` current. `version` is the configuration version read before
+    /// they were loaded; the stored version is read every `check_every`.
+    pub fn new(caches: Caches, bus: Arc<Bus>, db: Db, version: i64, check_every: Duration) -> Self {
         ConfigSyncActor {
-            auth_cache,
-            pools,
-            mapper,
-            prices,
+            caches,
+            bus,
             db,
+            version,
+            ahead: BTreeSet::new(),
+            behind: false,
+            check_every,
         }
+    }
+
+    /// Counts version `v` as applied, and any announced after it that were waiting for it.
+    fn advance(&mut self, v: i64) {
+        if v > self.version {
+            self.ahead.insert(v);
+        }
+        while self.ahead.remove(&(self.version + 1)) {
+            self.version += 1;
+        }
+    }
+
+    /// Everything was reloaded from the database as of version `v`.
+    fn resynced(&mut self, v: i64) {
+        self.version = self.version.max(v);
+        let version = self.version;
+        self.ahead.retain(|&a| a > version);
+        self.advance(version);
+        self.behind = false;
     }
 }
 
 impl Actor for ConfigSyncActor {
     type Context = Context<Self>;
-}
 
-impl Handler<Changed> for ConfigSyncActor {
-    // Reloads finish before the reply, so the admin's answer means the change is in force, and
-    // they run one at a time, so an older snapshot can never land after a newer one.
-    type Result = AtomicResponse<Self, ()>;
-
-    fn handle(&mut self, msg: Changed, _: &mut Self::Context) -> Self::Result {
-        let work = self.react(msg);
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(|_, _, _| ())))
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.bus.listen(ctx.address().recipient());
+        ctx.run_interval(self.check_every, |act, ctx| {
+            let at_once = !act.bus.is_listening();
+            ctx.notify(CheckVersion { at_once });
+        });
     }
 }
 
-impl ConfigSyncActor {
-    fn react(&self, msg: Changed) -> BoxFuture<'static, ()> {
-        tracing::debug!(entity = ?msg.entity, id = %msg.id, "configuration changed");
-        let db = self.db.clone();
-        match msg.entity {
-            Entity::User => {
-                self.auth_cache.invalidate_user(&msg.id);
-                // A deleted user's own mappings went with it.
-                let mapper = self.mapper.clone();
-                Box::pin(async move { reload_mappings(&mapper, &db).await })
+impl Handler<Changed> for ConfigSyncActor {
+    // Reloads finish before the reply, so the admin's answer means the change is in force here
+    // and announced; messages run one at a time, so an older snapshot can never land after a
+    // newer one.
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Changed, _: &mut Self::Context) -> Self::Result {
+        let (caches, bus, db) = (self.caches.clone(), self.bus.clone(), self.db.clone());
+        let work = async move {
+            // The shared entry goes first: this replica's next call must not find it there.
+            match msg.entity {
+                _ if msg.created => {}
+                Entity::User => caches.shared.forget(Kind::User, &msg.id).await,
+                Entity::UserKey => caches.shared.forget(Kind::Key, &msg.id).await,
+                _ => {}
             }
-            Entity::UserKey => {
-                self.auth_cache.invalidate_key(&msg.id);
-                Box::pin(async {})
+            react(&caches, &db, msg.entity, &msg.id).await;
+            let version = match repo::meta::bump_config_version(&db).await {
+                Ok(v) => v,
+                Err(err) => {
+                    tracing::error!(error = %err, "could not count a configuration change");
+                    0
+                }
+            };
+            bus.publish(Announcement::Changed {
+                entity: msg.entity,
+                id: msg.id,
+                version,
+            })
+            .await;
+            version
+        };
+        AtomicResponse::new(Box::pin(
+            work.into_actor(self).map(|v, act, _| act.advance(v)),
+        ))
+    }
+}
+
+impl Handler<Heard> for ConfigSyncActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Heard, ctx: &mut Self::Context) -> Self::Result {
+        let announcement = match msg {
+            Heard::Subscribed => {
+                // Whatever was announced while the channel was down is lost: compare versions.
+                ctx.notify(CheckVersion { at_once: true });
+                return AtomicResponse::new(Box::pin(actix::fut::ready(())));
             }
-            Entity::UpstreamKey => {
-                let pools = self.pools.clone();
-                Box::pin(async move {
-                    if let Err(err) = pools.reload().await {
-                        tracing::error!(error = %err, "reloading upstream keys failed");
-                    }
-                })
+            Heard::Announcement(announcement) => announcement,
+        };
+        let (caches, db) = (self.caches.clone(), self.db.clone());
+        match announcement {
+            Announcement::Changed {
+                entity,
+                id,
+                version,
+            } => {
+                let work = async move { react(&caches, &db, entity, &id).await };
+                AtomicResponse::new(Box::pin(
+                    work.into_actor(self)
+                        .map(move |_, act, _| act.advance(version)),
+                ))
             }
-            Entity::ModelMapping => {
-                let mapper = self.mapper.clone();
-                Box::pin(async move { reload_mappings(&mapper, &db).await })
+            Announcement::KeyCooling { key_id, until_ms } => {
+                let rest = until_ms - chrono::Utc::now().timestamp_millis();
+                if rest > 0 {
+                    let rest = Duration::from_millis(rest as u64);
+                    caches.pools.heard(&key_id, Outcome::RateLimited(rest));
+                }
+                AtomicResponse::new(Box::pin(actix::fut::ready(())))
             }
-            Entity::Price => {
-                let prices = self.prices.clone();
-                Box::pin(async move {
-                    match repo::prices::all(&db).await {
-                        Ok(all) => prices.replace(all),
-                        Err(err) => tracing::error!(error = %err, "reloading prices failed"),
-                    }
-                })
+            Announcement::KeyRejected { key_id, status } => {
+                caches.pools.heard(&key_id, Outcome::Rejected(status));
+                AtomicResponse::new(Box::pin(actix::fut::ready(())))
             }
         }
+    }
+}
+
+impl Handler<CheckVersion> for ConfigSyncActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: CheckVersion, _: &mut Self::Context) -> Self::Result {
+        let (caches, db) = (self.caches.clone(), self.db.clone());
+        let applied = self.version;
+        // An announcement may be on its way: with the channel up, resync only when a second
+        // check still finds the version ahead.
+        let resync_now = msg.at_once || self.behind;
+        let work = async move {
+            let stored = match repo::meta::config_version(&db).await {
+                Ok(v) => v,
+                Err(err) => {
+                    tracing::debug!(error = %err, "could not read the configuration version");
+                    return None;
+                }
+            };
+            if stored <= applied {
+                return Some((stored, false));
+            }
+            if !resync_now {
+                return Some((stored, true));
+            }
+            tracing::info!(
+                applied,
+                stored,
+                "configuration changes were missed; reloading everything"
+            );
+            resync(&caches, &db).await;
+            Some((stored, false))
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            move |checked, act, _| match checked {
+                Some((stored, true)) => act.behind = stored > act.version,
+                Some((stored, false)) if stored > applied => act.resynced(stored),
+                _ => act.behind = false,
+            },
+        )))
+    }
+}
+
+/// Makes what changed in `entity` `id` stale here.
+async fn react(caches: &Caches, db: &Db, entity: Entity, id: &str) {
+    tracing::debug!(entity = ?entity, id, "configuration changed");
+    match entity {
+        Entity::User => {
+            caches.auth.invalidate_user(id);
+            // A deleted user's own mappings went with it.
+            reload_mappings(&caches.mapper, db).await;
+        }
+        Entity::UserKey => caches.auth.invalidate_key(id),
+        Entity::UpstreamKey => reload_pools(&caches.pools).await,
+        Entity::ModelMapping => reload_mappings(&caches.mapper, db).await,
+        Entity::Price => reload_prices(&caches.prices, db).await,
+    }
+}
+
+/// Reloads everything that can change, after changes were missed.
+async fn resync(caches: &Caches, db: &Db) {
+    caches.auth.invalidate_all_users();
+    // Keys change only by revocation or deletion: keep the verified ones still live, so a
+    // resync costs a few queries instead of argon2 for every caller.
+    for ids in caches.auth.key_ids().chunks(500) {
+        match repo::user_keys::live_ids(db, ids).await {
+            Ok(live) => {
+                for id in ids.iter().filter(|id| !live.contains(id)) {
+                    caches.auth.invalidate_key(id);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "could not check cached keys; forgetting them");
+                ids.iter().for_each(|id| caches.auth.invalidate_key(id));
+            }
+        }
+    }
+    reload_pools(&caches.pools).await;
+    reload_mappings(&caches.mapper, db).await;
+    reload_prices(&caches.prices, db).await;
+}
+
+async fn reload_pools(pools: &KeyPools) {
+    if let Err(err) = pools.reload().await {
+        tracing::error!(error = %err, "reloading upstream keys failed");
     }
 }
 
 async fn reload_mappings(mapper: &ModelMapper, db: &Db) {
     if let Err(err) = mapper.reload(db).await {
         tracing::error!(error = %err, "reloading model mappings failed");
+    }
+}
+
+async fn reload_prices(prices: &PriceBook, db: &Db) {
+    match repo::prices::all(db).await {
+        Ok(all) => prices.replace(all),
+        Err(err) => tracing::error!(error = %err, "reloading prices failed"),
     }
 }

@@ -9,6 +9,7 @@ use chrono::NaiveDateTime;
 use lru::LruCache;
 use parking_lot::Mutex;
 use prometheus::IntCounter;
+use serde::{Deserialize, Serialize};
 
 use crate::access::rules::AccessRules;
 use crate::domain::User;
@@ -33,7 +34,7 @@ impl CachedUser {
 }
 
 /// What is remembered of a key whose secret was verified once.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VerifiedKey {
     /// SHA-256 of the verified secret: a presented secret matches when its digest does.
     pub secret_digest: [u8; 32],
@@ -64,10 +65,10 @@ impl CacheStats {
     /// Counters exported in `metrics`.
     pub fn exported(metrics: &Metrics) -> Self {
         CacheStats {
-            key_hits: metrics.cache_counter("user_keys", true),
-            key_misses: metrics.cache_counter("user_keys", false),
-            user_hits: metrics.cache_counter("users", true),
-            user_misses: metrics.cache_counter("users", false),
+            key_hits: metrics.cache_counter("user_keys", "memory", true),
+            key_misses: metrics.cache_counter("user_keys", "memory", false),
+            user_hits: metrics.cache_counter("users", "memory", true),
+            user_misses: metrics.cache_counter("users", "memory", false),
         }
     }
 }
@@ -107,6 +108,11 @@ impl AuthCache {
         count(found, &self.stats.key_hits, &self.stats.key_misses)
     }
 
+    /// [`AuthCache::key`] without counting a lookup: a second look by a call that missed.
+    pub fn key_again(&self, key_id: &str) -> Option<VerifiedKey> {
+        self.keys.lock().get(key_id).cloned()
+    }
+
     /// Remembers a verified key, unless something was invalidated since `generation`.
     pub fn insert_key(&self, key_id: String, key: VerifiedKey, generation: u64) {
         let mut keys = self.keys.lock();
@@ -141,6 +147,18 @@ impl AuthCache {
         let mut users = self.users.lock();
         self.generation.fetch_add(1, Ordering::AcqRel);
         users.pop(user_id);
+    }
+
+    /// Forgets every user's rules (after a missed announcement: any of them may have changed).
+    pub fn invalidate_all_users(&self) {
+        let mut users = self.users.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        users.clear();
+    }
+
+    /// The ids of the keys held now.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys.lock().iter().map(|(id, _)| id.clone()).collect()
     }
 }
 

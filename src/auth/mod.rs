@@ -1,7 +1,8 @@
-//! Who is calling: the key from wherever the client's SDK put it, checked against the cache,
-//! then the database and argon2 on a miss.
+//! Who is calling: the key from wherever the client's SDK put it, checked against the replica's
+//! cache, then the cache shared by replicas in Redis, then the database and argon2.
 
 pub mod cache;
+pub mod shared;
 
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use crate::domain::User;
 use crate::error::ApiError;
 use cache::VerifiedKey;
 pub use cache::{AuthCache, CachedUser};
+pub use shared::SharedCache;
 
 /// An authenticated caller: the key used and the rules of its user.
 #[derive(Debug, Clone)]
@@ -36,6 +38,7 @@ pub struct Principal {
 pub struct Authenticator {
     db: Db,
     cache: Arc<AuthCache>,
+    shared: Arc<SharedCache>,
     /// Bounds concurrent argon2 runs: each takes ~19 MiB and a core for tens of milliseconds,
     /// so a burst of cache misses (a cold start, a flood of forged keys) queues instead of
     /// exhausting memory and CPU.
@@ -71,11 +74,12 @@ pub fn key_from_request(headers: &HeaderMap, query: &str) -> Option<String> {
 }
 
 impl Authenticator {
-    /// An authenticator over `db`, remembering verified keys in `cache`.
-    pub fn new(db: Db, cache: Arc<AuthCache>) -> Self {
+    /// An authenticator over `db`, remembering verified keys in `cache` and `shared`.
+    pub fn new(db: Db, cache: Arc<AuthCache>, shared: Arc<SharedCache>) -> Self {
         Authenticator {
             db,
             cache,
+            shared,
             argon2_permits: tokio::sync::Semaphore::new(ARGON2_CONCURRENCY),
         }
     }
@@ -90,6 +94,13 @@ impl Authenticator {
         let key = match self.cache.key(&key_id) {
             Some(cached) => Self::check_cached(cached, &digest)?,
             None => {
+                let generation = self.cache.generation();
+                if let Some(shared) = self.shared.key(&key_id).await {
+                    let key = Self::check_cached(shared, &digest)?;
+                    self.cache
+                        .insert_key(key_id.clone(), key.clone(), generation);
+                    return self.check_state(key_id, &key).await;
+                }
                 let _permit = self
                     .argon2_permits
                     .acquire()
@@ -97,7 +108,7 @@ impl Authenticator {
                     .map_err(ApiError::internal)?;
                 // Calls that missed together wait here; all but the first find the key
                 // verified by the time they get a permit, and skip argon2.
-                match self.cache.key(&key_id) {
+                match self.cache.key_again(&key_id) {
                     Some(cached) => Self::check_cached(cached, &digest)?,
                     None => self.verify_from_db(&key_id, &presented, digest).await?,
                 }
@@ -163,6 +174,7 @@ impl Authenticator {
         };
         self.cache
             .insert_key(key_id.to_owned(), verified.clone(), generation);
+        self.shared.remember_key(key_id, &verified);
         Ok(verified)
     }
 
@@ -171,8 +183,14 @@ impl Authenticator {
             return Ok(user);
         }
         let generation = self.cache.generation();
+        if let Some(user) = self.shared.user(user_id).await {
+            let user = CachedUser::new(user);
+            self.cache.insert_user(user.clone(), generation);
+            return Ok(user);
+        }
         match repo::users::get(&self.db, user_id).await {
             Ok(user) => {
+                self.shared.remember_user(&user);
                 let user = CachedUser::new(user);
                 self.cache.insert_user(user.clone(), generation);
                 Ok(user)

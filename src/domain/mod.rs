@@ -82,7 +82,7 @@ impl Provider {
 }
 
 /// A user of the router and every rule that applies to their calls.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct User {
     pub id: String,
     pub name: String,

@@ -99,6 +99,16 @@ end
 return 0
 "#;
 
+/// How Switchyard's Redis connections behave: commands bounded by `timeout`, reconnection
+/// retried quickly (a command that fails meanwhile falls back to in-process state).
+pub fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1))
+}
+
 /// A worker thread's own connection to Redis, made on first use on that thread, so its commands
 /// are written and answered without waking another thread (a connection's driver task runs on
 /// the runtime that made it).
@@ -164,11 +174,7 @@ impl RedisWindows {
     /// The link's connection, made now if it has none. The manager reconnects by itself
     /// after a failure.
     async fn connection(&self, link: &RedisLink) -> redis::RedisResult<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(500))))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
+        let config = manager_config(self.timeout);
         link.0
             .get_or_try_init(|| self.client.get_connection_manager_with_config(config))
             .await

@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::usage::Usage;
@@ -32,6 +32,9 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     dropped: IntCounterVec,
     cache: IntCounterVec,
+    cache_hit_ratio: GaugeVec,
+    /// The (cache, layer) pairs whose hit ratio is exported.
+    cache_layers: parking_lot::Mutex<Vec<(String, String)>>,
     models: parking_lot::Mutex<HashSet<String>>,
 }
 
@@ -90,9 +93,17 @@ impl Metrics {
         let cache = IntCounterVec::new(
             Opts::new(
                 "cache_lookups_total",
-                "In-process cache lookups by cache and result.",
+                "Cache lookups by cache, layer (memory: the replica's LRU; redis: shared by \
+                 replicas, asked on a memory miss) and result.",
             ),
-            &["cache", "result"],
+            &["cache", "layer", "result"],
+        )?;
+        let cache_hit_ratio = GaugeVec::new(
+            Opts::new(
+                "cache_hit_ratio",
+                "Share of lookups each cache layer answered since the start.",
+            ),
+            &["cache", "layer"],
         )?;
         for collector in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
@@ -104,6 +115,7 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(dropped.clone()),
             Box::new(cache.clone()),
+            Box::new(cache_hit_ratio.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -118,14 +130,41 @@ impl Metrics {
             queue_depth,
             dropped,
             cache,
+            cache_hit_ratio,
+            cache_layers: Default::default(),
             models: Default::default(),
         })
     }
 
-    /// The counter of one cache's hits or misses, for the cache to bump itself.
-    pub fn cache_counter(&self, cache: &str, hit: bool) -> IntCounter {
+    /// The counter of one cache layer's hits or misses, for the cache to bump itself.
+    pub fn cache_counter(&self, cache: &str, layer: &str, hit: bool) -> IntCounter {
+        let mut layers = self.cache_layers.lock();
+        let pair = (cache.to_owned(), layer.to_owned());
+        if !layers.contains(&pair) {
+            layers.push(pair);
+        }
         self.cache
-            .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
+            .with_label_values(&[cache, layer, if hit { "hit" } else { "miss" }])
+    }
+
+    /// Sets each cache layer's hit ratio from its counters.
+    fn update_hit_ratios(&self) {
+        for (cache, layer) in self.cache_layers.lock().iter() {
+            let count = |result: &str| {
+                self.cache
+                    .with_label_values(&[cache.as_str(), layer, result])
+                    .get()
+            };
+            let (hits, misses) = (count("hit"), count("miss"));
+            let ratio = if hits + misses == 0 {
+                0.0
+            } else {
+                hits as f64 / (hits + misses) as f64
+            };
+            self.cache_hit_ratio
+                .with_label_values(&[cache.as_str(), layer])
+                .set(ratio);
+        }
     }
 
     /// A model name as a label value: itself while the set of names is small, else `other`.
@@ -203,6 +242,7 @@ impl Metrics {
 
     /// Everything, in Prometheus's text format.
     pub fn render(&self) -> String {
+        self.update_hit_ratios();
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -1,7 +1,8 @@
 //! The key pools of every level. Each HTTP worker thread runs its own `KeyPoolActor` per level
 //! on its own arbiter, so leasing a key is a same-thread message (no thread wake-up on the
 //! request path); what one pool learns about a key (a 429, a refusal, a failure streak) is told
-//! to the same level's pool on every worker, so the instance acts as one.
+//! to the same level's pool on every worker, so the instance acts as one, and cooldowns and
+//! refusals are announced to the other replicas, so the fleet acts as one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use parking_lot::RwLock;
 use crate::actors::key_pool::{
     pool_key, KeyPoolActor, Outcome, PoolKey, PoolPolicy, Report, SetKeys,
 };
+use crate::cluster::bus::{Announcement, Bus};
 use crate::crypto::MasterKey;
 use crate::db::{repo, Db};
 
@@ -24,6 +26,8 @@ pub struct KeyPools {
     db: Db,
     master_key: MasterKey,
     policy: PoolPolicy,
+    /// Where cooldowns and refusals are announced to the other replicas.
+    bus: Arc<Bus>,
 }
 
 /// One worker thread's pool actors, one per level, running on that worker's arbiter.
@@ -62,13 +66,14 @@ impl WorkerPools {
 
 impl KeyPools {
     /// No keys yet: call [`KeyPools::reload`], and [`KeyPools::register_worker`] on each worker.
-    pub fn new(db: Db, master_key: MasterKey, policy: PoolPolicy) -> Arc<Self> {
+    pub fn new(db: Db, master_key: MasterKey, policy: PoolPolicy, bus: Arc<Bus>) -> Arc<Self> {
         Arc::new(KeyPools {
             keys: RwLock::new(BTreeMap::new()),
             workers: RwLock::new(Vec::new()),
             db,
             master_key,
             policy,
+            bus,
         })
     }
 
@@ -110,34 +115,60 @@ impl KeyPools {
     }
 
     /// Records how an attempt with `key_id` of `level` went: the leasing worker's pool always
-    /// hears it; a health change goes to every worker and is written for the admin view.
+    /// hears it; a health change goes to every worker, is announced to the other replicas and
+    /// is written for the admin view.
     pub fn report(&self, local: &WorkerPools, level: i32, key_id: &str, outcome: Outcome) {
-        let message = || Report {
-            key_id: key_id.to_owned(),
-            outcome,
-        };
         match outcome {
             Outcome::Success | Outcome::Failed => {
                 if let Some(pool) = local.pool(level) {
-                    pool.do_send(message());
+                    pool.do_send(Report {
+                        key_id: key_id.to_owned(),
+                        outcome,
+                    });
                 }
             }
-            Outcome::RateLimited(_) | Outcome::Rejected(_) => {
-                for worker in self.workers.read().iter() {
-                    if let Some(pool) = worker.pool(level) {
-                        pool.do_send(message());
-                    }
-                }
-            }
-        }
-        match outcome {
             Outcome::RateLimited(rest) => {
+                self.tell_workers(level, key_id, outcome);
                 let until = crate::domain::now()
                     + chrono::Duration::from_std(rest).unwrap_or(chrono::Duration::zero());
+                self.bus.publish_later(Announcement::KeyCooling {
+                    key_id: key_id.to_owned(),
+                    until_ms: until.and_utc().timestamp_millis(),
+                });
                 self.persist_cooldown(key_id.to_owned(), until);
             }
-            Outcome::Rejected(status) => self.persist_rejection(key_id.to_owned(), status),
-            Outcome::Success | Outcome::Failed => {}
+            Outcome::Rejected(status) => {
+                self.tell_workers(level, key_id, outcome);
+                self.bus.publish_later(Announcement::KeyRejected {
+                    key_id: key_id.to_owned(),
+                    status,
+                });
+                self.persist_rejection(key_id.to_owned(), status);
+            }
+        }
+    }
+
+    /// Another replica saw `key_id` rate-limited or refused: this replica's pools rest it too.
+    pub fn heard(&self, key_id: &str, outcome: Outcome) {
+        let level = self
+            .keys
+            .read()
+            .iter()
+            .find(|(_, keys)| keys.iter().any(|k| k.id == key_id))
+            .map(|(level, _)| *level);
+        if let Some(level) = level {
+            self.tell_workers(level, key_id, outcome);
+        }
+    }
+
+    fn tell_workers(&self, level: i32, key_id: &str, outcome: Outcome) {
+        for worker in self.workers.read().iter() {
+            if let Some(pool) = worker.pool(level) {
+                pool.do_send(Report {
+                    key_id: key_id.to_owned(),
+                    outcome,
+                });
+            }
         }
     }
 

@@ -1,6 +1,9 @@
-//! Limits shared through Redis: three replicas hold one user's rpm together, and a replica keeps
+//! Replicas acting as one: three replicas hold one user's rpm together, and a replica keeps
 //! serving on in-process limits while Redis is away, then goes back to it by itself; a user's
-//! spend metered on one replica stops the user on another.
+//! spend metered on one replica stops the user on another; an admin change made through one
+//! replica is in force on the others (announced on Redis, or found by the configuration version
+//! when the announcement is missed); upstream keys' cooldowns and refusals are shared; a key
+//! verified on one replica is trusted by another from the shared cache.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, free_port, into_json, redis_prefix, redis_url, spawn_app_with, spawn_replica,
-    Backend, TestApp,
+    assert_error, eventually, free_port, has_sample, into_json, redis_prefix, redis_url,
+    spawn_app_with, spawn_replica, Backend, TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -18,6 +21,10 @@ on_both_backends!(
     three_replicas_hold_one_rpm_limit_together,
     serving_goes_on_without_redis_and_returns_to_it,
     spend_is_shared_across_replicas_through_redis,
+    admin_changes_reach_other_replicas_through_redis,
+    a_missed_announcement_is_healed_by_the_configuration_version,
+    upstream_key_cooldowns_and_refusals_are_shared,
+    a_key_verified_on_one_replica_is_trusted_by_another,
 );
 
 fn hello() -> Value {
@@ -221,5 +228,257 @@ async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
         into_json(second.chat(&key, pricey).await).await,
         402,
         "budget_exceeded",
+    );
+}
+
+/// Two replicas on one database and `redis` (none when empty) under `prefix`, reading the
+/// configuration version every `check_ms`, with one upstream key and a user key.
+async fn two_replicas(
+    backend: Backend,
+    redis: &str,
+    prefix: &str,
+    check_ms: &str,
+) -> (TestApp, TestApp, MockUpstream, String, String, String) {
+    let mut env = vec![("SWITCHYARD_CLUSTER__VERSION_CHECK_MS", check_ms)];
+    if !redis.is_empty() {
+        env.push(("SWITCHYARD_REDIS_URL", redis));
+        env.push(("SWITCHYARD_REDIS__KEY_PREFIX", prefix));
+    }
+    let first = spawn_app_with(backend, &env).await;
+    let mock = MockUpstream::start();
+    first
+        .add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let user = first.create_user(json!({})).await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+    let (key_id, key) = first.create_key(&user_id, json!({})).await;
+    let second = spawn_replica(&first, &env).await;
+    (first, second, mock, user_id, key_id, key)
+}
+
+/// Makes an admin change through `by`, then calls `on` until `in_force` accepts what it
+/// answers; the time that took.
+async fn propagation<F, Fut>(by: &TestApp, path: &str, change: Value, in_force: F) -> Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let (status, body) = by
+        .admin_json(reqwest::Method::PATCH, path, Some(change))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let changed = Instant::now();
+    while !in_force().await {
+        assert!(
+            changed.elapsed() < Duration::from_secs(5),
+            "the change to {path} never reached the other replica"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    changed.elapsed()
+}
+
+async fn admin_changes_reach_other_replicas_through_redis(backend: Backend) {
+    // The version is read only once a minute: whatever arrives sooner came over Redis.
+    let (first, second, mock, user_id, key_id, key) =
+        two_replicas(backend, &redis_url(), &redis_prefix(), "60000").await;
+    // The second replica has the key and the user in its caches.
+    assert_eq!(second.chat(&key, hello()).await.status(), 200);
+
+    let suspended = propagation(
+        &first,
+        &format!("/admin/users/{user_id}"),
+        json!({"status": "suspended"}),
+        || async { second.chat(&key, hello()).await.status() == 403 },
+    )
+    .await;
+    let restored = propagation(
+        &first,
+        &format!("/admin/users/{user_id}"),
+        json!({"status": "active", "allowed_models": ["other-*"]}),
+        || async { second.chat(&key, hello()).await.status() == 403 },
+    )
+    .await;
+    assert_error(
+        into_json(second.chat(&key, hello()).await).await,
+        403,
+        "model_not_allowed",
+    );
+    println!("admin change in force on another replica after {suspended:?} and {restored:?}");
+    assert!(suspended < Duration::from_secs(1) && restored < Duration::from_secs(1));
+
+    // A model mapping made through the first replica is applied by the second.
+    let (status, _) = first
+        .admin_json(
+            reqwest::Method::PATCH,
+            &format!("/admin/users/{user_id}"),
+            Some(json!({"allowed_models": []})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = first
+        .admin_json(
+            reqwest::Method::POST,
+            "/admin/model-mappings",
+            Some(json!({"from": "alias-*", "to": "gpt-4o-mini"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let aliased = json!({"model": "alias-small", "messages": [{"role": "user", "content": "hi"}]});
+    eventually(1, || async {
+        let status = second.chat(&key, aliased.clone()).await.status();
+        let upstream = mock.calls().last().map(|c| c.body["model"].clone());
+        match (status.as_u16(), upstream) {
+            (200, Some(model)) if model == "gpt-4o-mini" => Ok(()),
+            seen => Err(format!(
+                "mapping not applied on the second replica: {seen:?}"
+            )),
+        }
+    })
+    .await;
+
+    // A key revoked through the first replica is refused by the second.
+    let (status, _) = first
+        .admin_json(
+            reqwest::Method::DELETE,
+            &format!("/admin/keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually(1, || async {
+        match into_json(second.chat(&key, hello()).await).await {
+            (401, body) if body["error"]["code"] == "invalid_api_key" => Ok(()),
+            seen => Err(format!("a revoked key still served: {seen:?}")),
+        }
+    })
+    .await;
+}
+
+async fn a_missed_announcement_is_healed_by_the_configuration_version(backend: Backend) {
+    // No Redis at all: nothing is announced, so only the version check brings the change.
+    let (first, second, _mock, user_id, _, key) = two_replicas(backend, "", "", "100").await;
+    assert_eq!(second.chat(&key, hello()).await.status(), 200);
+    let took = propagation(
+        &first,
+        &format!("/admin/users/{user_id}"),
+        json!({"status": "suspended"}),
+        || async { second.chat(&key, hello()).await.status() == 403 },
+    )
+    .await;
+    println!("without redis, a change reached another replica after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // An upstream key disabled through the first replica is out of the second's pool too.
+    let (status, _) = first
+        .admin_json(
+            reqwest::Method::PATCH,
+            &format!("/admin/users/{user_id}"),
+            Some(json!({"status": "active"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, keys) = first
+        .admin_json(reqwest::Method::GET, "/admin/upstream-keys", None)
+        .await;
+    let upstream_id = keys["data"][0]["id"].as_str().unwrap().to_owned();
+    propagation(
+        &first,
+        &format!("/admin/upstream-keys/{upstream_id}"),
+        json!({"enabled": false}),
+        || async { second.chat(&key, hello()).await.status() == 503 },
+    )
+    .await;
+}
+
+async fn upstream_key_cooldowns_and_refusals_are_shared(backend: Backend) {
+    let (url, prefix) = (redis_url(), redis_prefix());
+    let env = [
+        ("SWITCHYARD_REDIS_URL", url.as_str()),
+        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
+    ];
+    let first = spawn_app_with(backend, &env).await;
+    let mock = MockUpstream::start();
+    // The heavy keys are picked first; the light one absorbs their failures.
+    for (secret, weight) in [("r429-shared", 100), ("r401-shared", 50), ("ok-light", 1)] {
+        first
+            .add_upstream(json!({"provider": "openai", "base_url": mock.base_url,
+                                 "secret": secret, "weight": weight}))
+            .await;
+    }
+    let key = user_key(&first, json!({})).await;
+    let second = spawn_replica(&first, &env).await;
+
+    // The first replica meets the 429 and the 401, and fails over.
+    assert_eq!(first.chat(&key, hello()).await.status(), 200);
+    assert_eq!(mock.calls_with("r429-shared"), 1);
+    assert_eq!(mock.calls_with("r401-shared"), 1);
+    // The announcements travel while the client reads its answer.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        assert_eq!(second.chat(&key, hello()).await.status(), 200);
+    }
+    assert_eq!(
+        (
+            mock.calls_with("r429-shared"),
+            mock.calls_with("r401-shared")
+        ),
+        (1, 1),
+        "the second replica tried a key the first had seen refused"
+    );
+    assert_eq!(mock.calls_with("ok-light"), 6);
+}
+
+async fn a_key_verified_on_one_replica_is_trusted_by_another(backend: Backend) {
+    let (redis, prefix) = (redis_url(), redis_prefix());
+    let (first, second, _mock, user_id, _, key) =
+        two_replicas(backend, &redis, &prefix, "1000").await;
+    assert_eq!(first.chat(&key, hello()).await.status(), 200);
+    // Shared in the background after the first call.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(second.chat(&key, hello()).await.status(), 200);
+    let metrics = second.metrics().await;
+    for cache in ["user_keys", "users"] {
+        let labels = [&format!("cache=\"{cache}\"") as &str, "layer=\"redis\""];
+        assert!(
+            has_sample(
+                &metrics,
+                "switchyard_cache_lookups_total",
+                &[labels[0], labels[1], "result=\"hit\""],
+                "1"
+            ),
+            "{cache} not found in the shared cache:\n{metrics}"
+        );
+        assert!(has_sample(
+            &metrics,
+            "switchyard_cache_hit_ratio",
+            &labels,
+            "1"
+        ));
+    }
+    // A wrong secret for the same key id is refused without the database's help.
+    let forged = format!("{}x", &key[..key.len() - 1]);
+    assert_error(
+        into_json(second.chat(&forged, hello()).await).await,
+        401,
+        "invalid_api_key",
+    );
+    // Suspension replaces the shared entry: a third replica reads the new state.
+    let (status, _) = first
+        .admin_json(
+            reqwest::Method::PATCH,
+            &format!("/admin/users/{user_id}"),
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let env = [
+        ("SWITCHYARD_REDIS_URL", redis.as_str()),
+        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
+    ];
+    let third = spawn_replica(&first, &env).await;
+    assert_error(
+        into_json(third.chat(&key, hello()).await).await,
+        403,
+        "user_suspended",
     );
 }

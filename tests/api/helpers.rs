@@ -480,3 +480,31 @@ impl Outage {
         }
     }
 }
+
+impl TestApp {
+    /// `GET /metrics`, checked to be Prometheus text.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        response.text().await.unwrap()
+    }
+}
+
+/// Whether `metrics` has a sample of `name` with every label in `labels` and `value`.
+pub fn has_sample(metrics: &str, name: &str, labels: &[&str], value: &str) -> bool {
+    metrics.lines().any(|line| {
+        line.starts_with(&format!("{name}{{"))
+            && labels.iter().all(|l| line.contains(l))
+            && line.rsplit(' ').next() == Some(value)
+    })
+}

@@ -8,8 +8,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, eventually, fresh_database_url, into_json, spawn_app_with, Backend, Outage,
-    TestApp,
+    assert_error, eventually, fresh_database_url, has_sample, into_json, spawn_app_with, Backend,
+    Outage, TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -382,7 +382,7 @@ async fn a_failed_attempt_costs_nothing_but_is_logged(backend: Backend) {
         json!(USAGE_CALL_USD),
         "only the answer is billed"
     );
-    let metrics = scrape(&app).await;
+    let metrics = app.metrics().await;
     assert!(
         has_sample(
             &metrics,
@@ -443,31 +443,6 @@ async fn the_budget_is_enforced_from_metered_spend(backend: Backend) {
     assert_eq!(entry["cost_usd"], json!(0.0));
 }
 
-async fn scrape(app: &TestApp) -> String {
-    let response = app
-        .http
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert!(content_type.starts_with("text/plain"), "{content_type}");
-    response.text().await.unwrap()
-}
-
-/// Whether `metrics` has a sample of `name` with every label in `labels` and `value`.
-fn has_sample(metrics: &str, name: &str, labels: &[&str], value: &str) -> bool {
-    metrics.lines().any(|line| {
-        line.starts_with(&format!("{name}{{"))
-            && labels.iter().all(|l| line.contains(l))
-            && line.rsplit(' ').next() == Some(value)
-    })
-}
-
 async fn metrics_are_exported(backend: Backend) {
     let app = metered_app(backend).await;
     let (_mock, user_id, key) = setup(&app, "usage-m").await;
@@ -475,7 +450,7 @@ async fn metrics_are_exported(backend: Backend) {
         assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
     }
     usage_rows(&app, &format!("user_id={user_id}"), 2).await;
-    let metrics = scrape(&app).await;
+    let metrics = app.metrics().await;
     let route = "route=\"/v1/chat/completions\"";
     assert!(
         has_sample(
@@ -519,8 +494,14 @@ async fn metrics_are_exported(backend: Backend) {
     assert!(has_sample(
         &metrics,
         "switchyard_cache_lookups_total",
-        &["cache=\"user_keys\"", "result=\"hit\""],
+        &["cache=\"user_keys\"", "layer=\"memory\"", "result=\"hit\""],
         "1"
+    ));
+    assert!(has_sample(
+        &metrics,
+        "switchyard_cache_hit_ratio",
+        &["cache=\"user_keys\"", "layer=\"memory\""],
+        "0.5"
     ));
     assert!(metrics.contains("switchyard_queue_depth{queue=\"usage\"}"));
     assert!(!metrics.contains("usage-m"), "a secret in the metrics");

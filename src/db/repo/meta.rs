@@ -31,3 +31,34 @@ pub async fn insert_if_absent(db: &Db, key: &str, value: &str) -> Result<bool, D
         Ok(inserted == 1)
     })
 }
+
+/// The `meta` entry holding the configuration version.
+const CONFIG_VERSION: &str = "config_version";
+
+/// The configuration version: how many admin changes were stored (0 before the first).
+pub async fn config_version(db: &Db) -> Result<i64, DbError> {
+    Ok(get(db, CONFIG_VERSION)
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Counts one more admin change and returns the new version. Atomic on both backends, so
+/// replicas changing things at once each get their own version.
+pub async fn bump_config_version(db: &Db) -> Result<i64, DbError> {
+    #[derive(QueryableByName)]
+    struct Version {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    // One statement both dialects accept: an upsert that adds one to the stored text.
+    const BUMP: &str = "INSERT INTO meta (key, value) VALUES ('config_version', '1') \
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT) \
+         RETURNING value";
+    let row: Version = with_conn!(db, |conn| {
+        diesel::sql_query(BUMP).get_result(conn).await?
+    });
+    row.value
+        .parse()
+        .map_err(|e| DbError::Query(diesel::result::Error::DeserializationError(Box::new(e))))
+}

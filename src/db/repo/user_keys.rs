@@ -61,3 +61,15 @@ pub async fn revoke(db: &Db, id: &str, when: NaiveDateTime) -> Result<UserKey, D
     });
     get(db, id).await
 }
+
+/// Which of `ids` still name a key that is not revoked.
+pub async fn live_ids(db: &Db, ids: &[String]) -> Result<Vec<String>, DbError> {
+    with_conn!(db, |conn| {
+        Ok(user_keys::table
+            .filter(user_keys::id.eq_any(ids))
+            .filter(user_keys::revoked_at.is_null())
+            .select(user_keys::id)
+            .load(conn)
+            .await?)
+    })
+}

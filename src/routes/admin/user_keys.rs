@@ -101,7 +101,7 @@ pub async fn create(
         revoked_at: None,
     };
     repo::user_keys::insert(&state.db, &key).await?;
-    state.changed(Entity::UserKey, &key.id).await;
+    state.created(Entity::UserKey, &key.id).await;
     tracing::info!(user_id = %user.id, key_id = %key.id, "user key created");
     Ok(HttpResponse::Created().json(CreatedKey {
         view: KeyView::from(&key),

@@ -196,7 +196,7 @@ pub async fn create(
     repo::users::insert(&state.db, &user)
         .await
         .map_err(name_taken)?;
-    state.changed(Entity::User, &user.id).await;
+    state.created(Entity::User, &user.id).await;
     tracing::info!(user_id = %user.id, "user created");
     Ok(HttpResponse::Created().json(UserView::from(&user)))
 }
