@@ -78,9 +78,15 @@ ensure_openai_sdk() {
   export SWITCHYARD_TEST_PYTHONPATH="$PYLIB"
 }
 
+# nginx, the load balancer in front of the multi-replica (fleet) test.
+ensure_nginx() {
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx-light
+}
+
 ensure_postgres
 ensure_redis
 ensure_openai_sdk
+ensure_nginx
 
 # Each integration test creates its own database named sy_test_*; drop what earlier runs left.
 log "dropping stale test databases"
@@ -94,5 +100,10 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+log "deploy/: Kubernetes manifests"
+bash scripts/validate-deploy.sh
 log "cargo test"
-cargo test --all-targets --quiet 2>&1 | tee "${TMPDIR:-/tmp}/switchyard-test.log"
+cargo test --all-targets --quiet -- --skip fleet:: 2>&1 | tee "${TMPDIR:-/tmp}/switchyard-test.log"
+# Three real binaries behind nginx on one PostgreSQL and one Redis; shown with its figures.
+log "fleet: three replicas behind nginx"
+cargo test --quiet --test api -- fleet:: --nocapture 2>&1 | tee -a "${TMPDIR:-/tmp}/switchyard-test.log"

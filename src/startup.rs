@@ -132,7 +132,7 @@ impl Application {
                 mapper: mapper.clone(),
                 prices: metering.prices.clone(),
             },
-            bus,
+            bus.clone(),
             db.clone(),
             config_version,
             Duration::from_millis(settings.cluster.version_check_ms.max(50)),
@@ -177,6 +177,7 @@ impl Application {
             limiter,
             limiter_upkeep,
             metering: metering.clone(),
+            bus,
         });
         let authenticator = web::Data::new(Authenticator::new(db, auth_cache, shared_cache));
 

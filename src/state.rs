@@ -6,6 +6,7 @@ use actix::Addr;
 
 use crate::actors::config_sync::{Changed, ConfigSyncActor, Entity};
 use crate::actors::rate_limiter::LimiterUpkeep;
+use crate::cluster::bus::Bus;
 use crate::crypto::MasterKey;
 use crate::db::Db;
 use crate::limits::RateLimiter;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub limiter_upkeep: Addr<LimiterUpkeep>,
     /// Prices, spend, metrics and the writers of usage and logs.
     pub metering: Arc<Metering>,
+    /// The replicas' channel, whose state `/readyz` reports.
+    pub bus: Arc<Bus>,
 }
 
 impl AppState {

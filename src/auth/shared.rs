@@ -147,9 +147,14 @@ impl SharedCache {
             .arg("PX")
             .arg(TOMBSTONE.as_millis() as u64)
             .to_owned();
-        // Always tried, even while backing off: a stale shared entry is worse than a slow
-        // admin call.
-        if let Err(err) = inner.run::<()>(command).await {
+        // Always tried, even while backing off, and tried twice (the first command after a
+        // Redis restart meets the broken connection): a stale shared entry is worse than a
+        // slow admin call.
+        let outcome = match inner.run::<()>(command.clone()).await {
+            Ok(()) => Ok(()),
+            Err(_) => inner.run::<()>(command).await,
+        };
+        if let Err(err) = outcome {
             inner.failed(&err);
             tracing::warn!(
                 error = %crate::limits::describe(&err),

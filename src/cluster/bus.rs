@@ -148,12 +148,13 @@ impl Bus {
             })
             .await?
             .clone();
-        redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(payload)
-            .query_async::<i64>(&mut conn)
-            .await
-            .map(drop)
+        let publish = redis::cmd("PUBLISH").arg(&self.channel).arg(payload).to_owned();
+        // The first command after Redis came back finds the old connection broken; the
+        // manager reconnects meanwhile, so one more try goes through.
+        match publish.query_async::<i64>(&mut conn).await {
+            Ok(_) => Ok(()),
+            Err(_) => publish.query_async::<i64>(&mut conn).await.map(drop),
+        }
     }
 
     /// Listens on the channel for as long as the process lives, resubscribing after any

@@ -76,13 +76,13 @@ async fn three_replicas_hold_one_rpm_limit_together(backend: Backend) {
 }
 
 /// A Redis server of this test's own, so stopping it disturbs no other test.
-struct OwnRedis {
+pub(crate) struct OwnRedis {
     port: u16,
     child: Option<Child>,
 }
 
 impl OwnRedis {
-    fn start(port: u16) -> Self {
+    pub(crate) fn start(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -102,11 +102,11 @@ impl OwnRedis {
         redis
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -133,7 +133,7 @@ impl Drop for OwnRedis {
     }
 }
 
-async fn redis_status(app: &TestApp) -> (u16, String) {
+pub(crate) async fn redis_status(app: &TestApp) -> (u16, String) {
     let response = app
         .http
         .get(format!("{}/readyz", app.address))

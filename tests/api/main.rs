@@ -7,6 +7,7 @@ mod admin_user_keys;
 mod admin_users;
 mod auth;
 mod cluster;
+mod fleet;
 mod helpers;
 mod metering;
 mod mock_upstream;
