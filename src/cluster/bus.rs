@@ -148,7 +148,10 @@ impl Bus {
             })
             .await?
             .clone();
-        let publish = redis::cmd("PUBLISH").arg(&self.channel).arg(payload).to_owned();
+        let publish = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(payload)
+            .to_owned();
         // The first command after Redis came back finds the old connection broken; the
         // manager reconnects meanwhile, so one more try goes through.
         match publish.query_async::<i64>(&mut conn).await {
