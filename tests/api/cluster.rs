@@ -133,14 +133,8 @@ impl Drop for OwnRedis {
     }
 }
 
-pub(crate) async fn redis_status(app: &TestApp) -> (u16, String) {
-    let response = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = into_json(response).await;
+async fn redis_status(app: &TestApp) -> (u16, String) {
+    let (status, body) = app.readyz().await;
     (
         status,
         body["redis"]["status"].as_str().unwrap_or("").to_owned(),
@@ -278,6 +272,22 @@ where
     changed.elapsed()
 }
 
+/// Suspends the user through `first`; how long until `second` refuses the user's key.
+async fn suspension_reaches(
+    first: &TestApp,
+    second: &TestApp,
+    user_id: &str,
+    key: &str,
+) -> Duration {
+    propagation(
+        first,
+        &format!("/admin/users/{user_id}"),
+        json!({"status": "suspended"}),
+        || async { second.chat(key, hello()).await.status() == 403 },
+    )
+    .await
+}
+
 async fn admin_changes_reach_other_replicas_through_redis(backend: Backend) {
     // The version is read only once a minute: whatever arrives sooner came over Redis.
     let (first, second, mock, user_id, key_id, key) =
@@ -285,13 +295,7 @@ async fn admin_changes_reach_other_replicas_through_redis(backend: Backend) {
     // The second replica has the key and the user in its caches.
     assert_eq!(second.chat(&key, hello()).await.status(), 200);
 
-    let suspended = propagation(
-        &first,
-        &format!("/admin/users/{user_id}"),
-        json!({"status": "suspended"}),
-        || async { second.chat(&key, hello()).await.status() == 403 },
-    )
-    .await;
+    let suspended = suspension_reaches(&first, &second, &user_id, &key).await;
     let restored = propagation(
         &first,
         &format!("/admin/users/{user_id}"),
@@ -359,13 +363,7 @@ async fn a_missed_announcement_is_healed_by_the_configuration_version(backend: B
     // No Redis at all: nothing is announced, so only the version check brings the change.
     let (first, second, _mock, user_id, _, key) = two_replicas(backend, "", "", "100").await;
     assert_eq!(second.chat(&key, hello()).await.status(), 200);
-    let took = propagation(
-        &first,
-        &format!("/admin/users/{user_id}"),
-        json!({"status": "suspended"}),
-        || async { second.chat(&key, hello()).await.status() == 403 },
-    )
-    .await;
+    let took = suspension_reaches(&first, &second, &user_id, &key).await;
     println!("without redis, a change reached another replica after {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
     // An upstream key disabled through the first replica is out of the second's pool too.

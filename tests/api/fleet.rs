@@ -22,9 +22,7 @@ use switchyard::crypto::MasterKey;
 use switchyard::db::repo;
 
 use crate::cluster::OwnRedis;
-use crate::helpers::{
-    eventually, free_port, fresh_database_url, into_json, tempdir, Backend, TestApp,
-};
+use crate::helpers::{eventually, free_port, fresh_database_url, tempdir, Backend, TestApp};
 use crate::mock_upstream::MockUpstream;
 use crate::operations::Server;
 
@@ -298,13 +296,7 @@ async fn cooldowns_are_shared(fleet: &Fleet) {
 
 /// `/readyz`'s view of Redis: (limits, configuration channel).
 async fn redis_view(app: &TestApp) -> (String, String) {
-    let response = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
-    let (_, body) = into_json(response).await;
+    let (_, body) = app.readyz().await;
     let field = |name: &str| body["redis"][name].as_str().unwrap_or("").to_owned();
     (field("status"), field("config_channel"))
 }

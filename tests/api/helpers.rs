@@ -24,17 +24,30 @@ macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
-                #[actix_web::test]
-                async fn sqlite() {
-                    super::$name($crate::helpers::Backend::Sqlite).await
+                #[test]
+                fn sqlite() {
+                    $crate::helpers::run_test(super::$name($crate::helpers::Backend::Sqlite))
                 }
-                #[actix_web::test]
-                async fn postgres() {
-                    super::$name($crate::helpers::Backend::Postgres).await
+                #[test]
+                fn postgres() {
+                    $crate::helpers::run_test(super::$name($crate::helpers::Backend::Postgres))
                 }
             }
         )*
     };
+}
+
+/// Runs a test body on an actix System of its own, then stops that System, which stops every
+/// arbiter the apps under test started (HTTP workers, metering) and so closes their database
+/// connections now, not when the whole test binary ends: PostgreSQL allows only so many.
+pub fn run_test(body: impl std::future::Future<Output = ()>) {
+    let system = actix_web::rt::System::new();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| system.block_on(body)));
+    system.block_on(async { actix_web::rt::System::current().stop() });
+    let _ = system.run();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// The server's PostgreSQL, where each test creates its own database.
@@ -482,6 +495,17 @@ impl Outage {
 }
 
 impl TestApp {
+    /// `GET /readyz`: status and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}/readyz", self.address))
+            .send()
+            .await
+            .unwrap();
+        into_json(response).await
+    }
+
     /// `GET /metrics`, checked to be Prometheus text.
     pub async fn metrics(&self) -> String {
         let response = self
