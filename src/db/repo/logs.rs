@@ -46,10 +46,18 @@ mod sqlite {
     use crate::db::schema::request_logs;
 
     pub fn insert_batch(conn: &mut SqliteConnection, rows: &[LogRow]) -> QueryResult<usize> {
-        diesel::insert_into(request_logs::table)
-            .values(rows)
-            .on_conflict_do_nothing()
-            .execute(conn)
+        // One prepared single-row insert, reused for every row, in one transaction: in
+        // process, that costs less than parsing one statement of hundreds of rows per batch.
+        conn.immediate_transaction(|conn| {
+            let mut inserted = 0;
+            for row in rows {
+                inserted += diesel::insert_into(request_logs::table)
+                    .values(row)
+                    .on_conflict_do_nothing()
+                    .execute(conn)?;
+            }
+            Ok(inserted)
+        })
     }
 }
 
