@@ -3,9 +3,7 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
-use super::schema::{
-    model_mappings, prices, request_logs, upstream_keys, usage_records, user_keys, users,
-};
+use super::schema::{model_mappings, prices, request_logs, upstream_keys, user_keys, users};
 use super::DbError;
 use crate::domain::{ModelMapping, Price, Provider, UpstreamKey, User, UserKey, UserStatus};
 
@@ -313,29 +311,9 @@ impl From<&Price> for PriceRow {
     }
 }
 
-/// A `usage_records` row: what one call used and cost.
-#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = usage_records)]
-pub struct UsageRow {
-    pub request_id: String,
-    pub ts: NaiveDateTime,
-    pub user_id: String,
-    pub key_id: String,
-    pub model: String,
-    pub upstream_model: String,
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub reasoning_tokens: i64,
-    pub cached_tokens: i64,
-    pub images: i64,
-    pub audio_seconds: f64,
-    pub characters: i64,
-    pub cost_nanos: i64,
-    pub partial: bool,
-}
-
-/// A `request_logs` row: one client call. `None` is written as NULL, not as the column's
-/// default, so a batch of rows is one multi-row insert on SQLite too.
+/// A `request_logs` row: one client call, and what it used and cost when an upstream answered
+/// it (`metered`). `None` is written as NULL, not as the column's default, so every row has
+/// the same shape (one multi-row insert on PostgreSQL, one prepared statement on SQLite).
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = request_logs, treat_none_as_default_value = false)]
 pub struct LogRow {
@@ -357,4 +335,11 @@ pub struct LogRow {
     pub cost_nanos: i64,
     pub partial: bool,
     pub error_code: Option<String>,
+    /// An upstream answered: the usage below counts in `/admin/usage` and in spend.
+    pub metered: bool,
+    pub reasoning_tokens: i64,
+    pub cached_tokens: i64,
+    pub images: i64,
+    pub audio_seconds: f64,
+    pub characters: i64,
 }

@@ -76,13 +76,11 @@ diesel::table! {
 }
 
 diesel::table! {
-    usage_records (request_id) {
-        request_id -> Text,
-        ts -> Timestamp,
+    usage_daily (day, user_id, model) {
+        day -> Text,
         user_id -> Text,
-        key_id -> Text,
         model -> Text,
-        upstream_model -> Text,
+        requests -> BigInt,
         prompt_tokens -> BigInt,
         completion_tokens -> BigInt,
         reasoning_tokens -> BigInt,
@@ -91,7 +89,6 @@ diesel::table! {
         audio_seconds -> Double,
         characters -> BigInt,
         cost_nanos -> BigInt,
-        partial -> Bool,
     }
 }
 
@@ -115,6 +112,12 @@ diesel::table! {
         cost_nanos -> BigInt,
         partial -> Bool,
         error_code -> Nullable<Text>,
+        metered -> Bool,
+        reasoning_tokens -> BigInt,
+        cached_tokens -> BigInt,
+        images -> BigInt,
+        audio_seconds -> Double,
+        characters -> BigInt,
     }
 }
 

@@ -1,7 +1,8 @@
 //! `UsageAccountant`: turns each finished call into its usage, cost and log entry, off the
 //! request path. It empties the recorder's queue every few milliseconds, prices what each call
 //! used, keeps every user's spend (shared across replicas through Redis when configured), and
-//! writes usage rows in batches; log rows go on to the `LogWriter` in batches too.
+//! writes the calls in batches: one request-log row per call, carrying its usage, in the same
+//! transaction as the spend they add.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,14 +11,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::buffer::{write_all, BatchBuffer};
-use super::log_writer::{FlushLogs, Log, LogWriter};
 use super::metrics::Metrics;
 use super::prices::{cost_nanos, PriceBook};
 use super::record::{CallRecord, Recorder};
 use super::spend::{SharedSpend, SpendBook};
 use super::usage::{self, Endpoint, Usage};
 use crate::config::MeteringSettings;
-use crate::db::models::{LogRow, UsageRow};
+use crate::db::models::LogRow;
 use crate::db::repo::usage::SpendWritten;
 use crate::db::{repo, Db};
 use crate::domain::money::nanos_to_usd;
@@ -37,8 +37,7 @@ pub struct Flush {
 /// What the final flush could not write.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FlushReport {
-    pub usage_left: usize,
-    pub logs_left: usize,
+    pub calls_left: usize,
 }
 
 /// What the accountant works with.
@@ -53,20 +52,18 @@ pub struct Ledger {
 
 pub struct UsageAccountant {
     ledger: Ledger,
-    logs: Addr<LogWriter>,
-    buffer: BatchBuffer<UsageRow>,
+    buffer: BatchBuffer<LogRow>,
     /// Models already reported as having no price.
     unpriced: HashSet<String>,
     refreshing: bool,
 }
 
 impl UsageAccountant {
-    pub fn new(ledger: Ledger, logs: Addr<LogWriter>, settings: &MeteringSettings) -> Self {
+    pub fn new(ledger: Ledger, settings: &MeteringSettings) -> Self {
         UsageAccountant {
             ledger,
-            logs,
             buffer: BatchBuffer::new(
-                "usage",
+                "calls",
                 settings.buffer_records,
                 settings.batch_size,
                 Duration::from_millis(settings.flush_interval_ms),
@@ -76,7 +73,7 @@ impl UsageAccountant {
         }
     }
 
-    /// Accounts every queued call: usage rows to the buffer, log rows to the log writer.
+    /// Accounts every queued call into the buffer of rows to write.
     fn drain(&mut self) {
         let records = self.ledger.recorder.take();
         let dropped = self.ledger.recorder.take_dropped();
@@ -84,22 +81,19 @@ impl UsageAccountant {
             tracing::warn!(dropped, "metering queue full: calls dropped unmetered");
             self.ledger.metrics.dropped("calls", dropped);
         }
-        if !records.is_empty() {
-            let mut logs = Vec::with_capacity(records.len());
-            for record in records {
-                logs.push(self.account(record));
-            }
-            self.logs.do_send(Log(logs));
+        for record in records {
+            let row = self.account(record);
+            self.buffer.push(row);
         }
         let dropped = self.buffer.take_dropped();
         if dropped > 0 {
-            tracing::warn!(dropped, "usage buffer full: usage rows dropped");
-            self.ledger.metrics.dropped("usage", dropped);
+            tracing::warn!(dropped, "write buffer full: calls dropped unwritten");
+            self.ledger.metrics.dropped("writes", dropped);
         }
         self.ledger
             .metrics
             .queue_depth("calls", self.ledger.recorder.len());
-        self.ledger.metrics.queue_depth("usage", self.buffer.len());
+        self.ledger.metrics.queue_depth("writes", self.buffer.len());
     }
 
     /// One call: its usage and cost, its metrics, its log entry.
@@ -138,46 +132,34 @@ impl UsageAccountant {
             metrics.usage(&model, usage, nanos_to_usd(cost));
             self.ledger.spend.add_pending(&record.user_id, cost);
         }
-        let log = LogRow {
-            id: record.request_id.clone(),
+        let usage = usage.as_ref();
+        let count = |f: fn(&Usage) -> i64| usage.map_or(0, f);
+        LogRow {
+            id: record.request_id,
             ts: record.ts,
-            user_id: Some(record.user_id.clone()),
-            key_id: Some(record.key_id.clone()),
+            user_id: Some(record.user_id),
+            key_id: Some(record.key_id),
             route: record.route.to_owned(),
-            model: record.model.clone(),
-            upstream_model: record.upstream_model.clone(),
-            upstream_key_id: record.upstream_key_id.clone(),
+            model: record.model,
+            upstream_model: record.upstream_model,
+            upstream_key_id: record.upstream_key_id,
             level: record.level,
             status: i32::from(record.status),
             attempts: record.attempts as i32,
             latency_ms: record.latency.as_millis() as i64,
             ttfb_ms: record.ttfb.map(|t| t.as_millis() as i64),
-            prompt_tokens: usage.as_ref().map_or(0, |u| u.prompt_tokens),
-            completion_tokens: usage.as_ref().map_or(0, |u| u.completion_tokens),
+            prompt_tokens: count(|u| u.prompt_tokens),
+            completion_tokens: count(|u| u.completion_tokens),
             cost_nanos: cost,
             partial,
             error_code: record.error_code.map(str::to_owned),
-        };
-        if let Some(usage) = usage {
-            self.buffer.push(UsageRow {
-                request_id: record.request_id,
-                ts: record.ts,
-                user_id: record.user_id,
-                key_id: record.key_id,
-                model: record.model.unwrap_or_default(),
-                upstream_model: model,
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                reasoning_tokens: usage.reasoning_tokens,
-                cached_tokens: usage.cached_tokens,
-                images: usage.images,
-                audio_seconds: usage.audio_seconds,
-                characters: usage.characters,
-                cost_nanos: cost,
-                partial,
-            });
+            metered: usage.is_some(),
+            reasoning_tokens: count(|u| u.reasoning_tokens),
+            cached_tokens: count(|u| u.cached_tokens),
+            images: count(|u| u.images),
+            audio_seconds: usage.map_or(0.0, |u| u.audio_seconds),
+            characters: count(|u| u.characters),
         }
-        log
     }
 
     /// The cost of `usage` at the price of `model` (0 when the model has no price, which is
@@ -298,35 +280,21 @@ impl Handler<Flush> for UsageAccountant {
         self.drain();
         let rows = self.buffer.take_all();
         let db = self.ledger.db.clone();
-        let logs = self.logs.clone();
-        let deadline = msg.deadline;
         let batch = self.buffer.batch();
-        let flush = async move {
-            let (written, left) = write_all(rows, batch, deadline, move |batch| {
-                let db = db.clone();
-                async move {
-                    match repo::usage::insert_batch(&db, &batch).await {
-                        Ok(w) => Ok(w),
-                        Err(e) => Err((e, batch)),
-                    }
+        let flush = write_all(rows, batch, msg.deadline, move |batch| {
+            let db = db.clone();
+            async move {
+                match repo::usage::insert_batch(&db, &batch).await {
+                    Ok(w) => Ok(w),
+                    Err(e) => Err((e, batch)),
                 }
-            })
-            .await;
-            let logs_left = match logs.send(FlushLogs { deadline }).await {
-                Ok(left) => left,
-                Err(err) => {
-                    tracing::error!(error = %err, "the log writer is gone: its buffered entries are lost");
-                    0
-                }
-            };
-            (written, left, logs_left)
-        };
+            }
+        });
         AtomicResponse::new(Box::pin(flush.into_actor(self).map(
-            |(written, left, logs_left), actor, ctx| {
+            |(written, left), actor, ctx| {
                 actor.confirm(&written, ctx);
                 let report = FlushReport {
-                    usage_left: left.len(),
-                    logs_left,
+                    calls_left: left.len(),
                 };
                 actor.buffer.restore(left);
                 report

@@ -2,17 +2,18 @@
 //!
 //! The request path only hands a finished call's record to the [`record::Recorder`] queue. The
 //! `UsageAccountant` empties it, reads the usage (`usage`), prices it (`prices`), keeps spend
-//! (`spend`) and writes usage rows in batches; the `LogWriter` writes the request log. Both run
-//! on their own thread, with their own database connections, and are flushed at shutdown.
+//! (`spend`) and writes each call as one request-log row carrying its usage, in batches, with
+//! the spend they add; `LogRetention` prunes old entries into daily sums. Both run on their own
+//! thread, with their own database connections; the accountant is flushed at shutdown.
 
 pub mod accountant;
 pub mod buffer;
-pub mod log_writer;
 pub mod meter;
 pub mod metrics;
 pub mod observed;
 pub mod prices;
 pub mod record;
+pub mod retention;
 pub mod spend;
 pub mod usage;
 
@@ -25,13 +26,13 @@ use anyhow::Context;
 use crate::config::Settings;
 use crate::db::{repo, Db};
 use accountant::{Flush, FlushReport, Ledger, UsageAccountant};
-use log_writer::LogWriter;
 use metrics::Metrics;
 use prices::PriceBook;
 use record::Recorder;
+use retention::LogRetention;
 use spend::{SharedSpend, SpendBook};
 
-/// Connections of metering's own pool: one writer each, and one for reads.
+/// Connections of metering's own pool: the writer, pruning, and reads of spend.
 const METERING_CONNECTIONS: usize = 3;
 
 /// The metering side of one instance.
@@ -46,8 +47,8 @@ pub struct Metering {
 }
 
 impl Metering {
-    /// Seeds and loads the prices, then starts the accountant and the log writer on a thread
-    /// of their own.
+    /// Seeds and loads the prices, then starts the accountant and the log's retention on a
+    /// thread of their own.
     pub async fn start(settings: &Settings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let mut db_settings = settings.database.clone();
         db_settings.max_connections = METERING_CONNECTIONS;
@@ -81,14 +82,12 @@ impl Metering {
             metrics: metrics.clone(),
         };
         let arbiter = Arbiter::new();
-        let metering = settings.metering.clone();
-        let log_metrics = metrics.clone();
-        let logs = LogWriter::start_in_arbiter(&arbiter.handle(), move |_| {
-            LogWriter::new(db, log_metrics, &metering)
-        });
+        if let Some(retention) = LogRetention::new(db, settings.metering.log_retention_days) {
+            LogRetention::start_in_arbiter(&arbiter.handle(), move |_| retention);
+        }
         let metering = settings.metering.clone();
         let accountant = UsageAccountant::start_in_arbiter(&arbiter.handle(), move |_| {
-            UsageAccountant::new(ledger, logs, &metering)
+            UsageAccountant::new(ledger, &metering)
         });
         Ok(Metering {
             recorder,
@@ -122,9 +121,8 @@ impl Metering {
             tracing::info!("usage and request logs written");
         } else {
             tracing::error!(
-                usage_left = report.usage_left,
-                logs_left = report.logs_left,
-                "the database did not take every usage row and log entry before shutdown"
+                calls_left = report.calls_left,
+                "the database did not take every call's log entry and usage before shutdown"
             );
         }
         self.arbiter.stop();

@@ -399,10 +399,8 @@ async fn a_stopped_replica_loses_no_usage(fleet: &mut Fleet) {
     })
     .await;
     for id in &served {
-        assert!(
-            repo::usage::get(&db, id).await.is_ok(),
-            "no usage row for {id}"
-        );
+        let entry = repo::logs::get(&db, id).await;
+        assert!(entry.is_ok_and(|e| e.metered), "no metered entry for {id}");
     }
     println!(
         "fleet: every one of the {} calls answered 200 has its usage row",

@@ -26,6 +26,7 @@ on_both_backends!(
     metrics_are_exported,
     usage_survives_sigterm_right_after_the_calls,
     usage_survives_a_database_outage,
+    pruned_log_entries_keep_their_usage,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -326,7 +327,7 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
     let db = app.db();
     let stored = |i: usize| {
         let (db, id) = (db.clone(), request_ids[i].clone());
-        async move { switchyard::db::repo::usage::get(&db, &id).await.unwrap() }
+        async move { switchyard::db::repo::logs::get(&db, &id).await.unwrap() }
     };
     assert_eq!(stored(1).await.images, 2);
     assert_eq!(stored(2).await.images, 1);
@@ -503,7 +504,7 @@ async fn metrics_are_exported(backend: Backend) {
         &["cache=\"user_keys\"", "layer=\"memory\""],
         "0.5"
     ));
-    assert!(metrics.contains("switchyard_queue_depth{queue=\"usage\"}"));
+    assert!(metrics.contains("switchyard_queue_depth{queue=\"writes\"}"));
     assert!(!metrics.contains("usage-m"), "a secret in the metrics");
 }
 
@@ -583,4 +584,58 @@ async fn usage_survives_a_database_outage(backend: Backend) {
     assert_eq!(rows[0]["prompt_tokens"], 11_000);
     assert_eq!(rows[0]["cost_usd"], json!(0.0374), "11 calls at 0.0034");
     log_entries(&app, &format!("user_id={user_id}"), 11).await;
+}
+
+async fn pruned_log_entries_keep_their_usage(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "usage-p").await;
+    for _ in 0..3 {
+        assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+    }
+    let query = format!("group_by=model&user_id={user_id}");
+    let before = usage_rows(&app, &query, 3).await;
+    log_entries(&app, &format!("user_id={user_id}"), 3).await;
+
+    // Retention reaches every entry: they leave the log, their usage stays, per day.
+    let db = app.db();
+    let cutoff = switchyard::domain::now() + chrono::TimeDelta::minutes(1);
+    assert_eq!(
+        switchyard::db::repo::logs::prune(&db, cutoff)
+            .await
+            .unwrap(),
+        3
+    );
+    log_entries(&app, &format!("user_id={user_id}"), 0).await;
+    assert_eq!(usage_rows(&app, &query, 3).await, before);
+    let today = switchyard::domain::now().format("%Y-%m-%d").to_string();
+    let days = usage_rows(
+        &app,
+        &format!("group_by=day&user_id={user_id}&since={today}"),
+        3,
+    )
+    .await;
+    assert_eq!(days[0]["day"], json!(today), "{days:?}");
+    let (_, later) = app
+        .admin_json(
+            Method::GET,
+            &format!("/admin/usage?user_id={user_id}&until={today}"),
+            None,
+        )
+        .await;
+    assert_eq!(later["data"], json!([]), "a day before today holds nothing");
+
+    // New calls add to the same totals, and a second prune adds to the daily sums.
+    assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+    let rows = usage_rows(&app, &query, 4).await;
+    assert_eq!(rows[0]["cost_usd"], json!(4.0 * USAGE_CALL_USD));
+    let cutoff = switchyard::domain::now() + chrono::TimeDelta::minutes(1);
+    assert_eq!(
+        switchyard::db::repo::logs::prune(&db, cutoff)
+            .await
+            .unwrap(),
+        1
+    );
+    let rows = usage_rows(&app, &query, 4).await;
+    assert_eq!(rows[0]["prompt_tokens"], json!(4000));
+    assert_eq!(rows[0]["cost_usd"], json!(4.0 * USAGE_CALL_USD));
 }

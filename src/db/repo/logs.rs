@@ -1,65 +1,15 @@
-//! The `request_logs` table.
+//! The `request_logs` table: one entry per client call (written with its usage by
+//! `repo::usage::insert_batch`), read newest first, pruned by age.
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
+use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::{split_page, Page};
 use crate::db::models::LogRow;
 use crate::db::schema::request_logs;
 use crate::db::{Db, DbError};
 use crate::with_conn;
-
-/// Writes a batch of log rows, skipping rows already stored (a retried batch); returns how many
-/// were new. One multi-row insert on PostgreSQL; one insert per row in a single transaction on
-/// SQLite, where diesel cannot batch an insert that skips conflicts.
-pub async fn insert_batch(db: &Db, rows: &[LogRow]) -> Result<usize, DbError> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    match db {
-        Db::Pg(pool) => {
-            let mut conn = pool.get().await?;
-            Ok(diesel::insert_into(request_logs::table)
-                .values(rows)
-                .on_conflict_do_nothing()
-                .execute(&mut conn)
-                .await?)
-        }
-        Db::Sqlite(pool) => {
-            // Synchronous diesel on the blocking pool writes one multi-row insert, which
-            // diesel-async's SQLite wrapper cannot.
-            let mut conn = pool.get().await?;
-            let rows = rows.to_vec();
-            Ok(conn
-                .spawn_blocking(move |conn| sqlite::insert_batch(conn, &rows))
-                .await?)
-        }
-    }
-}
-
-/// The SQLite side of [`insert_batch`], in synchronous diesel (its own trait imports).
-mod sqlite {
-    use diesel::prelude::*;
-
-    use crate::db::models::LogRow;
-    use crate::db::schema::request_logs;
-
-    pub fn insert_batch(conn: &mut SqliteConnection, rows: &[LogRow]) -> QueryResult<usize> {
-        // One prepared single-row insert, reused for every row, in one transaction: in
-        // process, that costs less than parsing one statement of hundreds of rows per batch.
-        conn.immediate_transaction(|conn| {
-            let mut inserted = 0;
-            for row in rows {
-                inserted += diesel::insert_into(request_logs::table)
-                    .values(row)
-                    .on_conflict_do_nothing()
-                    .execute(conn)?;
-            }
-            Ok(inserted)
-        })
-    }
-}
 
 /// Which log entries a read returns.
 #[derive(Debug, Default, Clone)]
@@ -88,13 +38,57 @@ pub async fn list(db: &Db, filter: &LogFilter, page: Page) -> Result<(Vec<LogRow
     Ok(split_page(rows, page))
 }
 
-/// Deletes entries older than `before`; returns how many.
-pub async fn prune(db: &Db, before: NaiveDateTime) -> Result<usize, DbError> {
+/// One entry by request id (tests and support).
+pub async fn get(db: &Db, id: &str) -> Result<LogRow, DbError> {
     with_conn!(db, |conn| {
-        Ok(
-            diesel::delete(request_logs::table.filter(request_logs::ts.lt(before)))
+        Ok(request_logs::table
+            .find(id)
+            .select(LogRow::as_select())
+            .first(conn)
+            .await?)
+    })
+}
+
+/// Deletes entries older than `before`, first adding their usage to `usage_daily` (in the same
+/// transaction), so pruning the log never loses usage; returns how many entries went.
+pub async fn prune(db: &Db, before: NaiveDateTime) -> Result<usize, DbError> {
+    let (day, at) = match db {
+        Db::Pg(_) => ("to_char(ts, 'YYYY-MM-DD')", "$1"),
+        Db::Sqlite(_) => ("strftime('%Y-%m-%d', ts)", "?"),
+    };
+    let rollup = format!(
+        "INSERT INTO usage_daily (day, user_id, model, requests, prompt_tokens, \
+         completion_tokens, reasoning_tokens, cached_tokens, images, audio_seconds, characters, \
+         cost_nanos) \
+         SELECT {day}, user_id, COALESCE(model, ''), COUNT(*), SUM(prompt_tokens), \
+         SUM(completion_tokens), SUM(reasoning_tokens), SUM(cached_tokens), SUM(images), \
+         SUM(audio_seconds), SUM(characters), SUM(cost_nanos) \
+         FROM request_logs WHERE ts < {at} AND metered AND user_id IS NOT NULL \
+         GROUP BY {day}, user_id, COALESCE(model, '') \
+         ON CONFLICT (day, user_id, model) DO UPDATE SET \
+         requests = usage_daily.requests + excluded.requests, \
+         prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, \
+         completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, \
+         reasoning_tokens = usage_daily.reasoning_tokens + excluded.reasoning_tokens, \
+         cached_tokens = usage_daily.cached_tokens + excluded.cached_tokens, \
+         images = usage_daily.images + excluded.images, \
+         audio_seconds = usage_daily.audio_seconds + excluded.audio_seconds, \
+         characters = usage_daily.characters + excluded.characters, \
+         cost_nanos = usage_daily.cost_nanos + excluded.cost_nanos"
+    );
+    let rollup = rollup.as_str();
+    with_conn!(db, |conn| {
+        conn.transaction::<_, DbError, _>(async |conn| {
+            diesel::sql_query(rollup)
+                .bind::<diesel::sql_types::Timestamp, _>(before)
                 .execute(conn)
-                .await?,
-        )
+                .await?;
+            Ok(
+                diesel::delete(request_logs::table.filter(request_logs::ts.lt(before)))
+                    .execute(conn)
+                    .await?,
+            )
+        })
+        .await
     })
 }

@@ -1,4 +1,6 @@
-//! The `usage_records` table, and the spend it adds to `users`.
+//! Calls' usage: written with their request-log entries (one row per call) together with the
+//! spend it adds to `users`, and summed from those entries and from `usage_daily` (what
+//! outlived the log's retention).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -8,8 +10,8 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
-use crate::db::models::UsageRow;
-use crate::db::schema::{usage_records, users};
+use crate::db::models::LogRow;
+use crate::db::schema::{request_logs, usage_daily, users};
 use crate::db::{Db, DbError};
 use crate::with_conn;
 
@@ -28,8 +30,8 @@ macro_rules! add_spend {
     ($conn:expr, $rows:expr, $new_ids:expr, $user_ids:expr $(, $suffix:tt)*) => {{
         let new: HashSet<&str> = $new_ids.iter().map(String::as_str).collect();
         let mut added: BTreeMap<&str, i64> = BTreeMap::new();
-        for row in $rows.iter().filter(|r| new.contains(r.request_id.as_str())) {
-            *added.entry(row.user_id.as_str()).or_default() += row.cost_nanos;
+        for (user, cost) in metered_costs($rows.iter().filter(|r| new.contains(r.id.as_str()))) {
+            *added.entry(user).or_default() += cost;
         }
         for (user, nanos) in added.iter().filter(|(_, n)| **n != 0) {
             diesel::update(users::table.find(*user))
@@ -44,18 +46,25 @@ macro_rules! add_spend {
     }};
 }
 
-/// Writes a batch of usage rows and adds their cost to their users' spend, in one transaction.
-/// Rows already stored (same request id, from a retried batch) are skipped and not counted
-/// again, so a batch can be retried safely. PostgreSQL gets one multi-row insert; SQLite, where
-/// diesel cannot batch an insert that skips conflicts, one insert per row in the same
-/// transaction (local, so no round trips).
-pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, DbError> {
+/// Each metered row's user and cost.
+fn metered_costs<'a>(
+    rows: impl Iterator<Item = &'a LogRow>,
+) -> impl Iterator<Item = (&'a str, i64)> {
+    rows.filter(|r| r.metered)
+        .filter_map(|r| Some((r.user_id.as_deref()?, r.cost_nanos)))
+}
+
+/// Writes a batch of calls (their log entries, usage included) and adds their cost to their
+/// users' spend, in one transaction. Calls already stored (same request id, from a retried
+/// batch) are skipped and not counted again, so a batch can be retried safely. PostgreSQL gets
+/// one multi-row insert; SQLite, in process, one prepared insert per row.
+pub async fn insert_batch(db: &Db, rows: &[LogRow]) -> Result<SpendWritten, DbError> {
     if rows.is_empty() {
         return Ok(SpendWritten::default());
     }
     let mut batch_cost: BTreeMap<&str, i64> = BTreeMap::new();
-    for row in rows {
-        *batch_cost.entry(row.user_id.as_str()).or_default() += row.cost_nanos;
+    for (user, cost) in metered_costs(rows.iter()) {
+        *batch_cost.entry(user).or_default() += cost;
     }
     let user_ids: Vec<String> = batch_cost.keys().map(|u| u.to_string()).collect();
     let user_ids = &user_ids;
@@ -64,10 +73,10 @@ pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, Db
             let mut conn = pool.get().await?;
             conn.transaction::<_, DbError, _>(async |conn| {
                 // The insert comes first, so the transaction takes its locks at once.
-                let new_ids: Vec<String> = diesel::insert_into(usage_records::table)
+                let new_ids: Vec<String> = diesel::insert_into(request_logs::table)
                     .values(rows)
                     .on_conflict_do_nothing()
-                    .returning(usage_records::request_id)
+                    .returning(request_logs::id)
                     .get_results(conn)
                     .await?;
                 add_spend!(conn, rows, new_ids, user_ids, ., await)
@@ -75,8 +84,8 @@ pub async fn insert_batch(db: &Db, rows: &[UsageRow]) -> Result<SpendWritten, Db
             .await?
         }
         Db::Sqlite(pool) => {
-            // Synchronous diesel on the blocking pool: it writes the batch as one multi-row
-            // insert (diesel-async's SQLite wrapper cannot), under a write lock taken up front.
+            // Synchronous diesel on the blocking pool (diesel-async's SQLite wrapper cannot
+            // tell which rows were new), under a write lock taken up front.
             let mut conn = pool.get().await?;
             let (rows, user_ids) = (rows.to_vec(), user_ids.clone());
             conn.spawn_blocking(move |conn| sqlite::insert_batch(conn, &rows, &user_ids))
@@ -99,12 +108,13 @@ mod sqlite {
 
     use diesel::prelude::*;
 
-    use crate::db::models::UsageRow;
-    use crate::db::schema::{usage_records, users};
+    use super::metered_costs;
+    use crate::db::models::LogRow;
+    use crate::db::schema::{request_logs, users};
 
     pub fn insert_batch(
         conn: &mut SqliteConnection,
-        rows: &[UsageRow],
+        rows: &[LogRow],
         user_ids: &[String],
     ) -> QueryResult<Vec<(String, i64)>> {
         conn.immediate_transaction(|conn| {
@@ -112,12 +122,12 @@ mod sqlite {
             // less than parsing one statement of hundreds of rows per batch.
             let mut new_ids = Vec::with_capacity(rows.len());
             for row in rows {
-                let inserted = diesel::insert_into(usage_records::table)
+                let inserted = diesel::insert_into(request_logs::table)
                     .values(row)
                     .on_conflict_do_nothing()
                     .execute(conn)?;
                 if inserted == 1 {
-                    new_ids.push(row.request_id.clone());
+                    new_ids.push(row.id.clone());
                 }
             }
             add_spend!(conn, rows, new_ids, user_ids)
@@ -166,23 +176,61 @@ pub struct UsageGroup {
     pub cost_nanos: i64,
 }
 
-/// Sums of usage per group, ordered by the group key.
+/// Sums of usage per group, ordered by the group key: calls still in the request log, plus the
+/// daily sums of older ones (which `since` and `until` select by whole days).
 pub async fn summary(
+    db: &Db,
+    filter: &UsageFilter,
+    group_by: GroupBy,
+) -> Result<Vec<UsageGroup>, DbError> {
+    let mut groups: BTreeMap<String, UsageGroup> = BTreeMap::new();
+    for group in recent(db, filter, group_by)
+        .await?
+        .into_iter()
+        .chain(daily(db, filter, group_by).await?)
+    {
+        match groups.get_mut(&group.key) {
+            Some(sum) => sum.add(&group),
+            None => {
+                groups.insert(group.key.clone(), group);
+            }
+        }
+    }
+    Ok(groups.into_values().collect())
+}
+
+impl UsageGroup {
+    fn add(&mut self, other: &UsageGroup) {
+        self.requests += other.requests;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+        self.cached_tokens += other.cached_tokens;
+        self.cost_nanos += other.cost_nanos;
+    }
+}
+
+/// `CAST(COALESCE(SUM(column), 0) AS BIGINT)`: a sum both backends read as a BIGINT.
+fn total(column: &str) -> diesel::expression::SqlLiteral<BigInt> {
+    sql::<BigInt>(&format!("CAST(COALESCE(SUM({column}), 0) AS BIGINT)"))
+}
+
+/// Sums over the metered calls still in the request log.
+async fn recent(
     db: &Db,
     filter: &UsageFilter,
     group_by: GroupBy,
 ) -> Result<Vec<UsageGroup>, DbError> {
     // The key is an SQL expression; only the day's differs between the backends.
     let key = match (group_by, db) {
-        (GroupBy::Model, _) => "model",
-        (GroupBy::User, _) => "user_id",
+        (GroupBy::Model, _) => "COALESCE(model, '')",
+        (GroupBy::User, _) => "COALESCE(user_id, '')",
         (GroupBy::Day, Db::Pg(_)) => "to_char(ts, 'YYYY-MM-DD')",
         (GroupBy::Day, Db::Sqlite(_)) => "strftime('%Y-%m-%d', ts)",
     };
-    let total =
-        |column: &str| sql::<BigInt>(&format!("CAST(COALESCE(SUM({column}), 0) AS BIGINT)"));
     with_conn!(db, |conn| {
-        let mut query = usage_records::table
+        let mut query = request_logs::table
+            .filter(request_logs::metered.eq(true))
             .group_by(sql::<Text>(key))
             .select((
                 sql::<Text>(key),
@@ -193,28 +241,57 @@ pub async fn summary(
                 total("cached_tokens"),
                 total("cost_nanos"),
             ))
-            .order(sql::<Text>(key))
             .into_boxed();
         if let Some(user) = &filter.user_id {
-            query = query.filter(usage_records::user_id.eq(user.clone()));
+            query = query.filter(request_logs::user_id.eq(user.clone()));
         }
         if let Some(since) = filter.since {
-            query = query.filter(usage_records::ts.ge(since));
+            query = query.filter(request_logs::ts.ge(since));
         }
         if let Some(until) = filter.until {
-            query = query.filter(usage_records::ts.lt(until));
+            query = query.filter(request_logs::ts.lt(until));
         }
         Ok(query.load::<UsageGroup>(conn).await?)
     })
 }
 
-/// Every usage row of a request, if it was metered (tests and support).
-pub async fn get(db: &Db, request_id: &str) -> Result<UsageRow, DbError> {
+/// Sums over the daily rows of calls pruned from the log. A day counts when any of it falls
+/// in `[since, until)`.
+async fn daily(
+    db: &Db,
+    filter: &UsageFilter,
+    group_by: GroupBy,
+) -> Result<Vec<UsageGroup>, DbError> {
+    let key = match group_by {
+        GroupBy::Model => "model",
+        GroupBy::User => "user_id",
+        GroupBy::Day => "day",
+    };
+    let day = |t: NaiveDateTime| t.format("%Y-%m-%d").to_string();
     with_conn!(db, |conn| {
-        Ok(usage_records::table
-            .find(request_id)
-            .select(UsageRow::as_select())
-            .first(conn)
-            .await?)
+        let mut query = usage_daily::table
+            .group_by(sql::<Text>(key))
+            .select((
+                sql::<Text>(key),
+                total("requests"),
+                total("prompt_tokens"),
+                total("completion_tokens"),
+                total("reasoning_tokens"),
+                total("cached_tokens"),
+                total("cost_nanos"),
+            ))
+            .into_boxed();
+        if let Some(user) = &filter.user_id {
+            query = query.filter(usage_daily::user_id.eq(user.clone()));
+        }
+        if let Some(since) = filter.since {
+            query = query.filter(usage_daily::day.ge(day(since)));
+        }
+        if let Some(until) = filter.until {
+            // `until` is exclusive: its own day counts only when it starts after midnight.
+            let last = until - chrono::TimeDelta::nanoseconds(1);
+            query = query.filter(usage_daily::day.le(day(last)));
+        }
+        Ok(query.load::<UsageGroup>(conn).await?)
     })
 }
