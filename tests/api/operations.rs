@@ -438,3 +438,85 @@ async fn no_secret_reaches_the_logs_at_trace_level(backend: Backend) {
         );
     }
 }
+
+on_both_backends!(stored_usage_moves_onto_the_log_when_upgrading);
+
+/// The upgrade to one row per call, on data an earlier version stored: usage of calls still in
+/// the log moves onto their entries; usage of pruned calls becomes daily sums.
+async fn stored_usage_moves_onto_the_log_when_upgrading(backend: Backend) {
+    use diesel::sql_types::BigInt;
+    use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let dir = match backend {
+        Backend::Sqlite => "migrations/sqlite",
+        Backend::Postgres => "migrations/postgres",
+    };
+    let read = |name: &str| {
+        std::fs::read_to_string(format!(
+            "{}/{dir}/{name}/up.sql",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    let (foundation, upgrade) = (
+        read("2026-11-24-000001_foundation"),
+        read("2026-11-25-000001_one_row_per_call"),
+    );
+    let stored = "\
+        INSERT INTO request_logs (id, ts, user_id, key_id, route, model, status, latency_ms, \
+            prompt_tokens, completion_tokens, cost_nanos) \
+        VALUES ('r1', '2026-01-01 10:00:00', 'u1', 'k1', '/v1/chat/completions', 'm', 200, 5, \
+            3, 4, 50); \
+        INSERT INTO usage_records (request_id, ts, user_id, key_id, model, upstream_model, \
+            prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens, images, \
+            audio_seconds, characters, cost_nanos) \
+        VALUES ('r1', '2026-01-01 10:00:00', 'u1', 'k1', 'm', 'm', 3, 4, 5, 7, 1, 2.5, 9, 50), \
+               ('r2', '2026-01-02 03:04:05', 'u1', 'k1', 'm', 'm', 10, 0, 0, 0, 0, 0, 0, 100), \
+               ('r3', '2026-01-02 23:00:00', 'u1', 'k1', 'm', 'm', 20, 0, 0, 0, 0, 0, 0, 200);";
+    let checks = [
+        "SELECT COUNT(*) AS n FROM request_logs WHERE id = 'r1' AND metered \
+         AND reasoning_tokens = 5 AND cached_tokens = 7 AND images = 1 AND audio_seconds = 2.5 \
+         AND characters = 9 AND cost_nanos = 50",
+        "SELECT COUNT(*) AS n FROM usage_daily WHERE day = '2026-01-02' AND user_id = 'u1' \
+         AND model = 'm' AND requests = 2 AND prompt_tokens = 30 AND cost_nanos = 300",
+        "SELECT COUNT(*) AS n FROM usage_daily",
+    ];
+    macro_rules! upgrade_and_check {
+        ($conn:expr) => {{
+            let conn = &mut $conn;
+            conn.batch_execute(&foundation).await.unwrap();
+            conn.batch_execute(stored).await.unwrap();
+            conn.batch_execute(&upgrade).await.unwrap();
+            for check in checks {
+                let count: Count = diesel::sql_query(check).get_result(conn).await.unwrap();
+                assert_eq!(count.n, 1, "{check}");
+            }
+            assert!(
+                conn.batch_execute("SELECT 1 FROM usage_records")
+                    .await
+                    .is_err(),
+                "usage_records is gone"
+            );
+        }};
+    }
+    let (url, _dir) = fresh_database_url(backend).await;
+    match backend {
+        Backend::Sqlite => {
+            let path = url.trim_start_matches("sqlite://").to_owned();
+            let conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<
+                diesel::SqliteConnection,
+            >::establish(&path);
+            upgrade_and_check!(conn.await.unwrap())
+        }
+        Backend::Postgres => {
+            upgrade_and_check!(diesel_async::AsyncPgConnection::establish(&url)
+                .await
+                .unwrap())
+        }
+    }
+}
