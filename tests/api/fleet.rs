@@ -403,7 +403,7 @@ async fn a_stopped_replica_loses_no_usage(fleet: &mut Fleet) {
         assert!(entry.is_ok_and(|e| e.metered), "no metered entry for {id}");
     }
     println!(
-        "fleet: every one of the {} calls answered 200 has its usage row",
+        "fleet: every one of the {} calls answered 200 has its metered log entry",
         served.len()
     );
 }
