@@ -272,6 +272,18 @@ where
     changed.elapsed()
 }
 
+/// Changes the user's fields through `app`.
+async fn patch_user(app: &TestApp, user_id: &str, fields: Value) {
+    let (status, body) = app
+        .admin_json(
+            reqwest::Method::PATCH,
+            &format!("/admin/users/{user_id}"),
+            Some(fields),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 /// Suspends the user through `first`; how long until `second` refuses the user's key.
 async fn suspension_reaches(
     first: &TestApp,
@@ -312,14 +324,7 @@ async fn admin_changes_reach_other_replicas_through_redis(backend: Backend) {
     assert!(suspended < Duration::from_secs(1) && restored < Duration::from_secs(1));
 
     // A model mapping made through the first replica is applied by the second.
-    let (status, _) = first
-        .admin_json(
-            reqwest::Method::PATCH,
-            &format!("/admin/users/{user_id}"),
-            Some(json!({"allowed_models": []})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    patch_user(&first, &user_id, json!({"allowed_models": []})).await;
     let (status, body) = first
         .admin_json(
             reqwest::Method::POST,
@@ -367,14 +372,7 @@ async fn a_missed_announcement_is_healed_by_the_configuration_version(backend: B
     println!("without redis, a change reached another replica after {took:?}");
     assert!(took < Duration::from_secs(1), "{took:?}");
     // An upstream key disabled through the first replica is out of the second's pool too.
-    let (status, _) = first
-        .admin_json(
-            reqwest::Method::PATCH,
-            &format!("/admin/users/{user_id}"),
-            Some(json!({"status": "active"})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    patch_user(&first, &user_id, json!({"status": "active"})).await;
     let (_, keys) = first
         .admin_json(reqwest::Method::GET, "/admin/upstream-keys", None)
         .await;
@@ -461,14 +459,7 @@ async fn a_key_verified_on_one_replica_is_trusted_by_another(backend: Backend) {
         "invalid_api_key",
     );
     // Suspension replaces the shared entry: a third replica reads the new state.
-    let (status, _) = first
-        .admin_json(
-            reqwest::Method::PATCH,
-            &format!("/admin/users/{user_id}"),
-            Some(json!({"status": "suspended"})),
-        )
-        .await;
-    assert_eq!(status, 200);
+    patch_user(&first, &user_id, json!({"status": "suspended"})).await;
     let env = [
         ("SWITCHYARD_REDIS_URL", redis.as_str()),
         ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
