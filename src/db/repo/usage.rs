@@ -122,9 +122,10 @@ mod sqlite {
             // less than parsing one statement of hundreds of rows per batch.
             let mut new_ids = Vec::with_capacity(rows.len());
             for row in rows {
-                let inserted = diesel::insert_into(request_logs::table)
+                // `INSERT OR IGNORE` (a stored row stays): unlike diesel's `ON CONFLICT DO
+                // NOTHING`, its statement is cached by type, with no SQL rebuilt per row.
+                let inserted = diesel::insert_or_ignore_into(request_logs::table)
                     .values(row)
-                    .on_conflict_do_nothing()
                     .execute(conn)?;
                 if inserted == 1 {
                     new_ids.push(row.id.clone());
