@@ -21,7 +21,7 @@ use tokio::sync::OnceCell;
 use super::cache::VerifiedKey;
 use crate::crypto::MasterKey;
 use crate::domain::User;
-use crate::limits::redis_store::manager_config;
+use crate::limits::redis_store::{manager_config, query_retrying_once};
 use crate::metering::metrics::Metrics;
 
 /// How long a tombstone keeps stale writers out after an admin change.
@@ -147,12 +147,11 @@ impl SharedCache {
             .arg("PX")
             .arg(TOMBSTONE.as_millis() as u64)
             .to_owned();
-        // Always tried, even while backing off, and tried twice (the first command after a
-        // Redis restart meets the broken connection): a stale shared entry is worse than a
-        // slow admin call.
-        let outcome = match inner.run::<()>(command.clone()).await {
-            Ok(()) => Ok(()),
-            Err(_) => inner.run::<()>(command).await,
+        // Always tried, even while backing off, and tried twice: a stale shared entry is worse
+        // than a slow admin call.
+        let outcome = match inner.connection().await {
+            Ok(mut connection) => query_retrying_once::<()>(&command, &mut connection).await,
+            Err(err) => Err(err),
         };
         if let Err(err) = outcome {
             inner.failed(&err);

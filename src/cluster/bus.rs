@@ -15,7 +15,7 @@ use tokio::sync::OnceCell;
 
 use crate::actors::config_sync::Entity;
 use crate::config::RedisSettings;
-use crate::limits::redis_store::manager_config;
+use crate::limits::redis_store::{manager_config, query_retrying_once};
 
 /// What replicas tell each other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,12 +152,9 @@ impl Bus {
             .arg(&self.channel)
             .arg(payload)
             .to_owned();
-        // The first command after Redis came back finds the old connection broken; the
-        // manager reconnects meanwhile, so one more try goes through.
-        match publish.query_async::<i64>(&mut conn).await {
-            Ok(_) => Ok(()),
-            Err(_) => publish.query_async::<i64>(&mut conn).await.map(drop),
-        }
+        query_retrying_once::<i64>(&publish, &mut conn)
+            .await
+            .map(drop)
     }
 
     /// Listens on the channel for as long as the process lives, resubscribing after any

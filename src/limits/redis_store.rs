@@ -109,6 +109,19 @@ pub fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(1))
 }
 
+/// Runs `command`, and once more if it failed: the first command after Redis came back meets
+/// the broken connection while the manager reconnects. For writes that must not be lost to that
+/// (an announcement, a tombstone); the request path never waits twice.
+pub async fn query_retrying_once<T: redis::FromRedisValue>(
+    command: &redis::Cmd,
+    connection: &mut ConnectionManager,
+) -> redis::RedisResult<T> {
+    match command.query_async(connection).await {
+        Ok(value) => Ok(value),
+        Err(_) => command.query_async(connection).await,
+    }
+}
+
 /// A worker thread's own connection to Redis, made on first use on that thread, so its commands
 /// are written and answered without waking another thread (a connection's driver task runs on
 /// the runtime that made it).

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, eventually, free_port, has_sample, into_json, redis_prefix, redis_url,
-    spawn_app_with, spawn_replica, Backend, TestApp,
+    assert_error, eventually, free_port, has_sample, into_json, spawn_app_with, spawn_replica,
+    Backend, SharedRedis, TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -42,11 +42,8 @@ async fn user_key(app: &TestApp, fields: Value) -> String {
 async fn three_replicas_hold_one_rpm_limit_together(backend: Backend) {
     const LIMIT: usize = 30;
     const CALLS: usize = 90;
-    let (url, prefix) = (redis_url(), redis_prefix());
-    let env = [
-        ("SWITCHYARD_REDIS_URL", url.as_str()),
-        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
-    ];
+    let redis = SharedRedis::new();
+    let env = redis.env();
     let first = spawn_app_with(backend, &env).await;
     let mock = MockUpstream::start();
     first
@@ -183,10 +180,11 @@ async fn serving_goes_on_without_redis_and_returns_to_it(backend: Backend) {
 }
 
 async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
-    let (url, prefix) = (redis_url(), redis_prefix());
+    let redis = SharedRedis::new();
+    let [url, prefix] = redis.env();
     let env = [
-        ("SWITCHYARD_REDIS_URL", url.as_str()),
-        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
+        url,
+        prefix,
         ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "50"),
     ];
     let first = spawn_app_with(backend, &env).await;
@@ -225,19 +223,15 @@ async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
     );
 }
 
-/// Two replicas on one database and `redis` (none when empty) under `prefix`, reading the
-/// configuration version every `check_ms`, with one upstream key and a user key.
+/// Two replicas on one database and `redis` (if any), reading the configuration version every
+/// `check_ms`, with one upstream key and a user key.
 async fn two_replicas(
     backend: Backend,
-    redis: &str,
-    prefix: &str,
+    redis: Option<&SharedRedis>,
     check_ms: &str,
 ) -> (TestApp, TestApp, MockUpstream, String, String, String) {
     let mut env = vec![("SWITCHYARD_CLUSTER__VERSION_CHECK_MS", check_ms)];
-    if !redis.is_empty() {
-        env.push(("SWITCHYARD_REDIS_URL", redis));
-        env.push(("SWITCHYARD_REDIS__KEY_PREFIX", prefix));
-    }
+    env.extend(redis.iter().flat_map(|r| r.env()));
     let first = spawn_app_with(backend, &env).await;
     let mock = MockUpstream::start();
     first
@@ -303,7 +297,7 @@ async fn suspension_reaches(
 async fn admin_changes_reach_other_replicas_through_redis(backend: Backend) {
     // The version is read only once a minute: whatever arrives sooner came over Redis.
     let (first, second, mock, user_id, key_id, key) =
-        two_replicas(backend, &redis_url(), &redis_prefix(), "60000").await;
+        two_replicas(backend, Some(&SharedRedis::new()), "60000").await;
     // The second replica has the key and the user in its caches.
     assert_eq!(second.chat(&key, hello()).await.status(), 200);
 
@@ -366,7 +360,7 @@ async fn admin_changes_reach_other_replicas_through_redis(backend: Backend) {
 
 async fn a_missed_announcement_is_healed_by_the_configuration_version(backend: Backend) {
     // No Redis at all: nothing is announced, so only the version check brings the change.
-    let (first, second, _mock, user_id, _, key) = two_replicas(backend, "", "", "100").await;
+    let (first, second, _mock, user_id, _, key) = two_replicas(backend, None, "100").await;
     assert_eq!(second.chat(&key, hello()).await.status(), 200);
     let took = suspension_reaches(&first, &second, &user_id, &key).await;
     println!("without redis, a change reached another replica after {took:?}");
@@ -387,11 +381,8 @@ async fn a_missed_announcement_is_healed_by_the_configuration_version(backend: B
 }
 
 async fn upstream_key_cooldowns_and_refusals_are_shared(backend: Backend) {
-    let (url, prefix) = (redis_url(), redis_prefix());
-    let env = [
-        ("SWITCHYARD_REDIS_URL", url.as_str()),
-        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
-    ];
+    let redis = SharedRedis::new();
+    let env = redis.env();
     let first = spawn_app_with(backend, &env).await;
     let mock = MockUpstream::start();
     // The heavy keys are picked first; the light one absorbs their failures.
@@ -425,9 +416,8 @@ async fn upstream_key_cooldowns_and_refusals_are_shared(backend: Backend) {
 }
 
 async fn a_key_verified_on_one_replica_is_trusted_by_another(backend: Backend) {
-    let (redis, prefix) = (redis_url(), redis_prefix());
-    let (first, second, _mock, user_id, _, key) =
-        two_replicas(backend, &redis, &prefix, "1000").await;
+    let redis = SharedRedis::new();
+    let (first, second, _mock, user_id, _, key) = two_replicas(backend, Some(&redis), "1000").await;
     assert_eq!(first.chat(&key, hello()).await.status(), 200);
     // Shared in the background after the first call.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -452,7 +442,8 @@ async fn a_key_verified_on_one_replica_is_trusted_by_another(backend: Backend) {
         ));
     }
     // A wrong secret for the same key id is refused without the database's help.
-    let forged = format!("{}x", &key[..key.len() - 1]);
+    let last = if key.ends_with('x') { "y" } else { "x" };
+    let forged = format!("{}{last}", &key[..key.len() - 1]);
     assert_error(
         into_json(second.chat(&forged, hello()).await).await,
         401,
@@ -460,11 +451,7 @@ async fn a_key_verified_on_one_replica_is_trusted_by_another(backend: Backend) {
     );
     // Suspension replaces the shared entry: a third replica reads the new state.
     patch_user(&first, &user_id, json!({"status": "suspended"})).await;
-    let env = [
-        ("SWITCHYARD_REDIS_URL", redis.as_str()),
-        ("SWITCHYARD_REDIS__KEY_PREFIX", prefix.as_str()),
-    ];
-    let third = spawn_replica(&first, &env).await;
+    let third = spawn_replica(&first, &redis.env()).await;
     assert_error(
         into_json(third.chat(&key, hello()).await).await,
         403,

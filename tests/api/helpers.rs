@@ -192,13 +192,32 @@ async fn start(
 }
 
 /// The test Redis (the script's, or the local default).
-pub fn redis_url() -> String {
+fn redis_url() -> String {
     std::env::var("SWITCHYARD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-/// A key prefix no other test uses, so tests can share one Redis.
-pub fn redis_prefix() -> String {
-    format!("sytest:{}:", uuid::Uuid::new_v4().simple())
+/// A test's own part of the test Redis: its URL and a key prefix no other test uses, so tests
+/// (and the replicas of one test) can share one Redis server.
+pub struct SharedRedis {
+    url: String,
+    prefix: String,
+}
+
+impl SharedRedis {
+    pub fn new() -> Self {
+        SharedRedis {
+            url: redis_url(),
+            prefix: format!("sytest:{}:", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The settings that put an instance there.
+    pub fn env(&self) -> [(&str, &str); 2] {
+        [
+            ("SWITCHYARD_REDIS_URL", self.url.as_str()),
+            ("SWITCHYARD_REDIS__KEY_PREFIX", self.prefix.as_str()),
+        ]
+    }
 }
 
 impl TestApp {

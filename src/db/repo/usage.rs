@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use chrono::NaiveDateTime;
 use diesel::dsl::sql;
+use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, RunQueryDsl};
@@ -212,8 +213,32 @@ impl UsageGroup {
 }
 
 /// `CAST(COALESCE(SUM(column), 0) AS BIGINT)`: a sum both backends read as a BIGINT.
-fn total(column: &str) -> diesel::expression::SqlLiteral<BigInt> {
+fn total(column: &str) -> SqlLiteral<BigInt> {
     sql::<BigInt>(&format!("CAST(COALESCE(SUM({column}), 0) AS BIGINT)"))
+}
+
+type GroupColumns = (
+    SqlLiteral<Text>,
+    SqlLiteral<BigInt>,
+    SqlLiteral<BigInt>,
+    SqlLiteral<BigInt>,
+    SqlLiteral<BigInt>,
+    SqlLiteral<BigInt>,
+    SqlLiteral<BigInt>,
+);
+
+/// The columns of a [`UsageGroup`]: the group `key` and `requests` (SQL expressions), then the
+/// sums, which both tables name alike.
+fn group_columns(key: &str, requests: SqlLiteral<BigInt>) -> GroupColumns {
+    (
+        sql::<Text>(key),
+        requests,
+        total("prompt_tokens"),
+        total("completion_tokens"),
+        total("reasoning_tokens"),
+        total("cached_tokens"),
+        total("cost_nanos"),
+    )
 }
 
 /// Sums over the metered calls still in the request log.
@@ -233,14 +258,9 @@ async fn recent(
         let mut query = request_logs::table
             .filter(request_logs::metered.eq(true))
             .group_by(sql::<Text>(key))
-            .select((
-                sql::<Text>(key),
+            .select(group_columns(
+                key,
                 sql::<BigInt>("CAST(COUNT(*) AS BIGINT)"),
-                total("prompt_tokens"),
-                total("completion_tokens"),
-                total("reasoning_tokens"),
-                total("cached_tokens"),
-                total("cost_nanos"),
             ))
             .into_boxed();
         if let Some(user) = &filter.user_id {
@@ -272,15 +292,7 @@ async fn daily(
     with_conn!(db, |conn| {
         let mut query = usage_daily::table
             .group_by(sql::<Text>(key))
-            .select((
-                sql::<Text>(key),
-                total("requests"),
-                total("prompt_tokens"),
-                total("completion_tokens"),
-                total("reasoning_tokens"),
-                total("cached_tokens"),
-                total("cost_nanos"),
-            ))
+            .select(group_columns(key, total("requests")))
             .into_boxed();
         if let Some(user) = &filter.user_id {
             query = query.filter(usage_daily::user_id.eq(user.clone()));
