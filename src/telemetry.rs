@@ -1,6 +1,7 @@
 //! Logging: one subscriber for the process, a root span per request with its id, and an access
 //! line per request. Paths are logged without their query string, where `?key=` may sit.
 
+use std::ops::Deref;
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
@@ -11,8 +12,9 @@ use actix_web::{Error, HttpMessage};
 use tracing::field::Field;
 use tracing::{Event, Level, Span, Subscriber};
 use tracing_actix_web::{RequestId, RootSpanBuilder};
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::format::{debug_fn, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -47,12 +49,25 @@ pub fn init(settings: &LogSettings) -> crate::log_sink::FlushGuard {
     let result = match settings.format {
         LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
         LogFormat::Text if ansi => registry.with(layer).try_init(),
-        LogFormat::Text => registry.with(layer.event_format(PlainText)).try_init(),
+        LogFormat::Text => registry
+            .with(layer.event_format(PlainText).fmt_fields(plain_fields()))
+            .try_init(),
     };
     if result.is_err() {
         eprintln!("a tracing subscriber was already installed; keeping it");
     }
     guard
+}
+
+/// Fields as tracing-subscriber's default formatter writes them without colour (`name=value`,
+/// the message bare), minus its styling layer: the request span's fields are formatted when
+/// the span opens and again at every record, so that layer cost every call several times.
+fn plain_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
+    debug_fn(|writer, field, value| match field.name() {
+        "message" => write!(writer, "{value:?}"),
+        name => write!(writer, "{name}={value:?}"),
+    })
+    .delimited(" ")
 }
 
 /// Text lines as tracing-subscriber's default format writes them without colour
@@ -106,11 +121,8 @@ pub struct RequestSpan;
 
 impl RootSpanBuilder for RequestSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.to_string())
-            .unwrap_or_default();
+        let request_id = request_id_of(request);
+        let request_id = request_id.as_ref().map_or("", RequestIdText::as_str);
         tracing::info_span!(
             target: "switchyard::http",
             "request",
@@ -151,6 +163,24 @@ pub fn record<const N: usize>(span: &Span, values: [(&str, &dyn tracing::Value);
     span.record_all(&fields.value_set(&pairs));
 }
 
+/// A request id as text: a hyphenated UUID, written straight into place (the span, the
+/// response header and the metering record each want it, on every call).
+pub struct RequestIdText([u8; uuid::fmt::Hyphenated::LENGTH]);
+
+impl RequestIdText {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("a hyphenated UUID is ASCII")
+    }
+}
+
+/// The id tracing-actix-web gave the request, as text.
+pub fn request_id_of(req: &impl HttpMessage) -> Option<RequestIdText> {
+    let id = *req.extensions().get::<RequestId>()?.deref();
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut text);
+    Some(RequestIdText(text))
+}
+
 static REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Sets `x-request-id` on every response and writes one access line per request.
@@ -159,14 +189,14 @@ pub async fn access_log(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
-    let request_id = req.extensions().get::<RequestId>().map(|id| id.to_string());
+    let request_id = request_id_of(&req);
     // Handlers and middleware turn their errors into responses, so an `Err` here is rare; it
     // is still logged with its latency before actix renders it.
     let mut response = next.call(req).await.inspect_err(|err| {
         let latency_us = started.elapsed().as_micros() as u64;
         tracing::warn!(target: "switchyard::http", error = %err, latency_us, "request failed");
     })?;
-    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+    if let Some(value) = request_id.and_then(|id| HeaderValue::from_str(id.as_str()).ok()) {
         response
             .headers_mut()
             .insert(REQUEST_ID_HEADER.clone(), value);

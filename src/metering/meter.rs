@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use actix::Addr;
 use actix_web::web::Bytes;
-use actix_web::{HttpMessage, HttpRequest};
-use tracing_actix_web::RequestId;
+use actix_web::HttpRequest;
 
 use super::observed::Observed;
 use super::record::{CallRecord, Recorder};
@@ -18,6 +17,7 @@ use crate::auth::Principal;
 use crate::domain::now;
 use crate::error::ApiError;
 use crate::limits::Ticket;
+use crate::telemetry::request_id_of;
 
 /// A call being metered.
 pub struct CallMeter {
@@ -31,11 +31,10 @@ pub struct CallMeter {
 impl CallMeter {
     /// Starts metering the call `req` made by `principal`.
     pub fn start(req: &HttpRequest, principal: &Principal, recorder: Arc<Recorder>) -> Self {
-        let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .map(|id| id.to_string())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let request_id = match request_id_of(req) {
+            Some(id) => id.as_str().to_owned(),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
         let endpoint = Endpoint::of(req.path());
         CallMeter {
             record: Some(CallRecord {

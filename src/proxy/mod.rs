@@ -313,7 +313,16 @@ async fn send_and_relay(
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
-    let answered = failover::send(&worker.client, proxy, &worker.pools, call, &levels).await;
+    // Boxed: the failover's state (awc's request futures and their timers) is the largest part
+    // of a call's future, which actix moves whole more than once before it first runs.
+    let answered = Box::pin(failover::send(
+        &worker.client,
+        proxy,
+        &worker.pools,
+        call,
+        &levels,
+    ))
+    .await;
     if let Some(span) = &span {
         match &answered.key_id {
             Some(key) => telemetry::record(
