@@ -9,6 +9,11 @@
 # (64 connections), CPU time per request of the proxy process, streaming time to first byte,
 # and resident memory after 1,000,000 calls. Nothing here is asserted: it is a measurement.
 # Usage: benches/run.sh [seconds per run, default 10]
+#
+# BENCH_INSTRUCTIONS=1 counts instead the router's user-space instructions per call under
+# valgrind's callgrind, split between the HTTP worker (the request path) and the threads behind
+# it (metering, SQLite writes). Slow, but exact and repeatable: what a change saves, whatever
+# else the machine is doing. Kernel time (sockets) is not counted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +41,8 @@ need nginx nginx-light
 need wrk wrk
 need taskset util-linux
 need curl curl
+INSTRUCTIONS="${BENCH_INSTRUCTIONS:-}"
+[ -z "$INSTRUCTIONS" ] || need callgrind_control valgrind
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs" >&2; exit 1; }
 
 echo "building the release binary..."
@@ -94,11 +101,13 @@ ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM"
   SWITCHYARD_MASTER_KEY="${BENCH_MASTER_KEY:-}" \
   SWITCHYARD_LOG__LEVEL="${BENCH_LOG_LEVEL:-info}" SWITCHYARD_REDIS_URL="${BENCH_REDIS_URL:-}" \
   SWITCHYARD_REDIS__KEY_PREFIX="switchyard-bench-$RANDOM:" \
-  taskset -c 1 "$BIN" serve > "$WORK/switchyard.log" 2>&1) &
+  taskset -c 1 ${INSTRUCTIONS:+valgrind --tool=callgrind --separate-threads=yes \
+    --callgrind-out-file="$WORK/callgrind.out"} "$BIN" serve > "$WORK/switchyard.log" 2>&1) &
 sleep 0.2
-SY_PID=$(pgrep -f "^$BIN serve" | head -1)
+if [ -n "$INSTRUCTIONS" ]; then pattern="valgrind.*$BIN serve"; else pattern="^$BIN serve"; fi
+SY_PID=$(pgrep -f "$pattern" | head -1)
 PIDS+=("$SY_PID")
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SY_PORT/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$SY_PORT/healthz" >/dev/null && break; sleep 0.1; done
 
 admin() { curl -sf -X "$1" "http://127.0.0.1:$SY_PORT$2" -H "Authorization: Bearer $ADMIN_TOKEN" \
   -H 'content-type: application/json' ${3:+-d "$3"}; }
@@ -124,6 +133,24 @@ for port in $MOCK_PORT $NGINX_PORT $SY_PORT; do
 done
 curl -sf "http://127.0.0.1:$SY_PORT/v1/chat/completions" -H "Authorization: Bearer $USER_KEY" \
   -H 'content-type: application/json' -d "$BODY" | grep -q chatcmpl-bench || { echo "router not proxying" >&2; cat "$WORK/switchyard.log" >&2; exit 1; }
+
+if [ -n "$INSTRUCTIONS" ]; then
+  callgrind_control -z "$SY_PID" >/dev/null 2>&1
+  CALLS=$(taskset -c 0 wrk -t1 -c4 -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$SY_PORT/v1/chat/completions" | awk '/requests in/ {print $1}')
+  sleep 1.5 # metering writes what it holds within a second
+  callgrind_control -d "$SY_PID" >/dev/null 2>&1
+  # One file per thread; the HTTP worker is the actix thread that ran the handlers.
+  worker=0 rest=0
+  for f in "$WORK"/callgrind.out*; do
+    ir=$(awk '/^summary:/ {print $2}' "$f")
+    if grep -q "handler_service" "$f" 2>/dev/null; then worker=$((worker + ${ir:-0})); else rest=$((rest + ${ir:-0})); fi
+  done
+  echo "instructions per call over $CALLS calls (user space, callgrind):"
+  echo "  HTTP worker (request path): $((worker / CALLS))"
+  echo "  other threads (metering, SQLite writes, logs): $((rest / CALLS))"
+  echo "  total: $(((worker + rest) / CALLS))"
+  exit 0
+fi
 
 to_us() { # wrk time (e.g. 85.00us, 1.20ms, 2.00s) -> microseconds
   awk -v t="$1" 'BEGIN { v=t+0; if (t ~ /us$/) print v; else if (t ~ /ms$/) print v*1000; else if (t ~ /s$/) print v*1000000; else print v }'
