@@ -8,8 +8,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, eventually, fresh_database_url, has_sample, into_json, spawn_app_with, Backend,
-    Outage, TestApp,
+    assert_error, eventually, fresh_database_url, has_sample, into_json, spawn_app, spawn_app_with,
+    Backend, Outage, TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -27,6 +27,7 @@ on_both_backends!(
     usage_survives_sigterm_right_after_the_calls,
     usage_survives_a_database_outage,
     pruned_log_entries_keep_their_usage,
+    a_retried_batch_is_stored_and_counted_once,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -506,6 +507,54 @@ async fn metrics_are_exported(backend: Backend) {
     ));
     assert!(metrics.contains("switchyard_queue_depth{queue=\"writes\"}"));
     assert!(!metrics.contains("usage-m"), "a secret in the metrics");
+}
+
+/// A batch written again after a failure (some of its calls already stored) stores each call
+/// once and adds each cost once, across SQLite's ten-row statements and their remainder.
+async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
+    use switchyard::db::{models::LogRow, repo};
+    let app = spawn_app(backend).await;
+    let user_id = app.create_user(json!({"name": "batch"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let batch: Vec<String> = (0..25).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let row = |id: &String| LogRow {
+        id: id.clone(),
+        ts: chrono::Utc::now().naive_utc(),
+        user_id: Some(user_id.clone()),
+        key_id: Some("key_batch".into()),
+        route: "/v1/chat/completions".into(),
+        model: Some("gpt-4o-mini".into()),
+        upstream_model: Some("gpt-4o-mini".into()),
+        upstream_key_id: None,
+        level: Some(0),
+        status: 200,
+        attempts: 1,
+        latency_ms: 3,
+        ttfb_ms: Some(2),
+        prompt_tokens: 9,
+        completion_tokens: 2,
+        cost_nanos: 1_000,
+        partial: false,
+        error_code: None,
+        metered: true,
+        reasoning_tokens: 0,
+        cached_tokens: 0,
+        images: 0,
+        audio_seconds: 0.0,
+        characters: 0,
+    };
+    let db = app.db();
+    // 23 calls: two ten-row statements and three single rows.
+    let first: Vec<LogRow> = batch[..23].iter().map(row).collect();
+    let written = repo::usage::insert_batch(&db, &first).await.unwrap();
+    assert_eq!(written.users, vec![(user_id.clone(), 23_000, 23_000)]);
+    // The same calls again with two more, as a retried batch would be.
+    let again: Vec<LogRow> = batch.iter().map(row).collect();
+    let written = repo::usage::insert_batch(&db, &again).await.unwrap();
+    assert_eq!(written.users, vec![(user_id.clone(), 25_000, 25_000)]);
+    assert_eq!(stored(&db, &user_id).await, (25, 25_000, 25));
 }
 
 /// A user's metered calls, their cost and log entries, straight from the database.

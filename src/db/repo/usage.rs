@@ -58,7 +58,7 @@ fn metered_costs<'a>(
 /// Writes a batch of calls (their log entries, usage included) and adds their cost to their
 /// users' spend, in one transaction. Calls already stored (same request id, from a retried
 /// batch) are skipped and not counted again, so a batch can be retried safely. PostgreSQL gets
-/// one multi-row insert; SQLite, in process, one prepared insert per row.
+/// one multi-row insert; SQLite, in process, prepared inserts of ten rows reused.
 pub async fn insert_batch(db: &Db, rows: &[LogRow]) -> Result<SpendWritten, DbError> {
     if rows.is_empty() {
         return Ok(SpendWritten::default());
