@@ -9,12 +9,12 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{Error, HttpMessage};
-use tracing::field::Field;
+use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Span, Subscriber};
 use tracing_actix_web::{RequestId, RootSpanBuilder};
-use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::fmt::format::{debug_fn, Writer};
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
@@ -50,7 +50,7 @@ pub fn init(settings: &LogSettings) -> crate::log_sink::FlushGuard {
         LogFormat::Json => registry.with(layer.json().flatten_event(true)).try_init(),
         LogFormat::Text if ansi => registry.with(layer).try_init(),
         LogFormat::Text => registry
-            .with(layer.event_format(PlainText).fmt_fields(plain_fields()))
+            .with(layer.event_format(PlainText).fmt_fields(PlainFields))
             .try_init(),
     };
     if result.is_err() {
@@ -60,14 +60,55 @@ pub fn init(settings: &LogSettings) -> crate::log_sink::FlushGuard {
 }
 
 /// Fields as tracing-subscriber's default formatter writes them without colour (`name=value`,
-/// the message bare), minus its styling layer: the request span's fields are formatted when
-/// the span opens and again at every record, so that layer cost every call several times.
-fn plain_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
-    debug_fn(|writer, field, value| match field.name() {
-        "message" => write!(writer, "{value:?}"),
-        name => write!(writer, "{name}={value:?}"),
-    })
-    .delimited(" ")
+/// the message bare, the `log.*` fields of bridged `log` records left out), minus its styling
+/// layer: the request span's fields are formatted when the span opens and again at every
+/// record, so that layer cost every call several times.
+struct PlainFields;
+
+impl<'w> FormatFields<'w> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
+        let mut visitor = PlainVisitor {
+            writer,
+            result: Ok(()),
+            first: true,
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'w> {
+    writer: Writer<'w>,
+    result: std::fmt::Result,
+    first: bool,
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.record_debug(field, &format_args!("{value}")),
+            _ => self.record_debug(field, &value),
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        self.result = match name {
+            "message" => write!(self.writer, "{separator}{value:?}"),
+            name => {
+                let name = name.strip_prefix("r#").unwrap_or(name);
+                write!(self.writer, "{separator}{name}={value:?}")
+            }
+        };
+    }
 }
 
 /// Text lines as tracing-subscriber's default format writes them without colour
@@ -209,4 +250,57 @@ pub async fn access_log(
         tracing::info!(target: "switchyard::http", status, latency_us, "request");
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Lines written by the plain text format, for a test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn plain_text_lines_read_like_the_default_format_without_colour() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .event_format(PlainText)
+                .fmt_fields(PlainFields),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "request",
+                path = %"/v1/models",
+                model = tracing::field::Empty,
+                attempts = tracing::field::Empty
+            );
+            record(&span, [("model", &"gpt\"4"), ("attempts", &2)]);
+            let _entered = span.enter();
+            tracing::info!(status = 200, r#type = "x", "request");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line = text.lines().next().unwrap();
+        assert!(
+            line.ends_with(
+                "  INFO request{path=/v1/models model=\"gpt\\\"4\" attempts=2}: request status=200 type=\"x\""
+            ),
+            "{line}"
+        );
+    }
 }
