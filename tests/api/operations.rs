@@ -370,7 +370,13 @@ async fn no_secret_reaches_the_logs_at_trace_level(backend: Backend) {
     )
     .await;
     let user_key = created["key"].as_str().unwrap().to_owned();
-    let key_secret = user_key.rsplit_once('-').unwrap().1.to_owned();
+    // `sk-<lookup>-<secret>`: the lookup is hex, the secret base64url, which may hold a `-`.
+    let key_secret = user_key
+        .strip_prefix("sk-")
+        .and_then(|rest| rest.split_once('-'))
+        .unwrap()
+        .1
+        .to_owned();
     let upstream_secret = format!("upstream-secret-{}", uuid::Uuid::new_v4().simple());
     let (_, upstream) = call(
         Method::POST,
