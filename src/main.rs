@@ -36,7 +36,7 @@ enum Command {
 /// Keeps the kernel from backing this process's heap with 2 MiB transparent huge pages.
 /// mimalloc asks for them on the segments of every thread's heap, and each thread (HTTP worker,
 /// metering, blocking pool) then holds whole huge pages it barely uses: measured on the load
-/// benchmark, resident memory fell from 131 MiB to 88 MiB without them, at the same throughput.
+/// benchmark, resident memory fell from 131 MiB to 77 MiB without them, at the same throughput.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.

@@ -130,19 +130,21 @@ mod sqlite {
             for chunk in &mut chunks {
                 let chunk: &[LogRow; ROWS_PER_STATEMENT] =
                     chunk.try_into().expect("chunks_exact gives whole chunks");
-                let ids: Vec<String> = diesel::insert_or_ignore_into(request_logs::table)
-                    .values(chunk)
-                    .returning(request_logs::id)
-                    .get_results(conn)?;
-                new_ids.extend(ids);
+                new_ids.extend(
+                    diesel::insert_or_ignore_into(request_logs::table)
+                        .values(chunk)
+                        .returning(request_logs::id)
+                        .get_results::<String>(conn)?,
+                );
             }
+            // The rows that do not fill a statement, one by one (prepared once too).
             for row in chunks.remainder() {
-                let inserted = diesel::insert_or_ignore_into(request_logs::table)
-                    .values(row)
-                    .execute(conn)?;
-                if inserted == 1 {
-                    new_ids.push(row.id.clone());
-                }
+                new_ids.extend(
+                    diesel::insert_or_ignore_into(request_logs::table)
+                        .values(row)
+                        .returning(request_logs::id)
+                        .get_results::<String>(conn)?,
+                );
             }
             add_spend!(conn, rows, new_ids, user_ids)
         })
