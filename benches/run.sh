@@ -13,7 +13,9 @@
 # BENCH_INSTRUCTIONS=1 counts instead the router's user-space instructions per call under
 # valgrind's callgrind, split between the HTTP worker (the request path) and the threads behind
 # it (metering, SQLite writes). Slow, but exact and repeatable: what a change saves, whatever
-# else the machine is doing. Kernel time (sockets) is not counted.
+# else the machine is doing. Kernel time (sockets) is not counted. BENCH_CALLGRIND_DIR=dir keeps
+# the per-thread profiles for callgrind_annotate. BENCH_SYSCALLS=1 prints the system calls and
+# context switches per request of nginx and of the router during the closed-loop runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +29,7 @@ cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   [ -f "$WORK/mock.pid" ] && kill "$(cat "$WORK/mock.pid")" 2>/dev/null || true
   [ -f "$WORK/proxy.pid" ] && kill "$(cat "$WORK/proxy.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "kept $WORK (database, logs)"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -149,6 +151,10 @@ if [ -n "$INSTRUCTIONS" ]; then
   echo "  HTTP worker (request path): $((worker / CALLS))"
   echo "  other threads (metering, SQLite writes, logs): $((rest / CALLS))"
   echo "  total: $(((worker + rest) / CALLS))"
+  if [ -n "${BENCH_CALLGRIND_DIR:-}" ]; then
+    mkdir -p "$BENCH_CALLGRIND_DIR" && cp "$WORK"/callgrind.out* "$BENCH_CALLGRIND_DIR/"
+    echo "callgrind profiles (one per thread) kept in $BENCH_CALLGRIND_DIR (callgrind_annotate)"
+  fi
   exit 0
 fi
 
@@ -166,6 +172,11 @@ declare -A P50 P99 RPS CPU
 run() { # name port pids...
   local name=$1 port=$2; shift 2
   local out
+  # BENCH_SCHED=FILE records the scheduler (both CPUs) during the router's sequential run
+  # (perf sched timehist -i FILE shows who held the CPU while the worker waited).
+  if [ -n "${BENCH_SCHED:-}" ] && [ "$name" = switchyard ]; then
+    perf sched record -q -a -o "$BENCH_SCHED" -- sleep "$DURATION" >/dev/null 2>&1 &
+  fi
   out=$(taskset -c 0 wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
   P50[$name]=$(to_us "$(echo "$out" | awk '$1 == "50%" {print $2}')")
   P99[$name]=$(to_us "$(echo "$out" | awk '$1 == "99%" {print $2}')")
@@ -175,12 +186,22 @@ run() { # name port pids...
   if [ -n "${BENCH_PERF:-}" ] && [ "$name" = switchyard ]; then
     perf record -q -F 1999 -g -p "$1" -o "$BENCH_PERF" -- sleep "$DURATION" 2>/dev/null &
   fi
+  # BENCH_SYSCALLS=1 counts the proxy's system calls and context switches over the same run.
+  if [ -n "${BENCH_SYSCALLS:-}" ] && [ $# -gt 0 ]; then
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(echo "$@" | tr ' ' ',')" \
+      -o "$WORK/$name.stat" -- sleep "$DURATION" 2>/dev/null &
+    STAT_PID=$!
+  fi
   out=$(taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
   [ $# -gt 0 ] && after=$(cpu_ticks "$@")
   RPS[$name]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
   if [ $# -gt 0 ]; then
     CPU[$name]=$(awk -v t=$((after - before)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+    if [ -n "${BENCH_SYSCALLS:-}" ]; then
+      wait "$STAT_PID"
+      awk -F, -v n="$requests" -v who="$name" '$3 ~ /sys_enter|context-switches/ { printf "%s: %.2f %s per request\n", who, $1 / n, $3 }' "$WORK/$name.stat" >&2
+    fi
   else
     CPU[$name]="-"
   fi

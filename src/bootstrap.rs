@@ -81,6 +81,7 @@ fn stored_secret_count(db_path: &Path) -> i64 {
     if !db_path.exists() {
         return 0;
     }
+    crate::db::prepare_sqlite_library();
     let Ok(mut conn) = SqliteConnection::establish(&db_path.to_string_lossy()) else {
         return 0;
     };

@@ -13,6 +13,7 @@ pub mod error;
 pub mod limits;
 pub mod log_sink;
 pub mod metering;
+pub mod pacing;
 pub mod proxy;
 pub mod routes;
 pub mod routing;

@@ -35,6 +35,7 @@ pub fn run_pending(url: &str) -> anyhow::Result<usize> {
             applied
         }
         DatabaseKind::Sqlite(path) => {
+            super::prepare_sqlite_library();
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;

@@ -4,7 +4,7 @@
 //! writes the calls in batches: one request-log row per call, carrying its usage, in the same
 //! transaction as the spend they add.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,13 @@ use crate::db::models::LogRow;
 use crate::db::repo::usage::SpendWritten;
 use crate::db::{repo, Db};
 use crate::domain::money::nanos_to_usd;
+use crate::pacing::{Slice, STEP_ASIDE_ASYNC};
 
 /// How often the recorder's queue is emptied.
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// Past this many calls waiting, the accountant stops stepping aside between slices and works
+/// until it has caught up: every call metered matters more than latency at saturation.
+const CATCH_UP_AT: usize = 2_000;
 /// How often the spend of this replica's users is read back from the shared store.
 const REFRESH_SPEND_EVERY: Duration = Duration::from_secs(1);
 
@@ -52,6 +56,10 @@ pub struct Ledger {
 
 pub struct UsageAccountant {
     ledger: Ledger,
+    /// Calls taken from the recorder and not yet accounted.
+    backlog: VecDeque<CallRecord>,
+    /// A slice of the backlog is scheduled (the drain steps aside between slices).
+    resuming: bool,
     buffer: BatchBuffer<LogRow>,
     /// Models already reported as having no price.
     unpriced: HashSet<String>,
@@ -62,6 +70,8 @@ impl UsageAccountant {
     pub fn new(ledger: Ledger, settings: &MeteringSettings) -> Self {
         UsageAccountant {
             ledger,
+            backlog: VecDeque::new(),
+            resuming: false,
             buffer: BatchBuffer::new(
                 "calls",
                 settings.buffer_records,
@@ -73,18 +83,49 @@ impl UsageAccountant {
         }
     }
 
-    /// Accounts every queued call into the buffer of rows to write.
-    fn drain(&mut self) {
-        let records = self.ledger.recorder.take();
+    /// Takes the recorder's queue into the backlog.
+    fn collect(&mut self) {
+        self.backlog.extend(self.ledger.recorder.take());
         let dropped = self.ledger.recorder.take_dropped();
         if dropped > 0 {
             tracing::warn!(dropped, "metering queue full: calls dropped unmetered");
             self.ledger.metrics.dropped("calls", dropped);
         }
-        for record in records {
+    }
+
+    /// Accounts the backlog into rows to write, one slice at a time: between slices the
+    /// thread steps aside (see `pacing`), unless the backlog is long enough to need catching up.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        self.resuming = false;
+        self.collect();
+        let slice = Slice::start();
+        while let Some(record) = self.backlog.pop_front() {
+            let row = self.account(record);
+            self.buffer.push(row);
+            if slice.spent() && self.backlog.len() < CATCH_UP_AT {
+                break;
+            }
+        }
+        self.report_depths();
+        self.write(ctx);
+        if !self.backlog.is_empty() {
+            self.resuming = true;
+            ctx.run_later(STEP_ASIDE_ASYNC, |actor, ctx| actor.drain(ctx));
+        }
+    }
+
+    /// Accounts everything queued at once (the final flush).
+    fn drain_all(&mut self) {
+        self.collect();
+        while let Some(record) = self.backlog.pop_front() {
             let row = self.account(record);
             self.buffer.push(row);
         }
+        self.report_depths();
+    }
+
+    /// Rows dropped for want of room, and the queues' depths, for logs and metrics.
+    fn report_depths(&mut self) {
         let dropped = self.buffer.take_dropped();
         if dropped > 0 {
             tracing::warn!(dropped, "write buffer full: calls dropped unwritten");
@@ -92,7 +133,7 @@ impl UsageAccountant {
         }
         self.ledger
             .metrics
-            .queue_depth("calls", self.ledger.recorder.len());
+            .queue_depth("calls", self.ledger.recorder.len() + self.backlog.len());
         self.ledger.metrics.queue_depth("writes", self.buffer.len());
     }
 
@@ -266,8 +307,9 @@ impl Actor for UsageAccountant {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(DRAIN_EVERY, |actor, ctx| {
-            actor.drain();
-            actor.write(ctx);
+            if !actor.resuming {
+                actor.drain(ctx);
+            }
         });
         ctx.run_interval(REFRESH_SPEND_EVERY, |actor, ctx| actor.refresh_spend(ctx));
     }
@@ -277,7 +319,7 @@ impl Handler<Flush> for UsageAccountant {
     type Result = AtomicResponse<Self, FlushReport>;
 
     fn handle(&mut self, msg: Flush, _: &mut Self::Context) -> Self::Result {
-        self.drain();
+        self.drain_all();
         let rows = self.buffer.take_all();
         let db = self.ledger.db.clone();
         let batch = self.buffer.batch();

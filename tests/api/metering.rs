@@ -28,6 +28,7 @@ on_both_backends!(
     usage_survives_a_database_outage,
     pruned_log_entries_keep_their_usage,
     a_retried_batch_is_stored_and_counted_once,
+    a_burst_is_metered_whole_though_accounted_in_slices,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -217,6 +218,39 @@ async fn a_stream_is_metered_and_its_usage_hidden_unless_asked(backend: Backend)
     assert_eq!(rows[0]["prompt_tokens"], 3000);
     assert_eq!(rows[0]["completion_tokens"], 600);
     assert_eq!(rows[0]["cost_usd"], json!(0.0102));
+}
+
+/// The accountant works through what it has queued in slices of 100 µs, stepping aside
+/// between them: a burst far longer than one slice is still metered once per call, in full.
+async fn a_burst_is_metered_whole_though_accounted_in_slices(backend: Backend) {
+    const CALLS: usize = 400;
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "usage-a").await;
+    for wave in 0..CALLS / 50 {
+        let calls = (0..50).map(|_| app.chat(&key, hello("metered-model")));
+        for response in futures_util::future::join_all(calls).await {
+            assert_eq!(response.status(), 200, "wave {wave}");
+        }
+    }
+    let rows = usage_rows(
+        &app,
+        &format!("group_by=user&user_id={user_id}"),
+        CALLS as i64,
+    )
+    .await;
+    assert_eq!(rows[0]["prompt_tokens"], json!(1000 * CALLS));
+    let cost = rows[0]["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - USAGE_CALL_USD * CALLS as f64).abs() < 1e-9,
+        "{CALLS} calls at {USAGE_CALL_USD}: {cost}"
+    );
+    let (_, user) = app
+        .admin_json(Method::GET, &format!("/admin/users/{user_id}"), None)
+        .await;
+    assert!(
+        (user["spent_usd"].as_f64().unwrap() - USAGE_CALL_USD * CALLS as f64).abs() < 1e-9,
+        "{user}"
+    );
 }
 
 async fn embeddings_images_and_audio_are_metered(backend: Backend) {

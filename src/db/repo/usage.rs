@@ -112,6 +112,7 @@ mod sqlite {
     use super::metered_costs;
     use crate::db::models::LogRow;
     use crate::db::schema::{request_logs, users};
+    use crate::pacing::Slice;
 
     /// Rows per multi-row statement.
     const ROWS_PER_STATEMENT: usize = 10;
@@ -125,9 +126,13 @@ mod sqlite {
             // Rows go in by statements of a fixed number of rows, each prepared once and
             // reused: diesel caches a statement by its type, and an array's length is part of
             // it. `INSERT OR IGNORE` keeps a stored row; `RETURNING` names the new ones.
+            // Between statements the thread steps aside when its slice is spent: this runs on
+            // the router's own cores (see `pacing`).
+            let mut slice = Slice::start();
             let mut new_ids = Vec::with_capacity(rows.len());
             let mut chunks = rows.chunks_exact(ROWS_PER_STATEMENT);
             for chunk in &mut chunks {
+                slice.step_aside_if_spent();
                 let chunk: &[LogRow; ROWS_PER_STATEMENT] =
                     chunk.try_into().expect("chunks_exact gives whole chunks");
                 new_ids.extend(
@@ -139,6 +144,7 @@ mod sqlite {
             }
             // The rows that do not fill a statement, one by one (prepared once too).
             for row in chunks.remainder() {
+                slice.step_aside_if_spent();
                 new_ids.extend(
                     diesel::insert_or_ignore_into(request_logs::table)
                         .values(row)
@@ -146,6 +152,7 @@ mod sqlite {
                         .get_results::<String>(conn)?,
                 );
             }
+            slice.step_aside_if_spent();
             add_spend!(conn, rows, new_ids, user_ids)
         })
     }
