@@ -16,6 +16,8 @@
 # else the machine is doing. Kernel time (sockets) is not counted. BENCH_CALLGRIND_DIR=dir keeps
 # the per-thread profiles for callgrind_annotate. BENCH_SYSCALLS=1 prints the system calls and
 # context switches per request of nginx and of the router during the closed-loop runs.
+# BENCH_SCHED=file records the scheduler during the router's sequential run; BENCH_KEEP=1 keeps
+# the work directory (the router's database and log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
