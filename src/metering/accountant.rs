@@ -56,10 +56,9 @@ pub struct Ledger {
 
 pub struct UsageAccountant {
     ledger: Ledger,
-    /// Calls taken from the recorder and not yet accounted.
+    /// Calls taken from the recorder and not yet accounted. While it holds any, the next
+    /// slice of the drain is scheduled.
     backlog: VecDeque<CallRecord>,
-    /// A slice of the backlog is scheduled (the drain steps aside between slices).
-    resuming: bool,
     buffer: BatchBuffer<LogRow>,
     /// Models already reported as having no price.
     unpriced: HashSet<String>,
@@ -71,7 +70,6 @@ impl UsageAccountant {
         UsageAccountant {
             ledger,
             backlog: VecDeque::new(),
-            resuming: false,
             buffer: BatchBuffer::new(
                 "calls",
                 settings.buffer_records,
@@ -96,7 +94,6 @@ impl UsageAccountant {
     /// Accounts the backlog into rows to write, one slice at a time: between slices the
     /// thread steps aside (see `pacing`), unless the backlog is long enough to need catching up.
     fn drain(&mut self, ctx: &mut Context<Self>) {
-        self.resuming = false;
         self.collect();
         let slice = Slice::start();
         while let Some(record) = self.backlog.pop_front() {
@@ -109,7 +106,6 @@ impl UsageAccountant {
         self.report_depths();
         self.write(ctx);
         if !self.backlog.is_empty() {
-            self.resuming = true;
             ctx.run_later(STEP_ASIDE_ASYNC, |actor, ctx| actor.drain(ctx));
         }
     }
@@ -307,7 +303,8 @@ impl Actor for UsageAccountant {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(DRAIN_EVERY, |actor, ctx| {
-            if !actor.resuming {
+            // A backlog means a drain is under way, its next slice scheduled.
+            if actor.backlog.is_empty() {
                 actor.drain(ctx);
             }
         });
