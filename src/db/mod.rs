@@ -4,7 +4,9 @@ pub mod migrate;
 pub mod models;
 pub mod repo;
 pub mod schema;
+mod sqlite_writer;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::SqliteConnection;
@@ -17,6 +19,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::FutureExt;
 
 use crate::config::{DatabaseKind, DatabaseSettings};
+pub use sqlite_writer::SqliteWriter;
 
 /// The async SQLite connection: diesel's sync connection run on the blocking pool.
 pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
@@ -26,8 +29,8 @@ pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
 pub enum Db {
     /// PostgreSQL (production, shared by replicas).
     Pg(Pool<AsyncPgConnection>),
-    /// The embedded SQLite file.
-    Sqlite(Pool<SqliteConn>),
+    /// The embedded SQLite file, and metering's own connection for its batch writes.
+    Sqlite(Pool<SqliteConn>, Arc<SqliteWriter>),
 }
 
 /// Why a storage call failed.
@@ -48,6 +51,9 @@ pub enum DbError {
     /// Any other database error.
     #[error("database error: {0}")]
     Query(diesel::result::Error),
+    /// Any other error of metering's SQLite writer.
+    #[error("database error: {0}")]
+    Write(String),
     /// A stored value could not be read back (corrupt JSON, unknown enum value).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -86,7 +92,7 @@ macro_rules! with_conn {
                 let $conn = &mut *guard;
                 $body
             }
-            $crate::db::Db::Sqlite(pool) => {
+            $crate::db::Db::Sqlite(pool, _) => {
                 let mut guard = pool.get().await?;
                 let $conn = &mut *guard;
                 $body
@@ -173,7 +179,7 @@ impl Db {
                     .create_timeout(wait)
                     .runtime(deadpool::Runtime::Tokio1)
                     .build()?;
-                Ok(Db::Sqlite(pool))
+                Ok(Db::Sqlite(pool, SqliteWriter::new(path)))
             }
         }
     }
@@ -190,7 +196,7 @@ impl Db {
     pub fn backend_name(&self) -> &'static str {
         match self {
             Db::Pg(_) => "postgres",
-            Db::Sqlite(_) => "sqlite",
+            Db::Sqlite(..) => "sqlite",
         }
     }
 }

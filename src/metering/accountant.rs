@@ -222,12 +222,7 @@ impl UsageAccountant {
         }
         let batch = self.buffer.take_batch();
         let db = self.ledger.db.clone();
-        let write = async move {
-            match repo::usage::insert_batch(&db, &batch).await {
-                Ok(written) => Ok(written),
-                Err(e) => Err((e, batch)),
-            }
-        };
+        let write = async move { repo::usage::insert_batch(&db, batch).await };
         ctx.wait(write.into_actor(self).map(|result, actor, ctx| {
             match result {
                 Ok(written) => {
@@ -322,12 +317,7 @@ impl Handler<Flush> for UsageAccountant {
         let batch = self.buffer.batch();
         let flush = write_all(rows, batch, msg.deadline, move |batch| {
             let db = db.clone();
-            async move {
-                match repo::usage::insert_batch(&db, &batch).await {
-                    Ok(w) => Ok(w),
-                    Err(e) => Err((e, batch)),
-                }
-            }
+            async move { repo::usage::insert_batch(&db, batch).await }
         });
         AtomicResponse::new(Box::pin(flush.into_actor(self).map(
             |(written, left), actor, ctx| {

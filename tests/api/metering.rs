@@ -544,7 +544,7 @@ async fn metrics_are_exported(backend: Backend) {
 }
 
 /// A batch written again after a failure (some of its calls already stored) stores each call
-/// once and adds each cost once, across SQLite's ten-row statements and their remainder.
+/// once and adds each cost once.
 async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
     use switchyard::db::{models::LogRow, repo};
     let app = spawn_app(backend).await;
@@ -580,13 +580,12 @@ async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
         characters: 0,
     };
     let db = app.db();
-    // 23 calls: two ten-row statements and three single rows.
     let first: Vec<LogRow> = batch[..23].iter().map(row).collect();
-    let written = repo::usage::insert_batch(&db, &first).await.unwrap();
+    let written = repo::usage::insert_batch(&db, first).await.unwrap();
     assert_eq!(written.users, vec![(user_id.clone(), 23_000, 23_000)]);
     // The same calls again with two more, as a retried batch would be.
     let again: Vec<LogRow> = batch.iter().map(row).collect();
-    let written = repo::usage::insert_batch(&db, &again).await.unwrap();
+    let written = repo::usage::insert_batch(&db, again).await.unwrap();
     assert_eq!(written.users, vec![(user_id.clone(), 25_000, 25_000)]);
     assert_eq!(stored(&db, &user_id).await, (25, 25_000, 25));
 }

@@ -54,7 +54,7 @@ pub async fn get(db: &Db, id: &str) -> Result<LogRow, DbError> {
 pub async fn prune(db: &Db, before: NaiveDateTime) -> Result<usize, DbError> {
     let (day, at) = match db {
         Db::Pg(_) => ("to_char(ts, 'YYYY-MM-DD')", "$1"),
-        Db::Sqlite(_) => ("strftime('%Y-%m-%d', ts)", "?"),
+        Db::Sqlite(..) => ("strftime('%Y-%m-%d', ts)", "?"),
     };
     let rollup = format!(
         "INSERT INTO usage_daily (day, user_id, model, requests, prompt_tokens, \

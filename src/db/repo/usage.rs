@@ -3,13 +3,15 @@
 //! outlived the log's retention).
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use chrono::NaiveDateTime;
 use diesel::dsl::sql;
 use diesel::expression::SqlLiteral;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::pooled_connection::deadpool::Pool;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 
 use crate::db::models::LogRow;
 use crate::db::schema::{request_logs, usage_daily, users};
@@ -23,30 +25,6 @@ pub struct SpendWritten {
     pub users: Vec<(String, i64, i64)>,
 }
 
-/// Adds the cost of the rows just inserted to their users' spend and reads back the totals of
-/// every user in the batch, inside the batch's transaction. Expanded once per backend: with
-/// `.await` after each query for PostgreSQL's async connection, with nothing for SQLite's, which
-/// runs whole on the blocking pool.
-macro_rules! add_spend {
-    ($conn:expr, $rows:expr, $new_ids:expr, $user_ids:expr $(, $suffix:tt)*) => {{
-        let new: HashSet<&str> = $new_ids.iter().map(String::as_str).collect();
-        let mut added: BTreeMap<&str, i64> = BTreeMap::new();
-        for (user, cost) in metered_costs($rows.iter().filter(|r| new.contains(r.id.as_str()))) {
-            *added.entry(user).or_default() += cost;
-        }
-        for (user, nanos) in added.iter().filter(|(_, n)| **n != 0) {
-            diesel::update(users::table.find(*user))
-                .set(users::spent_nanos.eq(users::spent_nanos + *nanos))
-                .execute($conn) $($suffix)* ?;
-        }
-        let totals: Vec<(String, i64)> = users::table
-            .filter(users::id.eq_any($user_ids))
-            .select((users::id, users::spent_nanos))
-            .load($conn) $($suffix)* ?;
-        Ok(totals)
-    }};
-}
-
 /// Each metered row's user and cost.
 fn metered_costs<'a>(
     rows: impl Iterator<Item = &'a LogRow>,
@@ -55,42 +33,44 @@ fn metered_costs<'a>(
         .filter_map(|r| Some((r.user_id.as_deref()?, r.cost_nanos)))
 }
 
+/// A batch that could not be written, handed back to be tried again.
+pub type Unwritten = (DbError, Vec<LogRow>);
+
 /// Writes a batch of calls (their log entries, usage included) and adds their cost to their
 /// users' spend, in one transaction. Calls already stored (same request id, from a retried
 /// batch) are skipped and not counted again, so a batch can be retried safely. PostgreSQL gets
-/// one multi-row insert; SQLite, in process, prepared inserts of ten rows reused.
-pub async fn insert_batch(db: &Db, rows: &[LogRow]) -> Result<SpendWritten, DbError> {
+/// one multi-row insert; SQLite, in process, one prepared insert per row on metering's own
+/// connection (`SqliteWriter`).
+pub async fn insert_batch(db: &Db, rows: Vec<LogRow>) -> Result<SpendWritten, Unwritten> {
     if rows.is_empty() {
         return Ok(SpendWritten::default());
     }
-    let mut batch_cost: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut batch_cost: BTreeMap<String, i64> = BTreeMap::new();
     for (user, cost) in metered_costs(rows.iter()) {
-        *batch_cost.entry(user).or_default() += cost;
+        *batch_cost.entry(user.to_owned()).or_default() += cost;
     }
-    let user_ids: Vec<String> = batch_cost.keys().map(|u| u.to_string()).collect();
-    let user_ids = &user_ids;
+    let user_ids: Vec<String> = batch_cost.keys().cloned().collect();
     let totals = match db {
-        Db::Pg(pool) => {
-            let mut conn = pool.get().await?;
-            conn.transaction::<_, DbError, _>(async |conn| {
-                // The insert comes first, so the transaction takes its locks at once.
-                let new_ids: Vec<String> = diesel::insert_into(request_logs::table)
-                    .values(rows)
-                    .on_conflict_do_nothing()
-                    .returning(request_logs::id)
-                    .get_results(conn)
-                    .await?;
-                add_spend!(conn, rows, new_ids, user_ids, ., await)
-            })
-            .await?
-        }
-        Db::Sqlite(pool) => {
-            // Synchronous diesel on the blocking pool (diesel-async's SQLite wrapper cannot
-            // tell which rows were new), under a write lock taken up front.
-            let mut conn = pool.get().await?;
-            let (rows, user_ids) = (rows.to_vec(), user_ids.clone());
-            conn.spawn_blocking(move |conn| sqlite::insert_batch(conn, &rows, &user_ids))
-                .await?
+        Db::Pg(pool) => match insert_pg(pool, &rows, &user_ids).await {
+            Ok(totals) => totals,
+            Err(e) => return Err((e, rows)),
+        },
+        Db::Sqlite(_, writer) => {
+            // Shared with the blocking thread, and taken back whole if the write fails.
+            let rows = Arc::new(rows);
+            let written = {
+                let (rows, user_ids) = (rows.clone(), user_ids.clone());
+                writer
+                    .run(move |conn| sqlite::insert_batch(conn, &rows, &user_ids))
+                    .await
+            };
+            match written {
+                Ok(totals) => totals,
+                Err(e) => {
+                    let rows = Arc::try_unwrap(rows).unwrap_or_else(|rows| (*rows).clone());
+                    return Err((e, rows));
+                }
+            }
         }
     };
     let totals: BTreeMap<String, i64> = totals.into_iter().collect();
@@ -98,63 +78,182 @@ pub async fn insert_batch(db: &Db, rows: &[LogRow]) -> Result<SpendWritten, DbEr
         users: batch_cost
             .into_iter()
             // A user deleted since the call has no total to report.
-            .filter_map(|(u, cost)| totals.get(u).map(|t| (u.to_owned(), cost, *t)))
+            .filter_map(|(u, cost)| totals.get(&u).map(|t| (u, cost, *t)))
             .collect(),
     })
 }
 
-/// The SQLite side of [`insert_batch`], in synchronous diesel (its own trait imports).
+async fn insert_pg(
+    pool: &Pool<AsyncPgConnection>,
+    rows: &[LogRow],
+    user_ids: &[String],
+) -> Result<Vec<(String, i64)>, DbError> {
+    let mut conn = pool.get().await?;
+    conn.transaction::<_, DbError, _>(async |conn| {
+        // The insert comes first, so the transaction takes its locks at once.
+        let new_ids: HashSet<String> = diesel::insert_into(request_logs::table)
+            .values(rows)
+            .on_conflict_do_nothing()
+            .returning(request_logs::id)
+            .get_results::<String>(conn)
+            .await?
+            .into_iter()
+            .collect();
+        for (user, nanos) in added_spend(rows, |id| new_ids.contains(id)) {
+            diesel::update(users::table.find(user))
+                .set(users::spent_nanos.eq(users::spent_nanos + nanos))
+                .execute(conn)
+                .await?;
+        }
+        Ok(users::table
+            .filter(users::id.eq_any(user_ids))
+            .select((users::id, users::spent_nanos))
+            .load(conn)
+            .await?)
+    })
+    .await
+}
+
+/// The spend the rows just stored add, per user (users whose new rows cost nothing left out).
+fn added_spend(rows: &[LogRow], is_new: impl Fn(&str) -> bool) -> BTreeMap<&str, i64> {
+    let mut added: BTreeMap<&str, i64> = BTreeMap::new();
+    for (user, cost) in metered_costs(rows.iter().filter(|r| is_new(&r.id))) {
+        *added.entry(user).or_default() += cost;
+    }
+    added.retain(|_, nanos| *nanos != 0);
+    added
+}
+
+/// The SQLite side of [`insert_batch`], in plain SQL on metering's own connection.
 mod sqlite {
-    use std::collections::{BTreeMap, HashSet};
+    use std::collections::HashSet;
+    use std::fmt::Write;
 
-    use diesel::prelude::*;
+    use chrono::{Datelike, NaiveDateTime, Timelike};
+    use rusqlite::{params, Connection, TransactionBehavior};
 
-    use super::metered_costs;
+    use super::added_spend;
     use crate::db::models::LogRow;
-    use crate::db::schema::{request_logs, users};
     use crate::pacing::Slice;
 
-    /// Rows per multi-row statement.
-    const ROWS_PER_STATEMENT: usize = 10;
+    const INSERT: &str = "INSERT OR IGNORE INTO request_logs (id, ts, user_id, key_id, route, \
+        model, upstream_model, upstream_key_id, level, status, attempts, latency_ms, ttfb_ms, \
+        prompt_tokens, completion_tokens, cost_nanos, partial, error_code, metered, \
+        reasoning_tokens, cached_tokens, images, audio_seconds, characters) \
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+        ?18, ?19, ?20, ?21, ?22, ?23, ?24)";
+    const ADD_SPEND: &str = "UPDATE users SET spent_nanos = spent_nanos + ?2 WHERE id = ?1";
+    const SPENT: &str = "SELECT spent_nanos FROM users WHERE id = ?1";
 
     pub fn insert_batch(
-        conn: &mut SqliteConnection,
+        conn: &mut Connection,
         rows: &[LogRow],
         user_ids: &[String],
-    ) -> QueryResult<Vec<(String, i64)>> {
-        conn.immediate_transaction(|conn| {
-            // Rows go in by statements of a fixed number of rows, each prepared once and
-            // reused: diesel caches a statement by its type, and an array's length is part of
-            // it. `INSERT OR IGNORE` keeps a stored row; `RETURNING` names the new ones.
-            // Between statements the thread steps aside when its slice is spent: this runs on
-            // the router's own cores (see `pacing`).
+    ) -> rusqlite::Result<Vec<(String, i64)>> {
+        // The write lock is taken up front, so the batch never fails half way for want of it.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut new_ids = HashSet::with_capacity(rows.len());
+        {
+            let mut insert = tx.prepare_cached(INSERT)?;
+            let mut ts = String::with_capacity(32);
+            // Between rows the thread steps aside when its slice is spent: this runs on the
+            // router's own cores (see `pacing`).
             let mut slice = Slice::start();
-            let mut new_ids = Vec::with_capacity(rows.len());
-            let mut chunks = rows.chunks_exact(ROWS_PER_STATEMENT);
-            for chunk in &mut chunks {
+            for row in rows {
                 slice.step_aside_if_spent();
-                let chunk: &[LogRow; ROWS_PER_STATEMENT] =
-                    chunk.try_into().expect("chunks_exact gives whole chunks");
-                new_ids.extend(
-                    diesel::insert_or_ignore_into(request_logs::table)
-                        .values(chunk)
-                        .returning(request_logs::id)
-                        .get_results::<String>(conn)?,
-                );
+                ts.clear();
+                write_timestamp(&mut ts, &row.ts);
+                // `INSERT OR IGNORE` keeps a stored row (a retried batch): it changes nothing.
+                let inserted = insert.execute(params![
+                    row.id,
+                    ts,
+                    row.user_id,
+                    row.key_id,
+                    row.route,
+                    row.model,
+                    row.upstream_model,
+                    row.upstream_key_id,
+                    row.level,
+                    row.status,
+                    row.attempts,
+                    row.latency_ms,
+                    row.ttfb_ms,
+                    row.prompt_tokens,
+                    row.completion_tokens,
+                    row.cost_nanos,
+                    row.partial,
+                    row.error_code,
+                    row.metered,
+                    row.reasoning_tokens,
+                    row.cached_tokens,
+                    row.images,
+                    row.audio_seconds,
+                    row.characters,
+                ])?;
+                if inserted == 1 {
+                    new_ids.insert(row.id.as_str());
+                }
             }
-            // The rows that do not fill a statement, one by one (prepared once too).
-            for row in chunks.remainder() {
-                slice.step_aside_if_spent();
-                new_ids.extend(
-                    diesel::insert_or_ignore_into(request_logs::table)
-                        .values(row)
-                        .returning(request_logs::id)
-                        .get_results::<String>(conn)?,
-                );
+        }
+        {
+            let mut add = tx.prepare_cached(ADD_SPEND)?;
+            for (user, nanos) in added_spend(rows, |id| new_ids.contains(id)) {
+                add.execute(params![user, nanos])?;
             }
-            slice.step_aside_if_spent();
-            add_spend!(conn, rows, new_ids, user_ids)
-        })
+        }
+        let mut totals = Vec::with_capacity(user_ids.len());
+        {
+            let mut spent = tx.prepare_cached(SPENT)?;
+            for user in user_ids {
+                let mut found = spent.query(params![user])?;
+                // A user deleted since the call has no row, and no total.
+                if let Some(row) = found.next()? {
+                    totals.push((user.clone(), row.get(0)?));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(totals)
+    }
+
+    /// Writes `ts` as diesel writes a timestamp to SQLite (chrono's `%F %T%.f`: the fraction
+    /// left out when zero, else in 3, 6 or 9 digits), so that both read it back alike and
+    /// their text sorts alike. By hand: chrono's formatter cost a tenth of the write.
+    pub(super) fn write_timestamp(out: &mut String, ts: &NaiveDateTime) {
+        let year = ts.year();
+        if !(0..=9999).contains(&year) {
+            write!(out, "{}", ts.format("%F %T%.f")).expect("formatting to a String");
+            return;
+        }
+        // A leap second is kept in the nanoseconds (1_000_000_000 and up), and shown as :60.
+        let (second, nanos) = match ts.nanosecond() {
+            n if n >= 1_000_000_000 => (ts.second() + 1, n - 1_000_000_000),
+            n => (ts.second(), n),
+        };
+        let digits = |out: &mut String, value: u32, width: u32| {
+            for place in (0..width).rev() {
+                out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
+            }
+        };
+        digits(out, year as u32, 4);
+        out.push('-');
+        digits(out, ts.month(), 2);
+        out.push('-');
+        digits(out, ts.day(), 2);
+        out.push(' ');
+        digits(out, ts.hour(), 2);
+        out.push(':');
+        digits(out, ts.minute(), 2);
+        out.push(':');
+        digits(out, second, 2);
+        if nanos != 0 {
+            out.push('.');
+            match nanos {
+                n if n % 1_000_000 == 0 => digits(out, n / 1_000_000, 3),
+                n if n % 1_000 == 0 => digits(out, n / 1_000, 6),
+                n => digits(out, n, 9),
+            }
+        }
     }
 }
 
@@ -273,7 +372,7 @@ async fn recent(
         (GroupBy::Model, _) => "COALESCE(model, '')",
         (GroupBy::User, _) => "COALESCE(user_id, '')",
         (GroupBy::Day, Db::Pg(_)) => "to_char(ts, 'YYYY-MM-DD')",
-        (GroupBy::Day, Db::Sqlite(_)) => "strftime('%Y-%m-%d', ts)",
+        (GroupBy::Day, Db::Sqlite(..)) => "strftime('%Y-%m-%d', ts)",
     };
     with_conn!(db, |conn| {
         let mut query = request_logs::table
@@ -328,4 +427,37 @@ async fn daily(
         }
         Ok(query.load::<UsageGroup>(conn).await?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, NaiveDateTime};
+
+    use super::sqlite::write_timestamp;
+
+    #[test]
+    fn timestamps_are_written_as_diesel_writes_them() {
+        let at = |y, nanos| -> NaiveDateTime {
+            NaiveDate::from_ymd_opt(y, 3, 7)
+                .unwrap()
+                .and_hms_nano_opt(4, 5, 59, nanos)
+                .unwrap()
+        };
+        for ts in [
+            at(2026, 0),
+            at(2026, 120_000_000),
+            at(2026, 123_456_000),
+            at(2026, 123_456_789),
+            at(2026, 7),
+            at(2026, 1_000_000_000),
+            at(2026, 1_250_000_000),
+            at(987, 5_000),
+            at(10_000, 0),
+            at(-3, 1),
+        ] {
+            let mut written = String::new();
+            write_timestamp(&mut written, &ts);
+            assert_eq!(written, ts.format("%F %T%.f").to_string());
+        }
+    }
 }
