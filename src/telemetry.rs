@@ -15,7 +15,6 @@ use tracing_actix_web::{RequestId, RootSpanBuilder};
 use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -83,31 +82,68 @@ struct PlainVisitor<'w> {
     first: bool,
 }
 
+impl PlainVisitor<'_> {
+    /// Writes the separator and `name=` (nothing for the message), or returns false when the
+    /// field is not written (an earlier write failed, or a `log.*` field).
+    fn start(&mut self, field: &Field) -> bool {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("log.") {
+            return false;
+        }
+        if !std::mem::take(&mut self.first) {
+            self.result = self.writer.write_char(' ');
+        }
+        if name != "message" {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            self.result = self
+                .result
+                .and_then(|()| self.writer.write_str(name))
+                .and_then(|()| self.writer.write_char('='));
+        }
+        self.result.is_ok()
+    }
+}
+
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            "message" => self.record_debug(field, &format_args!("{value}")),
-            _ => self.record_debug(field, &value),
+        if field.name() == "message" {
+            if self.start(field) {
+                self.result = self.writer.write_str(value);
+            }
+            return;
+        }
+        // Quoted as `Debug` quotes it; a string with nothing to escape is written as it is.
+        let plain = value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
+        if !plain {
+            return self.record_debug(field, &value);
+        }
+        if self.start(field) {
+            self.result = self
+                .writer
+                .write_char('"')
+                .and_then(|()| self.writer.write_str(value))
+                .and_then(|()| self.writer.write_char('"'));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.start(field) {
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.start(field) {
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let name = field.name();
-        if self.result.is_err() || name.starts_with("log.") {
-            return;
+        if self.start(field) {
+            self.result = write!(self.writer, "{value:?}");
         }
-        let separator = if std::mem::take(&mut self.first) {
-            ""
-        } else {
-            " "
-        };
-        self.result = match name {
-            "message" => write!(self.writer, "{separator}{value:?}"),
-            name => {
-                let name = name.strip_prefix("r#").unwrap_or(name);
-                write!(self.writer, "{separator}{name}={value:?}")
-            }
-        };
     }
 }
 
@@ -127,7 +163,7 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        SystemTime.format_time(&mut writer)?;
+        write_now(&mut writer)?;
         let level = match *event.metadata().level() {
             Level::TRACE => " TRACE ",
             Level::DEBUG => " DEBUG ",
@@ -153,6 +189,37 @@ where
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writer.write_char('\n')
     }
+}
+
+/// Writes the time now as tracing-subscriber's `SystemTime` does (RFC 3339 in UTC, to the
+/// microsecond: `2026-11-25T08:12:54.123456Z`). The date and time to the second are formatted
+/// once a second per thread and reused: formatting them on every line cost more than the rest
+/// of the timestamp.
+fn write_now(writer: &mut Writer<'_>) -> std::fmt::Result {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != now.as_secs() {
+            *second = now.as_secs();
+            text.clear();
+            let at = chrono::DateTime::from_timestamp(now.as_secs() as i64, 0).unwrap_or_default();
+            use std::fmt::Write;
+            write!(text, "{}", at.format("%Y-%m-%dT%H:%M:%S"))?;
+        }
+        writer.write_str(text)?;
+        let micros = now.subsec_micros();
+        let mut fraction = *b".000000Z";
+        for (place, digit) in fraction[1..7].iter_mut().rev().enumerate() {
+            *digit = b'0' + (micros / 10u32.pow(place as u32) % 10) as u8;
+        }
+        writer.write_str(std::str::from_utf8(&fraction).expect("ASCII digits"))
+    })
 }
 
 /// The root span of every request: method, path (never the query), request id, the caller once
@@ -302,5 +369,21 @@ mod tests {
             ),
             "{line}"
         );
+    }
+
+    #[test]
+    fn line_times_are_rfc3339_to_the_microsecond_as_the_default_timer_writes_them() {
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+        for _ in 0..3 {
+            let (mut ours, mut theirs) = (String::new(), String::new());
+            write_now(&mut Writer::new(&mut ours)).unwrap();
+            SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{ours} {theirs}");
+            let ours = chrono::DateTime::parse_from_rfc3339(&ours).unwrap();
+            let theirs = chrono::DateTime::parse_from_rfc3339(&theirs).unwrap();
+            assert!((theirs - ours).num_milliseconds().abs() < 1_000);
+        }
     }
 }
