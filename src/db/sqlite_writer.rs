@@ -51,10 +51,17 @@ impl SqliteWriter {
     }
 }
 
+/// The connection that commits past `wal_autocheckpoint` pages of WAL copies them back into the
+/// database file before its commit returns, on the router's own core. This connection commits
+/// most, so it checkpoints most: every 100 pages (about 0.3 ms of copying) rather than SQLite's
+/// default 1,000 (2.5–3 ms, which a request arriving meanwhile waited out).
+const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint = 100;";
+
 fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
     super::prepare_sqlite_library();
     let connection = Connection::open(path)?;
     connection.execute_batch(SQLITE_PRAGMAS)?;
+    connection.execute_batch(WRITER_PRAGMAS)?;
     Ok(connection)
 }
 
