@@ -313,7 +313,8 @@ impl From<&Price> for PriceRow {
 
 /// A `request_logs` row: one client call, and what it used and cost when an upstream answered
 /// it (`metered`). `None` is written as NULL, not as the column's default, so every row has
-/// the same shape (one multi-row insert on PostgreSQL, prepared ten-row statements on SQLite).
+/// the same shape (one multi-row insert on PostgreSQL). On SQLite the rows are written by
+/// metering's own connection (`db::SqliteWriter`), column by column in `repo::usage`.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(table_name = request_logs, treat_none_as_default_value = false)]
 pub struct LogRow {

@@ -136,7 +136,8 @@ mod sqlite {
     use crate::db::models::LogRow;
     use crate::pacing::Slice;
 
-    const INSERT: &str = "INSERT OR IGNORE INTO request_logs (id, ts, user_id, key_id, route, \
+    pub(super) const INSERT: &str =
+        "INSERT OR IGNORE INTO request_logs (id, ts, user_id, key_id, route, \
         model, upstream_model, upstream_key_id, level, status, attempts, latency_ms, ttfb_ms, \
         prompt_tokens, completion_tokens, cost_nanos, partial, error_code, metered, \
         reasoning_tokens, cached_tokens, images, audio_seconds, characters) \
@@ -433,7 +434,7 @@ async fn daily(
 mod tests {
     use chrono::{NaiveDate, NaiveDateTime};
 
-    use super::sqlite::write_timestamp;
+    use super::sqlite::{write_timestamp, INSERT};
 
     #[test]
     fn timestamps_are_written_as_diesel_writes_them() {
@@ -459,5 +460,30 @@ mod tests {
             write_timestamp(&mut written, &ts);
             assert_eq!(written, ts.format("%F %T%.f").to_string());
         }
+    }
+
+    /// The SQLite insert is written by hand: a column added to the table must be added to it.
+    #[test]
+    fn the_sqlite_insert_writes_every_column_of_the_log() {
+        use diesel::prelude::*;
+        use diesel::sqlite::Sqlite;
+
+        use crate::db::schema::request_logs;
+        let select = request_logs::table.select(request_logs::all_columns);
+        let select = diesel::debug_query::<Sqlite, _>(&select).to_string();
+        let table: Vec<&str> = select
+            .split("`request_logs`.`")
+            .skip(1)
+            .map(|column| column.split('`').next().unwrap())
+            .collect();
+        let listed = INSERT
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .unwrap()
+            .0;
+        let inserted: Vec<&str> = listed.split(',').map(str::trim).collect();
+        assert_eq!(inserted, table);
+        let placeholders = INSERT.rsplit_once("VALUES").unwrap().1.matches('?').count();
+        assert_eq!(placeholders, table.len());
     }
 }
