@@ -53,41 +53,9 @@ echo "building the release binary..."
 cargo build --release --quiet
 BIN="$CARGO_TARGET_DIR/release/switchyard"
 
-COMPLETION='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}'
-STREAM='data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}\n\ndata: {"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
-
-nginx_conf() { # name port body...
-  cat > "$WORK/$1.conf" <<EOF
-user root;
-worker_processes 1;
-daemon on;
-pid $WORK/$1.pid;
-error_log $WORK/$1.error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/$1.body;
-  proxy_temp_path $WORK/$1.proxy;
-  fastcgi_temp_path $WORK/$1.fcgi;
-  uwsgi_temp_path $WORK/$1.uwsgi;
-  scgi_temp_path $WORK/$1.scgi;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$2;
-    $3
-  }
-  $4
-}
-EOF
-}
-
-nginx_conf mock "$MOCK_PORT" "
-    location = /v1/chat/completions {
-      if (\$http_accept = 'text/event-stream') { rewrite ^ /stream last; }
-      default_type application/json;
-      return 200 '$COMPLETION';
-    }
-    location = /stream { default_type text/event-stream; return 200 '$(printf '%s' "$STREAM")'; }" ""
+# shellcheck source=benches/common.sh
+. benches/common.sh
+mock_conf "$MOCK_PORT"
 nginx_conf proxy "$NGINX_PORT" "
     location / {
       proxy_pass http://mock;
@@ -113,23 +81,9 @@ SY_PID=$(pgrep -f "$pattern" | head -1)
 PIDS+=("$SY_PID")
 for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$SY_PORT/healthz" >/dev/null && break; sleep 0.1; done
 
-admin() { curl -sf -X "$1" "http://127.0.0.1:$SY_PORT$2" -H "Authorization: Bearer $ADMIN_TOKEN" \
-  -H 'content-type: application/json' ${3:+-d "$3"}; }
-admin POST /admin/users '{"name":"bench"}' >/dev/null
-USER_ID=$(admin GET /admin/users | grep -o '"id":"usr_[0-9a-f]*"' | head -1 | cut -d'"' -f4)
-USER_KEY=$(admin POST "/admin/users/$USER_ID/keys" '{}' | grep -o '"key":"[^"]*"' | cut -d'"' -f4)
-admin POST /admin/upstream-keys "{\"provider\":\"openai\",\"base_url\":\"http://127.0.0.1:$MOCK_PORT/v1\",\"secret\":\"bench-upstream-secret\"}" >/dev/null
-if [ -n "${BENCH_LIMITS:-}" ]; then
-  admin PATCH "/admin/users/$USER_ID" "$BENCH_LIMITS" >/dev/null
-fi
+USER_KEY=$(bench_user "$SY_PORT" "$ADMIN_TOKEN" "$MOCK_PORT" "${BENCH_LIMITS:-}")
 
-BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-cat > "$WORK/post.lua" <<EOF
-wrk.method = "POST"
-wrk.body = '$BODY'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $USER_KEY"
-EOF
+write_wrk_script "$WORK/post.lua" "$USER_KEY"
 
 # Warm up every path (connection pools, caches, argon2 on the first key check).
 for port in $MOCK_PORT $NGINX_PORT $SY_PORT; do
@@ -214,14 +168,6 @@ run direct "$MOCK_PORT"
 run nginx "$NGINX_PORT" $(nginx_pids proxy)
 run switchyard "$SY_PORT" "$SY_PID"
 
-ttfb() { # median time to first byte of a streamed completion, in microseconds
-  local port=$1 auth=$2
-  for _ in $(seq 1 200); do
-    taskset -c 0 curl -s -o /dev/null -w '%{time_starttransfer}\n' "http://127.0.0.1:$port/v1/chat/completions" \
-      -H "$auth" -H 'content-type: application/json' -H 'accept: text/event-stream' \
-      -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
-  done | sort -n | awk '{ a[NR] = $1 } END { printf "%.0f", a[int(NR/2)] * 1e6 }'
-}
 TTFB_DIRECT=$(ttfb "$MOCK_PORT" "x-none: 1")
 TTFB_SY=$(ttfb "$SY_PORT" "Authorization: Bearer $USER_KEY")
 
