@@ -154,12 +154,12 @@ mod sqlite {
         // The write lock is taken up front, so the batch never fails half way for want of it.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut new_ids = HashSet::with_capacity(rows.len());
+        // Between rows, and before the spend and the commit, the thread steps aside when its
+        // slice is spent: this runs on the router's own cores (see `pacing`).
+        let mut slice = Slice::start();
         {
             let mut insert = tx.prepare_cached(INSERT)?;
             let mut ts = String::with_capacity(32);
-            // Between rows the thread steps aside when its slice is spent: this runs on the
-            // router's own cores (see `pacing`).
-            let mut slice = Slice::start();
             for row in rows {
                 slice.step_aside_if_spent();
                 ts.clear();
@@ -196,6 +196,7 @@ mod sqlite {
                 }
             }
         }
+        slice.step_aside_if_spent();
         {
             let mut add = tx.prepare_cached(ADD_SPEND)?;
             for (user, nanos) in added_spend(rows, |id| new_ids.contains(id)) {
