@@ -113,7 +113,8 @@ const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5
 /// The bundled library defaults to serialized mode, in which every call on a connection takes
 /// that connection's mutex: 9% of the instructions of metering's batch inserts, which bind 24
 /// values a row. Here each connection is used by one thread at a time (the pool hands it out,
-/// diesel-async's wrapper holds it under its own lock), which is all multi-thread mode asks.
+/// diesel-async's wrapper holds it under its own lock; metering's `SqliteWriter` under its
+/// mutex), which is all multi-thread mode asks.
 /// Once SQLite has initialized the call is refused and the library stays serialized, which
 /// is only slower.
 pub(crate) fn prepare_sqlite_library() {

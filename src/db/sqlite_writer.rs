@@ -9,7 +9,7 @@
 //! The connection is opened on first use with the pool's settings and serves one batch at a
 //! time (the accountant waits for each write). It runs on the blocking pool: SQLite blocks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -57,7 +57,7 @@ impl SqliteWriter {
 /// default 1,000 (2.5–3 ms, which a request arriving meanwhile waited out).
 const WRITER_PRAGMAS: &str = "PRAGMA wal_autocheckpoint = 100;";
 
-fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
+fn open(path: &Path) -> rusqlite::Result<Connection> {
     super::prepare_sqlite_library();
     let connection = Connection::open(path)?;
     connection.execute_batch(SQLITE_PRAGMAS)?;

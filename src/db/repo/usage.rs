@@ -45,10 +45,15 @@ pub async fn insert_batch(db: &Db, rows: Vec<LogRow>) -> Result<SpendWritten, Un
     if rows.is_empty() {
         return Ok(SpendWritten::default());
     }
-    let mut batch_cost: BTreeMap<String, i64> = BTreeMap::new();
+    let mut batch_cost: BTreeMap<&str, i64> = BTreeMap::new();
     for (user, cost) in metered_costs(rows.iter()) {
-        *batch_cost.entry(user.to_owned()).or_default() += cost;
+        *batch_cost.entry(user).or_default() += cost;
     }
+    // Owned, since the rows move into the write.
+    let batch_cost: BTreeMap<String, i64> = batch_cost
+        .into_iter()
+        .map(|(user, cost)| (user.to_owned(), cost))
+        .collect();
     let user_ids: Vec<String> = batch_cost.keys().cloned().collect();
     let totals = match db {
         Db::Pg(pool) => match insert_pg(pool, &rows, &user_ids).await {
