@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
+use actix_web::http::header::HeaderValue;
 use chrono::NaiveDateTime;
 use globset::GlobSet;
 
@@ -17,7 +18,9 @@ pub struct PoolKey {
     pub id: String,
     pub provider: Provider,
     pub base_url: Arc<str>,
-    pub secret: Arc<str>,
+    /// The `Authorization` header the key is sent in (`Bearer <secret>`): built once, not per
+    /// call, and marked sensitive, so nothing prints it.
+    pub authorization: HeaderValue,
     /// Models this key may serve; `None` = all.
     pub models: Option<Arc<GlobSet>>,
     pub weight: i64,
@@ -43,7 +46,7 @@ pub struct LeasedKey {
     pub id: String,
     pub provider: Provider,
     pub base_url: Arc<str>,
-    pub secret: Arc<str>,
+    pub authorization: HeaderValue,
 }
 
 /// Asks for the next key able to serve `model`, skipping `exclude` (keys already tried).
@@ -191,7 +194,7 @@ impl KeyPoolActor {
             id: slot.key.id.clone(),
             provider: slot.key.provider,
             base_url: slot.key.base_url.clone(),
-            secret: slot.key.secret.clone(),
+            authorization: slot.key.authorization.clone(),
         })
     }
 
@@ -263,6 +266,14 @@ impl Handler<SetKeys> for KeyPoolActor {
     }
 }
 
+/// The `Authorization` header for `secret`. The error does not quote the secret.
+fn authorization(secret: &str) -> anyhow::Result<HeaderValue> {
+    let mut value = HeaderValue::try_from(format!("Bearer {secret}"))
+        .map_err(|_| anyhow::anyhow!("the secret cannot be sent in an Authorization header"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// Turns a stored key into a pool key, decrypting its secret.
 pub fn pool_key(key: &UpstreamKey, master: &crate::crypto::MasterKey) -> anyhow::Result<PoolKey> {
     let models = if key.models.is_empty() {
@@ -278,7 +289,7 @@ pub fn pool_key(key: &UpstreamKey, master: &crate::crypto::MasterKey) -> anyhow:
         id: key.id.clone(),
         provider: key.provider,
         base_url: key.base_url.as_str().into(),
-        secret: master.decrypt(&key.id, &key.secret_enc)?.into(),
+        authorization: authorization(&master.decrypt(&key.id, &key.secret_enc)?)?,
         models,
         weight: i64::from(key.weight.max(1)),
         enabled: key.enabled,

@@ -12,11 +12,11 @@ pub mod estimate;
 pub mod redis_store;
 pub mod window;
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use actix_web::http::StatusCode;
+use foldhash::HashMap;
 use parking_lot::Mutex;
 
 use crate::access::rules::{AccessRules, Quota};
@@ -109,17 +109,16 @@ static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tok
 static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
 
 impl RateHeaders {
-    fn pairs(&self) -> Vec<(HeaderName, HeaderValue)> {
-        let mut out = Vec::with_capacity(4);
-        if let Some((limit, remaining)) = self.requests {
-            out.push((LIMIT_REQUESTS.clone(), HeaderValue::from(limit)));
-            out.push((REMAINING_REQUESTS.clone(), HeaderValue::from(remaining)));
-        }
-        if let Some((limit, remaining)) = self.tokens {
-            out.push((LIMIT_TOKENS.clone(), HeaderValue::from(limit)));
-            out.push((REMAINING_TOKENS.clone(), HeaderValue::from(remaining)));
-        }
-        out
+    fn pairs(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        let requests = self.requests.into_iter().flat_map(|(limit, remaining)| {
+            [(&LIMIT_REQUESTS, limit), (&REMAINING_REQUESTS, remaining)]
+        });
+        let tokens = self.tokens.into_iter().flat_map(|(limit, remaining)| {
+            [(&LIMIT_TOKENS, limit), (&REMAINING_TOKENS, remaining)]
+        });
+        requests
+            .chain(tokens)
+            .map(|(name, value)| (name.clone(), HeaderValue::from(value)))
     }
 
     /// Sets the headers on a response.
@@ -238,7 +237,7 @@ impl RateLimiter {
         Ok(RateLimiter {
             local: LocalWindows::default(),
             redis,
-            refusals: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::default()),
         })
     }
 

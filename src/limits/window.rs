@@ -6,9 +6,9 @@
 //! counted until that bucket has left the window, so at most `limit` calls are admitted in any
 //! 60 s, and a steady caller gets at least 58/60 of its limit.
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 
+use foldhash::HashMap;
 use parking_lot::Mutex;
 
 use super::{Counter, Outcome, Used};
@@ -86,7 +86,7 @@ impl Window {
 /// checked and charged together.
 pub struct LocalWindows {
     shards: Vec<Mutex<HashMap<String, Window>>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 const SHARDS: usize = 16;
@@ -94,7 +94,9 @@ const SHARDS: usize = 16;
 impl Default for LocalWindows {
     fn default() -> Self {
         LocalWindows {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
             hasher: Default::default(),
         }
     }

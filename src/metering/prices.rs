@@ -1,10 +1,11 @@
 //! What a call costs: the price table (seeded from `config/prices.toml`, overridden through
 //! `/admin/prices`), how a model finds its price, and the arithmetic, in whole nano-USD.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use foldhash::HashMap;
 use serde::Deserialize;
 
 use super::usage::{ImageSpec, Usage};

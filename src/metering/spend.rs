@@ -2,9 +2,9 @@
 //! Redis) last confirmed, plus what this replica has metered and not written yet. The request
 //! path only reads it, and only for users with a spend limit.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;

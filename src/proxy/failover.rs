@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::AUTHORIZATION;
 use actix_web::http::StatusCode;
 use awc::error::SendRequestError;
 
@@ -157,7 +158,10 @@ async fn attempt(
     timeout: Duration,
 ) -> Result<UpstreamResponse, SendRequestError> {
     let url = format!("{}{}", key.base_url, call.path);
-    let mut request = client.post(url).timeout(timeout).bearer_auth(&*key.secret);
+    let mut request = client
+        .post(url)
+        .timeout(timeout)
+        .insert_header((AUTHORIZATION, key.authorization.clone()));
     if let Some(content_type) = &call.content_type {
         request = request.insert_header(("content-type", content_type.as_str()));
     }

@@ -1,10 +1,10 @@
 //! Model mapping: a user's own mapping wins over a system-wide one; an exact `from` wins over
 //! a glob; among globs the oldest wins. Read lock-free from a snapshot the config sync replaces.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use foldhash::HashMap;
 use globset::{Glob, GlobMatcher};
 
 use crate::db::{repo, Db, DbError};

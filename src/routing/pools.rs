@@ -4,12 +4,13 @@
 //! to the same level's pool on every worker, so the instance acts as one, and cooldowns and
 //! refusals are announced to the other replicas, so the fleet acts as one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::{Actor, Addr};
 use actix::{Arbiter, ArbiterHandle};
 use chrono::NaiveDateTime;
+use foldhash::HashMap;
 use parking_lot::RwLock;
 
 use crate::actors::key_pool::{
@@ -81,7 +82,7 @@ impl KeyPools {
     pub fn register_worker(&self) -> Arc<WorkerPools> {
         let worker = Arc::new(WorkerPools {
             arbiter: Arbiter::current(),
-            pools: RwLock::new(HashMap::new()),
+            pools: RwLock::new(HashMap::default()),
         });
         // Holding the keys while joining means a concurrent reload either ran before (and these
         // keys are its result) or waits and then reaches this worker too. Lock order: keys, then
