@@ -6,7 +6,8 @@
 # fresh (its own SQLite file) and measures it right after the other, on the benchmark's mock and
 # pinning (mock and load generator on CPU 0, router on CPU 1): sequential latency (wrk, one
 # connection, p50/p90/p99) and streaming time to first byte added over direct (median of 200
-# curls). Nothing is asserted.
+# curls). Nothing is asserted. BENCH_LIMITS='{"rpm":...,"tpm":...}' sets limits on the user, as in
+# benches/run.sh.
 # Usage: benches/compare.sh BINARY_A BINARY_B [rounds, default 3] [seconds per run, default 6]
 # (build B with `cargo build --release`, A from a worktree of the commit to compare with).
 set -euo pipefail
@@ -45,7 +46,7 @@ measure() { # label binary: one fresh router, measured; prints a table row
   SY_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SY_PORT/healthz" >/dev/null && break; sleep 0.1; done
   local key
-  key=$(bench_user "$SY_PORT" "$token" "$MOCK_PORT")
+  key=$(bench_user "$SY_PORT" "$token" "$MOCK_PORT" "${BENCH_LIMITS:-}")
   write_wrk_script "$dir/post.lua" "$key"
   taskset -c 0 wrk -t1 -c8 -d2s -s "$dir/post.lua" "http://127.0.0.1:$SY_PORT/v1/chat/completions" >/dev/null
   local latency direct routed

@@ -93,6 +93,9 @@ pub fn reported(endpoint: Endpoint, observed: &Observed) -> Option<Usage> {
             .filter_map(Answer::into_usage)
             .next_back();
     }
+    if let Some(usage) = trailing_usage(body) {
+        return Some(usage);
+    }
     match serde_json::from_slice::<Answer>(body) {
         Ok(answer) => answer.into_usage(),
         // Transcriptions in `srt` or `vtt` format: the last cue's end is the audio's length.
@@ -175,6 +178,35 @@ fn delivered(observed: &Observed, request: &[u8], model: &str) -> Usage {
         prompt_tokens: estimate::prompt_tokens(model, request),
         completion_tokens: estimate::text_tokens(model, &text),
         ..Usage::default()
+    }
+}
+
+/// The usage of a JSON answer whose last member is `usage`, where OpenAI and the servers that
+/// copy it put it, read without parsing the rest (the choices, often most of the answer).
+/// `None` when the answer does not end that way, or its usage says nothing: the caller then
+/// parses the whole answer.
+///
+/// The last `"usage"` followed by `:` is an object key: inside a JSON string a quote is always
+/// escaped, and a string followed by a colon is a key. Its object is the answer itself when
+/// nothing but the answer's closing brace follows its value.
+fn trailing_usage(body: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = memchr::memmem::rfind(body, KEY)?;
+    let value = body[at + KEY.len()..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?;
+    let mut reader = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
+    let reported = reader.next()?.ok()?;
+    let rest = &value[reader.byte_offset()..];
+    if rest
+        .trim_ascii()
+        .strip_prefix(b"}")?
+        .trim_ascii()
+        .is_empty()
+    {
+        reported.into_usage()
+    } else {
+        None
     }
 }
 
@@ -362,6 +394,43 @@ mod tests {
                 ..Usage::default()
             }
         );
+    }
+
+    #[test]
+    fn a_trailing_usage_is_read_alone_only_when_it_belongs_to_the_answer() {
+        let full = |body: &[u8]| {
+            serde_json::from_slice::<Answer>(body)
+                .ok()
+                .and_then(Answer::into_usage)
+        };
+        let usage = |p, c| Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            ..Usage::default()
+        };
+        // Read alone: the answer's last member, whatever precedes it.
+        for body in [
+            &br#"{"id":"x","object":"usage","choices":[{"message":{"content":"\"usage\": {}"}}],"usage":{"prompt_tokens":9,"completion_tokens":2}}"#[..],
+            br#"{"choices":[] , "usage" : {"prompt_tokens":9,"completion_tokens":2} }
+"#,
+        ] {
+            assert_eq!(trailing_usage(body), Some(usage(9, 2)));
+            assert_eq!(full(body), Some(usage(9, 2)));
+        }
+        // Not the answer's own, or says nothing: the whole answer is parsed instead.
+        for body in [
+            &br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"message":{"usage":{"prompt_tokens":99}}}]}"#[..],
+            br#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2},"model":"m"}"#,
+            br#"{"choices":[],"usage":null}"#,
+            br#"[{"usage":{"prompt_tokens":99}}]"#,
+        ] {
+            assert_eq!(trailing_usage(body), None, "{}", String::from_utf8_lossy(body));
+        }
+        let o = observed(
+            false,
+            &[br#"{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"message":{"usage":{"prompt_tokens":99}}}]}"#],
+        );
+        assert_eq!(reported(Endpoint::Chat, &o), Some(usage(1, 2)));
     }
 
     #[test]
