@@ -7,7 +7,7 @@ pub mod shared;
 use std::sync::Arc;
 
 use actix_web::dev::Payload;
-use actix_web::http::header::HeaderMap;
+use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use subtle::ConstantTimeEq;
@@ -50,14 +50,17 @@ const ARGON2_CONCURRENCY: usize = 2;
 
 /// Finds the key in `Authorization: Bearer`, `x-api-key`, `x-goog-api-key` or `?key=`.
 pub fn key_from_request(headers: &HeaderMap, query: &str) -> Option<String> {
-    let header = |name: &str| {
+    // Looked up by `HeaderName`: a `&str` name is parsed and validated on every lookup.
+    static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    static X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
+    let header = |name: &HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
     };
-    if let Some(auth) = header("authorization") {
+    if let Some(auth) = header(&AUTHORIZATION) {
         let mut parts = auth.splitn(2, ' ');
         if let (Some(scheme), Some(token)) = (parts.next(), parts.next()) {
             if scheme.eq_ignore_ascii_case("bearer") {
@@ -65,7 +68,7 @@ pub fn key_from_request(headers: &HeaderMap, query: &str) -> Option<String> {
             }
         }
     }
-    if let Some(key) = header("x-api-key").or_else(|| header("x-goog-api-key")) {
+    if let Some(key) = header(&X_API_KEY).or_else(|| header(&X_GOOG_API_KEY)) {
         return Some(key.to_owned());
     }
     url::form_urlencoded::parse(query.as_bytes())

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::AUTHORIZATION;
+use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use actix_web::http::StatusCode;
 use awc::error::SendRequestError;
 
@@ -163,10 +163,10 @@ async fn attempt(
         .timeout(timeout)
         .insert_header((AUTHORIZATION, key.authorization.clone()));
     if let Some(content_type) = &call.content_type {
-        request = request.insert_header(("content-type", content_type.as_str()));
+        request = request.insert_header((CONTENT_TYPE, content_type.as_str()));
     }
     if call.stream {
-        request = request.insert_header(("accept", "text/event-stream"));
+        request = request.insert_header((ACCEPT, HeaderValue::from_static("text/event-stream")));
     }
     request.send_body(call.body.clone()).await
 }
