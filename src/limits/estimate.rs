@@ -363,19 +363,17 @@ mod counted {
     use lru::LruCache;
     use tiktoken_rs::CoreBPE;
 
-    /// Texts remembered per thread: a few hundred KiB at most.
+    /// Texts remembered per thread: about 200 KiB.
     const REMEMBERED: NonZeroUsize = NonZeroUsize::new(4096).unwrap();
-    /// Shorter texts are counted again: the lookup would cost about as much.
-    const MIN_REMEMBERED_BYTES: usize = 4;
 
     struct Memo {
-        hasher: lru::DefaultHasher,
+        hasher: foldhash::fast::RandomState,
         counts: LruCache<u64, i64>,
     }
 
     thread_local! {
         static MEMO: RefCell<Memo> = RefCell::new(Memo {
-            hasher: lru::DefaultHasher::default(),
+            hasher: foldhash::fast::RandomState::default(),
             counts: LruCache::new(REMEMBERED),
         });
     }
@@ -384,15 +382,13 @@ mod counted {
     /// the text: two texts in one thread's memo sharing one has odds of about 1 in 10^12, and
     /// the count is an estimate corrected by the provider's usage anyway.
     pub(super) fn tokens(bpe: &'static CoreBPE, text: &str) -> i64 {
-        let count = || bpe.encode_ordinary(text).len() as i64;
-        if text.len() < MIN_REMEMBERED_BYTES {
-            return count();
-        }
         MEMO.with_borrow_mut(|memo| {
             let key = memo
                 .hasher
                 .hash_one((std::ptr::from_ref(bpe) as usize, text));
-            *memo.counts.get_or_insert(key, count)
+            *memo
+                .counts
+                .get_or_insert(key, || bpe.encode_ordinary(text).len() as i64)
         })
     }
 }
