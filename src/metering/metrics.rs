@@ -2,8 +2,6 @@
 //! from each call's record, off the request path; the request path itself only bumps cache
 //! counters (one relaxed atomic add each).
 
-use std::collections::HashSet;
-
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -35,7 +33,7 @@ pub struct Metrics {
     cache_hit_ratio: GaugeVec,
     /// The (cache, layer) pairs whose hit ratio is exported.
     cache_layers: parking_lot::Mutex<Vec<(String, String)>>,
-    models: parking_lot::Mutex<HashSet<String>>,
+    models: parking_lot::Mutex<foldhash::HashSet<String>>,
 }
 
 impl Metrics {
@@ -168,16 +166,16 @@ impl Metrics {
     }
 
     /// A model name as a label value: itself while the set of names is small, else `other`.
-    fn model_label(&self, model: &str) -> String {
+    fn model_label<'a>(&self, model: &'a str) -> &'a str {
         let mut models = self.models.lock();
         if models.contains(model) {
-            return model.to_owned();
+            return model;
         }
         if models.len() < MAX_MODEL_LABELS {
             models.insert(model.to_owned());
-            return model.to_owned();
+            return model;
         }
-        "other".to_owned()
+        "other"
     }
 
     /// One finished call.
@@ -189,9 +187,9 @@ impl Metrics {
         latency_secs: f64,
         ttfb_secs: Option<f64>,
     ) {
-        let model = model.map(|m| self.model_label(m)).unwrap_or_default();
+        let model = model.map_or("", |m| self.model_label(m));
         self.calls
-            .with_label_values(&[route, &model, &status.to_string()])
+            .with_label_values(&[route, model, itoa::Buffer::new().format(status)])
             .inc();
         self.latency
             .with_label_values(&[route])
@@ -217,12 +215,12 @@ impl Metrics {
         ] {
             if n > 0 {
                 self.tokens
-                    .with_label_values(&[&model, kind])
+                    .with_label_values(&[model, kind])
                     .inc_by(n as u64);
             }
         }
         if cost_usd > 0.0 {
-            self.cost.with_label_values(&[&model]).inc_by(cost_usd);
+            self.cost.with_label_values(&[model]).inc_by(cost_usd);
         }
     }
 
