@@ -18,6 +18,7 @@ use crate::proxy::transcription_form;
 
 on_both_backends!(
     json_calls_are_metered_exactly,
+    a_usage_that_is_not_last_is_metered_exactly,
     a_stream_is_metered_and_its_usage_hidden_unless_asked,
     embeddings_images_and_audio_are_metered,
     an_aborted_stream_is_metered_as_partial,
@@ -182,6 +183,26 @@ async fn json_calls_are_metered_exactly(backend: Backend) {
 
     // The user's spend is what was metered.
     app.wait_for_spend(&user_id, 0.0102).await;
+}
+
+/// Usage is read alone when it ends the answer; an answer that puts it first, and ends with
+/// another object's `usage` key, is read whole, and metered the same.
+async fn a_usage_that_is_not_last_is_metered_exactly(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "leading-a").await;
+    let response = app.chat(&key, hello("metered-model")).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["usage"]["prompt_tokens"], 1000);
+    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 1).await;
+    assert_eq!(
+        rows,
+        [
+            json!({"model": "metered-model", "requests": 1, "prompt_tokens": 1000,
+                "completion_tokens": 200, "reasoning_tokens": 50, "cached_tokens": 400,
+                "cost_usd": USAGE_CALL_USD})
+        ]
+    );
 }
 
 async fn a_stream_is_metered_and_its_usage_hidden_unless_asked(backend: Backend) {

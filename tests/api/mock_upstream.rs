@@ -12,6 +12,7 @@
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
 //! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
+//! | `leading` | like `usage`, with `usage` first in the answer and a `usage` key of another object last |
 //!
 //! Embeddings report 8 prompt tokens; images answer `n` images; speech answers audio bytes;
 //! transcriptions report 30 seconds of audio.
@@ -205,7 +206,7 @@ async fn handle(
     } else {
         (5, 1)
     };
-    let usage = if secret.starts_with("usage") {
+    let usage = if secret.starts_with("usage") || secret.starts_with("leading") {
         json!({"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
                "prompt_tokens_details": {"cached_tokens": 400},
                "completion_tokens_details": {"reasoning_tokens": 50}})
@@ -237,6 +238,15 @@ async fn handle(
         return HttpResponse::Ok()
             .content_type("text/event-stream")
             .streaming(stream::iter(chunks));
+    }
+    if secret.starts_with("leading") {
+        // Written by hand: `json!` orders keys, which would put `usage` last.
+        let choice = json!({"index": 0, "message": {"role": "assistant", "content": "Hello"},
+            "finish_reason": "stop", "extra": {"usage": {"prompt_tokens": 999_999}}});
+        return HttpResponse::Ok().content_type("application/json").body(format!(
+            r#"{{"usage":{usage},"id":"chatcmpl-mock","object":"chat.completion","created":1,"model":{model},"choices":[{choice}]}}"#,
+            model = Value::String(model),
+        ));
     }
     HttpResponse::Ok().json(json!({
         "id": "chatcmpl-mock",
