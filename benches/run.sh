@@ -117,14 +117,17 @@ fi
 to_us() { # wrk time (e.g. 85.00us, 1.20ms, 2.00s) -> microseconds
   awk -v t="$1" 'BEGIN { v=t+0; if (t ~ /us$/) print v; else if (t ~ /ms$/) print v*1000; else if (t ~ /s$/) print v*1000000; else print v }'
 }
-cpu_ticks() { # utime + stime of a process and its children that are still alive, in clock ticks
-  local total=0
-  for pid in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done
-  echo "$total"
+cpu_ticks() { # "utime stime" of the given processes, in clock ticks
+  local user=0 sys=0
+  for pid in "$@"; do
+    read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat")
+    user=$((user + u)) sys=$((sys + s))
+  done
+  echo "$user $sys"
 }
 nginx_pids() { local master; master=$(cat "$WORK/$1.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')"; }
 
-declare -A P50 P99 RPS CPU
+declare -A P50 P99 RPS CPU SYS
 run() { # name port pids...
   local name=$1 port=$2; shift 2
   local out
@@ -153,13 +156,16 @@ run() { # name port pids...
   RPS[$name]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
   if [ $# -gt 0 ]; then
-    CPU[$name]=$(awk -v t=$((after - before)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+    # shellcheck disable=SC2086 # "user sys" pairs, split on purpose
+    set -- $before $after
+    CPU[$name]=$(awk -v t=$(($3 + $4 - $1 - $2)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+    SYS[$name]=$(awk -v t=$(($4 - $2)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
     if [ -n "${BENCH_SYSCALLS:-}" ]; then
       wait "$STAT_PID"
       awk -F, -v n="$requests" -v who="$name" '$3 ~ /sys_enter|context-switches/ { printf "%s: %.2f %s per request\n", who, $1 / n, $3 }' "$WORK/$name.stat" >&2
     fi
   else
-    CPU[$name]="-"
+    CPU[$name]="-" SYS[$name]="-"
   fi
 }
 
@@ -183,11 +189,11 @@ DROPPED=$(curl -sf "http://127.0.0.1:$SY_PORT/metrics" | awk '/^switchyard_dropp
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a - b }'; }
 echo
-echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s (64 conn) | CPU µs/req |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s (64 conn) | CPU µs/req | of it in the kernel |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for name in direct nginx switchyard; do
-  printf '| %s | %.0f | %.0f | %s | %s | %.0f | %s |\n' "$name" "${P50[$name]}" "${P99[$name]}" \
-    "$(added "${P50[$name]}" "${P50[direct]}")" "$(added "${P99[$name]}" "${P99[direct]}")" "${RPS[$name]}" "${CPU[$name]}"
+  printf '| %s | %.0f | %.0f | %s | %s | %.0f | %s | %s |\n' "$name" "${P50[$name]}" "${P99[$name]}" \
+    "$(added "${P50[$name]}" "${P50[direct]}")" "$(added "${P99[$name]}" "${P99[direct]}")" "${RPS[$name]}" "${CPU[$name]}" "${SYS[$name]}"
 done
 echo
 echo "switchyard / nginx: throughput $(ratio "${RPS[switchyard]}" "${RPS[nginx]}")x (target >= 0.70), CPU per request $(ratio "${CPU[switchyard]}" "${CPU[nginx]}")x (target <= 2)"

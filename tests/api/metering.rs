@@ -565,7 +565,8 @@ async fn metrics_are_exported(backend: Backend) {
 }
 
 /// A batch written again after a failure (some of its calls already stored) stores each call
-/// once and adds each cost once.
+/// once and adds each cost once. The batch is larger than one PostgreSQL insert may bind, so it
+/// goes in several, and the retry finds calls stored in each of them.
 async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
     use switchyard::db::{models::LogRow, repo};
     let app = spawn_app(backend).await;
@@ -573,7 +574,9 @@ async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
         .as_str()
         .unwrap()
         .to_owned();
-    let batch: Vec<String> = (0..25).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let batch: Vec<String> = (0..3_000)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
     let row = |id: &String| LogRow {
         id: id.clone(),
         ts: chrono::Utc::now().naive_utc(),
@@ -601,14 +604,14 @@ async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
         characters: 0,
     };
     let db = app.db();
-    let first: Vec<LogRow> = batch[..23].iter().map(row).collect();
+    let first: Vec<LogRow> = batch[..2_700].iter().map(row).collect();
     let written = repo::usage::insert_batch(&db, first).await.unwrap();
-    assert_eq!(written.users, vec![(user_id.clone(), 23_000, 23_000)]);
-    // The same calls again with two more, as a retried batch would be.
+    assert_eq!(written.users, vec![(user_id.clone(), 2_700_000, 2_700_000)]);
+    // The same calls again with three hundred more, as a retried batch would be.
     let again: Vec<LogRow> = batch.iter().map(row).collect();
     let written = repo::usage::insert_batch(&db, again).await.unwrap();
-    assert_eq!(written.users, vec![(user_id.clone(), 25_000, 25_000)]);
-    assert_eq!(stored(&db, &user_id).await, (25, 25_000, 25));
+    assert_eq!(written.users, vec![(user_id.clone(), 3_000_000, 3_000_000)]);
+    assert_eq!(stored(&db, &user_id).await, (3_000, 3_000_000, 3_000));
 }
 
 /// A user's metered calls, their cost and log entries, straight from the database.
@@ -626,7 +629,7 @@ async fn stored(db: &switchyard::db::Db, user_id: &str) -> (i64, i64, usize) {
         status: None,
     };
     let page = repo::Page {
-        limit: 1000,
+        limit: 10_000,
         offset: 0,
     };
     let (entries, _) = repo::logs::list(db, &logs, page).await.unwrap();

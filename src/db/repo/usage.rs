@@ -88,6 +88,9 @@ pub async fn insert_batch(db: &Db, rows: Vec<LogRow>) -> Result<SpendWritten, Un
     })
 }
 
+/// Rows in one PostgreSQL insert: well inside the protocol's 65,535 bound values.
+const PG_ROWS_PER_INSERT: usize = 1000;
+
 async fn insert_pg(
     pool: &Pool<AsyncPgConnection>,
     rows: &[LogRow],
@@ -95,15 +98,19 @@ async fn insert_pg(
 ) -> Result<Vec<(String, i64)>, DbError> {
     let mut conn = pool.get().await?;
     conn.transaction::<_, DbError, _>(async |conn| {
-        // The insert comes first, so the transaction takes its locks at once.
-        let new_ids: HashSet<String> = diesel::insert_into(request_logs::table)
-            .values(rows)
-            .on_conflict_do_nothing()
-            .returning(request_logs::id)
-            .get_results::<String>(conn)
-            .await?
-            .into_iter()
-            .collect();
+        // The insert comes first, so the transaction takes its locks at once. A statement
+        // binds at most 65,535 values (24 a row), so a large batch goes in several.
+        let mut new_ids: HashSet<String> = HashSet::with_capacity(rows.len());
+        for chunk in rows.chunks(PG_ROWS_PER_INSERT) {
+            new_ids.extend(
+                diesel::insert_into(request_logs::table)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .returning(request_logs::id)
+                    .get_results::<String>(conn)
+                    .await?,
+            );
+        }
         for (user, nanos) in added_spend(rows, |id| new_ids.contains(id)) {
             diesel::update(users::table.find(user))
                 .set(users::spent_nanos.eq(users::spent_nanos + nanos))
