@@ -156,10 +156,10 @@ run() { # name port pids...
   RPS[$name]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   local requests; requests=$(echo "$out" | awk '/requests in/ {print $1}')
   if [ $# -gt 0 ]; then
-    # shellcheck disable=SC2086 # "user sys" pairs, split on purpose
-    set -- $before $after
-    CPU[$name]=$(awk -v t=$(($3 + $4 - $1 - $2)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
-    SYS[$name]=$(awk -v t=$(($4 - $2)) -v n="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+    local ticks hz; read -ra ticks <<< "$before $after"; hz=$(getconf CLK_TCK)
+    local user=$((ticks[2] - ticks[0])) sys=$((ticks[3] - ticks[1]))
+    CPU[$name]=$(awk -v t=$((user + sys)) -v n="$requests" -v hz="$hz" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
+    SYS[$name]=$(awk -v t="$sys" -v n="$requests" -v hz="$hz" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
     if [ -n "${BENCH_SYSCALLS:-}" ]; then
       wait "$STAT_PID"
       awk -F, -v n="$requests" -v who="$name" '$3 ~ /sys_enter|context-switches/ { printf "%s: %.2f %s per request\n", who, $1 / n, $3 }' "$WORK/$name.stat" >&2
