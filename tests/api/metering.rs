@@ -30,6 +30,7 @@ on_both_backends!(
     pruned_log_entries_keep_their_usage,
     a_retried_batch_is_stored_and_counted_once,
     a_burst_is_metered_whole_though_accounted_in_slices,
+    concurrent_prunes_count_each_entry_once,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -577,10 +578,24 @@ async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
     let batch: Vec<String> = (0..3_000)
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
-    let row = |id: &String| LogRow {
-        id: id.clone(),
+    let row = |id: &String| log_row(id, &user_id);
+    let db = app.db();
+    let first: Vec<LogRow> = batch[..2_700].iter().map(row).collect();
+    let written = repo::usage::insert_batch(&db, first).await.unwrap();
+    assert_eq!(written.users, vec![(user_id.clone(), 2_700_000, 2_700_000)]);
+    // The same calls again with three hundred more, as a retried batch would be.
+    let again: Vec<LogRow> = batch.iter().map(row).collect();
+    let written = repo::usage::insert_batch(&db, again).await.unwrap();
+    assert_eq!(written.users, vec![(user_id.clone(), 3_000_000, 3_000_000)]);
+    assert_eq!(stored(&db, &user_id).await, (3_000, 3_000_000, 3_000));
+}
+
+/// A metered call's log entry as the accountant writes it: 9 + 2 tokens, 1,000 nanodollars.
+fn log_row(id: &str, user_id: &str) -> switchyard::db::models::LogRow {
+    switchyard::db::models::LogRow {
+        id: id.to_owned(),
         ts: chrono::Utc::now().naive_utc(),
-        user_id: Some(user_id.clone()),
+        user_id: Some(user_id.to_owned()),
         key_id: Some("key_batch".into()),
         route: "/v1/chat/completions".into(),
         model: Some("gpt-4o-mini".into()),
@@ -602,16 +617,29 @@ async fn a_retried_batch_is_stored_and_counted_once(backend: Backend) {
         images: 0,
         audio_seconds: 0.0,
         characters: 0,
-    };
+    }
+}
+
+/// Replicas prune at the same time (each runs retention): every entry reaches the daily sums
+/// once, whichever replica moved it.
+async fn concurrent_prunes_count_each_entry_once(backend: Backend) {
+    use switchyard::db::repo;
+    let app = spawn_app(backend).await;
+    let user_id = app.create_user(json!({"name": "prunes"})).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let db = app.db();
-    let first: Vec<LogRow> = batch[..2_700].iter().map(row).collect();
-    let written = repo::usage::insert_batch(&db, first).await.unwrap();
-    assert_eq!(written.users, vec![(user_id.clone(), 2_700_000, 2_700_000)]);
-    // The same calls again with three hundred more, as a retried batch would be.
-    let again: Vec<LogRow> = batch.iter().map(row).collect();
-    let written = repo::usage::insert_batch(&db, again).await.unwrap();
-    assert_eq!(written.users, vec![(user_id.clone(), 3_000_000, 3_000_000)]);
-    assert_eq!(stored(&db, &user_id).await, (3_000, 3_000_000, 3_000));
+    let rows: Vec<_> = (0..3_000)
+        .map(|_| log_row(&uuid::Uuid::now_v7().to_string(), &user_id))
+        .collect();
+    repo::usage::insert_batch(&db, rows).await.unwrap();
+    let cutoff = switchyard::domain::now() + chrono::TimeDelta::minutes(1);
+    let pruned =
+        futures_util::future::join_all((0..4).map(|_| repo::logs::prune(&db, cutoff))).await;
+    let pruned: usize = pruned.into_iter().map(Result::unwrap).sum();
+    assert_eq!(pruned, 3_000, "each entry pruned once");
+    assert_eq!(stored(&db, &user_id).await, (3_000, 3_000_000, 0));
 }
 
 /// A user's metered calls, their cost and log entries, straight from the database.

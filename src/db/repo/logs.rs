@@ -51,10 +51,20 @@ pub async fn get(db: &Db, id: &str) -> Result<LogRow, DbError> {
 
 /// Deletes entries older than `before`, first adding their usage to `usage_daily` (in the same
 /// transaction), so pruning the log never loses usage; returns how many entries went.
+///
+/// Every replica prunes. On PostgreSQL two prunes at once would each add the same old entries
+/// to the daily sums (under READ COMMITTED the second one's sum reads rows the first is about to
+/// delete), so a prune first takes a transaction-scoped advisory lock: the second waits, and
+/// its sum then starts after the first committed and sees nothing left to add. SQLite's single
+/// writer already serialises them.
 pub async fn prune(db: &Db, before: NaiveDateTime) -> Result<usize, DbError> {
-    let (day, at) = match db {
-        Db::Pg(_) => ("to_char(ts, 'YYYY-MM-DD')", "$1"),
-        Db::Sqlite(..) => ("strftime('%Y-%m-%d', ts)", "?"),
+    let (day, at, serialise) = match db {
+        Db::Pg(_) => (
+            "to_char(ts, 'YYYY-MM-DD')",
+            "$1",
+            Some("SELECT pg_advisory_xact_lock(hashtext('switchyard.prune'))"),
+        ),
+        Db::Sqlite(..) => ("strftime('%Y-%m-%d', ts)", "?", None),
     };
     let rollup = format!(
         "INSERT INTO usage_daily (day, user_id, model, requests, prompt_tokens, \
@@ -79,6 +89,9 @@ pub async fn prune(db: &Db, before: NaiveDateTime) -> Result<usize, DbError> {
     let rollup = rollup.as_str();
     with_conn!(db, |conn| {
         conn.transaction::<_, DbError, _>(async |conn| {
+            if let Some(serialise) = serialise {
+                diesel::sql_query(serialise).execute(conn).await?;
+            }
             diesel::sql_query(rollup)
                 .bind::<diesel::sql_types::Timestamp, _>(before)
                 .execute(conn)
