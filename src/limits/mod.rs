@@ -273,7 +273,9 @@ impl RateLimiter {
                 .collect::<Vec<_>>()
                 .join("|")
         });
-        let remembered = memo_key.as_deref().and_then(|k| self.remembered_refusal(k));
+        let remembered = memo_key
+            .as_deref()
+            .and_then(|k| self.remembered_refusal(k, plan));
         let outcome = match remembered {
             Some(outcome) => outcome,
             None => self.count(plan, link).await,
@@ -315,16 +317,30 @@ impl RateLimiter {
         Err(headers.apply_to_error(error))
     }
 
-    fn remembered_refusal(&self, memo_key: &str) -> Option<Outcome> {
+    /// A refusal of the same counters remembered from Redis, when it settles this call too:
+    /// what the window held then (it can only have emptied since) must leave no room for this
+    /// call under the limits as they are now. A smaller call, or a limit raised since, is
+    /// counted again.
+    fn remembered_refusal(&self, memo_key: &str, plan: &Plan) -> Option<Outcome> {
         let mut refusals = self.refusals.lock();
         let now = now_ms();
         match refusals.get(memo_key) {
-            Some(r) if r.until_ms > now => Some(Outcome {
-                admitted: false,
-                retry_ms: r.until_ms - now,
-                bucket: 0,
-                used: r.used.clone(),
-            }),
+            Some(r) if r.until_ms > now => {
+                let cost = plan.tokens.max(1);
+                let certain = plan.counters.iter().zip(&r.used).any(|(counter, used)| {
+                    counter.quota.rpm.is_some_and(|rpm| used.requests + 1 > rpm)
+                        || counter
+                            .quota
+                            .tpm
+                            .is_some_and(|tpm| used.tokens + cost > tpm)
+                });
+                certain.then(|| Outcome {
+                    admitted: false,
+                    retry_ms: r.until_ms - now,
+                    bucket: 0,
+                    used: r.used.clone(),
+                })
+            }
             Some(_) => {
                 refusals.remove(memo_key);
                 None

@@ -6,7 +6,9 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, into_json, spawn_app, spawn_app_with, Backend, TestApp};
+use crate::helpers::{
+    assert_error, into_json, spawn_app, spawn_app_with, Backend, SharedRedis, TestApp,
+};
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
 
@@ -20,6 +22,7 @@ on_both_backends!(
     tpm_is_settled_with_the_usage_the_answer_reports,
     tpm_is_settled_from_a_streamed_usage_chunk,
     rule_and_limit_changes_apply_on_the_next_call,
+    a_remembered_refusal_refuses_only_what_it_must,
 );
 
 async fn app_with_upstream(backend: Backend, secret: &str) -> (TestApp, MockUpstream) {
@@ -317,4 +320,45 @@ async fn rule_and_limit_changes_apply_on_the_next_call(backend: Backend) {
     assert_error(chat_from(&app, &key, None).await, 403, "model_not_allowed");
     assert_eq!(patch(json!({"status": "suspended"})).await.0, 200);
     assert_error(chat_from(&app, &key, None).await, 403, "user_suspended");
+}
+
+/// With Redis, a refusal is remembered so that calls it certainly refuses do not each cost a
+/// round trip; a smaller call that fits, or a call under a limit raised since, is not refused
+/// by the memory of it.
+async fn a_remembered_refusal_refuses_only_what_it_must(backend: Backend) {
+    let redis = SharedRedis::new();
+    let app = spawn_app_with(backend, &redis.env()).await;
+    // Every answer reports 600 tokens used.
+    let _mock = add_mock(&app, "tokens-a").await;
+    let (id, key) = user(&app, json!({"tpm": 1000})).await;
+    let large = json!({
+        "model": "gpt-4o-mini", "max_tokens": 900,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    assert_eq!(ask(&app, &key, "gpt-4o-mini").await.0, 200);
+    // 600 used once the answer is settled: a call that may use 900 more does not fit...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_error(
+        into_json(app.chat(&key, large.clone()).await).await,
+        429,
+        "rate_limit_exceeded",
+    );
+    // ...but a small one does, though the refusal is remembered.
+    assert_eq!(ask(&app, &key, "gpt-4o-mini").await.0, 200);
+    // 1,200 used: the large call is refused again...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_error(
+        into_json(app.chat(&key, large.clone()).await).await,
+        429,
+        "rate_limit_exceeded",
+    );
+    // ...but a raised limit is counted again at once.
+    let path = format!("/admin/users/{id}");
+    assert_eq!(
+        app.admin_json(Method::PATCH, &path, Some(json!({"tpm": 100000})))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(into_json(app.chat(&key, large).await).await.0, 200);
 }
