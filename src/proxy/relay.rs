@@ -49,15 +49,10 @@ pub async fn respond(
     match (rename, is_sse) {
         (Some(model), false) => {
             // A whole JSON answer: restore the model name the client asked for.
-            let body = match upstream.body().limit(MAX_REWRITE_BODY).await {
+            let body = match read_whole(upstream, idle, MAX_REWRITE_BODY).await {
                 Ok(body) => body,
-                Err(e) => {
+                Err(error) => {
                     meter.end(false);
-                    let error = ApiError::new(
-                        actix_web::http::StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        format!("reading the upstream answer failed: {e}"),
-                    );
                     meter.refused(&error);
                     return Err(error);
                 }
@@ -93,6 +88,44 @@ pub async fn respond(
     }
 }
 
+/// Reads a whole upstream body of at most `limit` bytes, waiting at most `idle` for each chunk
+/// (awc's response timeout ends with the head: a provider that stalls mid-body would otherwise
+/// hold the call forever).
+async fn read_whole<S>(mut upstream: S, idle: Duration, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
+{
+    use actix_web::http::StatusCode;
+    let failed = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("reading the upstream answer failed: {why}"),
+        )
+    };
+    let mut body = BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, upstream.next()).await {
+            Ok(Some(Ok(chunk))) if body.len() + chunk.len() > limit => {
+                return Err(failed("it is larger than the router rewrites"));
+            }
+            Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+            Ok(Some(Err(_))) => return Err(failed("the connection broke")),
+            Ok(None) => return Ok(body.freeze()),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    format!(
+                        "the upstream sent nothing for {} s in the middle of its answer",
+                        idle.as_secs()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
 /// Whether an answer's body is text worth keeping for its usage (JSON, events, subtitles), not
 /// audio or an image.
 fn is_text(upstream: &UpstreamResponse) -> bool {
@@ -121,6 +154,8 @@ where
     struct State<S> {
         upstream: S,
         renamer: Option<SseRewriter>,
+        /// An event stream passed on unchanged still goes out in whole lines.
+        lines: Option<WholeLines>,
         done: Option<DoneWatcher>,
         // Dropped with the stream: when it ends, breaks, or the client goes away.
         meter: CallMeter,
@@ -128,6 +163,7 @@ where
     }
     let state = State {
         upstream,
+        lines: (is_sse && renamer.is_none()).then(WholeLines::default),
         renamer,
         done,
         meter,
@@ -144,9 +180,10 @@ where
                         done.observe(&chunk);
                     }
                     st.meter.push(&chunk);
-                    let out = match &mut st.renamer {
-                        Some(renamer) => renamer.push(&chunk),
-                        None => chunk,
+                    let out = match (&mut st.renamer, &mut st.lines) {
+                        (Some(renamer), _) => renamer.push(&chunk),
+                        (None, Some(lines)) => lines.push(chunk),
+                        (None, None) => chunk,
                     };
                     if !out.is_empty() {
                         return Some((Ok(out), st));
@@ -161,11 +198,11 @@ where
                 Ok(None) => {
                     st.finished = true;
                     st.meter.end(true);
-                    let rest = st
-                        .renamer
-                        .as_mut()
-                        .map(SseRewriter::finish)
-                        .unwrap_or_default();
+                    let rest = match (&mut st.renamer, &mut st.lines) {
+                        (Some(renamer), _) => renamer.finish(),
+                        (None, Some(lines)) => lines.finish(),
+                        (None, None) => Bytes::new(),
+                    };
                     if !rest.is_empty() {
                         return Some((Ok(rest), st));
                     }
@@ -186,7 +223,37 @@ where
     })
 }
 
-const STREAM_ERROR_EVENT: &[u8] = b"data: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
+/// The event that ends a broken stream. Only whole lines have gone out before it (a partial
+/// last line is held back, and dropped when the stream breaks), so the blank line it starts
+/// with either ends an event the provider left open or is ignored: SDKs always read it as an
+/// error of its own, never as JSON glued to half a line.
+const STREAM_ERROR_EVENT: &[u8] = b"\ndata: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
+
+/// Holds the partial last line of an event stream until its end arrives, so only whole lines
+/// reach the client. A chunk that ends a line (as providers send them) passes without a copy.
+#[derive(Default)]
+struct WholeLines {
+    pending: BytesMut,
+}
+
+impl WholeLines {
+    /// Takes a chunk; returns the whole lines it completes.
+    fn push(&mut self, chunk: Bytes) -> Bytes {
+        if self.pending.is_empty() && chunk.last() == Some(&b'\n') {
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        match memchr::memrchr(b'\n', &self.pending) {
+            Some(end) => self.pending.split_to(end + 1).freeze(),
+            None => Bytes::new(),
+        }
+    }
+
+    /// The stream ended normally: what is left of it.
+    fn finish(&mut self) -> Bytes {
+        self.pending.split().freeze()
+    }
+}
 
 /// Watches a stream for OpenAI's closing `data: [DONE]`, across chunk boundaries.
 #[derive(Default)]
@@ -367,6 +434,19 @@ mod tests {
             b"data: {\"id\":1,\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n",
         );
         assert_eq!(&b[..], b"data: [DONE]\n\n");
+    }
+
+    #[test]
+    fn event_streams_go_out_in_whole_lines() {
+        let mut lines = WholeLines::default();
+        let whole = Bytes::from_static(b"data: {\"a\":1}\n\n");
+        assert_eq!(lines.push(whole.clone()), whole);
+        assert!(lines.push(Bytes::from_static(b"data: {\"b\"")).is_empty());
+        assert_eq!(
+            &lines.push(Bytes::from_static(b":2}\n\ndata: {\"c"))[..],
+            b"data: {\"b\":2}\n\n"
+        );
+        assert_eq!(&lines.finish()[..], b"data: {\"c");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `r401` | 401 |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
+//! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
 //! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use actix_web::web::{Bytes, Data};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use futures_util::stream;
+use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 
 /// One call the mock received.
@@ -195,6 +196,28 @@ async fn handle(
         });
         return HttpResponse::Ok()
             .content_type("text/event-stream")
+            .streaming(body);
+    }
+    if secret.starts_with("stall") {
+        // A whole first event (streams only), half of the next line, then silence past the
+        // router's idle timeout.
+        let (content_type, sent) = if stream {
+            let mut sent = sse(&chunk(&model, "Hel", None)).to_vec();
+            sent.extend_from_slice(b"data: {\"id\":\"chatcmpl-mock\",\"cho");
+            ("text/event-stream", sent)
+        } else {
+            (
+                "application/json",
+                b"{\"id\":\"chatcmpl-mock\",\"mo".to_vec(),
+            )
+        };
+        let silence = stream::once(async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, std::io::Error>(Bytes::new())
+        });
+        let body = stream::once(async move { Ok(Bytes::from(sent)) }).chain(silence);
+        return HttpResponse::Ok()
+            .content_type(content_type)
             .streaming(body);
     }
     if secret.starts_with("slow") {

@@ -19,6 +19,7 @@ on_both_backends!(
     every_key_failing_is_a_gateway_error,
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
+    a_provider_stalling_mid_answer_ends_the_call_cleanly,
     keys_serve_only_the_models_they_list,
     weights_share_the_calls,
     bad_call_bodies_are_refused_with_400,
@@ -365,6 +366,42 @@ async fn a_broken_stream_ends_with_an_error_event(backend: Backend) {
     assert!(text.contains("\"code\":\"upstream_error\""), "{text}");
     assert!(!text.contains("[DONE]"));
     assert!(!text.contains("\"finish_reason\":\"stop\""));
+}
+
+/// A provider that goes silent halfway through its answer: a JSON answer read whole (to
+/// restore a mapped model) ends at the idle timeout with 504 `upstream_timeout`, and a stream
+/// ends with an error event that parses on its own, after the whole events that came before.
+async fn a_provider_stalling_mid_answer_ends_the_call_cleanly(backend: Backend) {
+    let (app, _mock, _) = setup(backend, &[("stall-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    app.add_mapping(json!({"from": "alias", "to": "real-model"}))
+        .await;
+    let started = std::time::Instant::now();
+    let stalled = into_json(app.chat(&key, hello("alias")).await).await;
+    assert_error(stalled, 504, "upstream_timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+
+    for model in ["alias", "gpt-4o-mini"] {
+        let response = app
+            .chat(
+                &key,
+                json!({"model": model, "stream": true, "messages": []}),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap_or_default();
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .collect();
+        assert_eq!(events.len(), 2, "{text}");
+        let first: Value = serde_json::from_str(events[0].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(first["model"], model);
+        let error: Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(error["error"]["code"], "upstream_error");
+    }
 }
 
 async fn keys_serve_only_the_models_they_list(backend: Backend) {
