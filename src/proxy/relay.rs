@@ -25,7 +25,7 @@ const PASSED_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, CACHE_CONTROL];
 
 /// Builds the client's response from the upstream's.
 pub async fn respond(
-    mut upstream: UpstreamResponse,
+    upstream: UpstreamResponse,
     call: &Call,
     idle: Duration,
     mut meter: CallMeter,
