@@ -25,6 +25,7 @@ on_both_backends!(
     bad_call_bodies_are_refused_with_400,
     a_transcription_form_passes_through_intact,
     a_client_that_disconnects_cancels_the_upstream_stream,
+    a_client_that_hangs_up_before_the_answer_cancels_the_call,
 );
 
 async fn a_client_that_disconnects_cancels_the_upstream_stream(backend: Backend) {
@@ -50,6 +51,39 @@ async fn a_client_that_disconnects_cancels_the_upstream_stream(backend: Backend)
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A client that gives up before a slow provider answers: the call ends when it hangs up, not
+/// when the provider finally answers (its log entry shows how long it ran).
+async fn a_client_that_hangs_up_before_the_answer_cancels_the_call(backend: Backend) {
+    let (app, _mock, _) = setup(backend, &[("slow-a", 1)]).await;
+    let (user_id, key) = app.user_with_key().await;
+    let gave_up = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.address))
+        .bearer_auth(&key)
+        .timeout(std::time::Duration::from_millis(500))
+        .json(&hello("m"))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    let entry = eventually(10, || {
+        let app = &app;
+        let path = format!("/admin/logs?user_id={user_id}");
+        async move {
+            let (_, body) = app.admin_json(Method::GET, &path, None).await;
+            match body["data"].as_array().and_then(|d| d.first()) {
+                Some(entry) => Ok(entry.clone()),
+                None => Err(format!("no log entry yet: {body}")),
+            }
+        }
+    })
+    .await;
+    let latency = entry["latency_ms"].as_i64().unwrap();
+    assert!(
+        latency < 2_000,
+        "the call ran on after the client left: {entry}"
+    );
 }
 
 pub(crate) fn transcription_form(model: &str) -> reqwest::multipart::Form {
