@@ -30,7 +30,8 @@ impl PriceBook {
 
     /// The price of `model`: its own entry, else that of the longest priced name it extends
     /// with a `-` (`gpt-4o-2024-08-06` is priced as `gpt-4o`), after dropping any provider prefix
-    /// (`openai/gpt-4o`). Image calls first look for `model:quality:size`, then `model:size`.
+    /// (`openai/gpt-4o`). Image calls first look for `model:quality:size`, then `model:size`,
+    /// with OpenAI's defaults for what the call left out (`standard`, `1024x1024`).
     pub fn price_of(&self, model: &str, image: Option<&ImageSpec>) -> Option<Price> {
         let table = self.prices.load();
         let name = model.rsplit('/').next().unwrap_or(model);
@@ -48,13 +49,13 @@ impl PriceBook {
                     .map(|(_, p)| p)
             })?;
         if let Some(ImageSpec { size, quality }) = image {
+            let size = size.as_deref().unwrap_or("1024x1024");
+            let quality = quality.as_deref().unwrap_or("standard");
             let variants = [
-                size.as_ref()
-                    .zip(quality.as_ref())
-                    .map(|(s, q)| format!("{}:{q}:{s}", base.model)),
-                size.as_ref().map(|s| format!("{}:{s}", base.model)),
+                format!("{}:{quality}:{size}", base.model),
+                format!("{}:{size}", base.model),
             ];
-            if let Some(price) = variants.iter().flatten().find_map(|k| table.get(k)) {
+            if let Some(price) = variants.iter().find_map(|k| table.get(k)) {
                 return Some(price.clone());
             }
         }
@@ -210,6 +211,29 @@ mod tests {
                 .unwrap()
                 .per_image_nanos,
             Some(40_000_000)
+        );
+        // What a call leaves out is OpenAI's default: standard quality, 1024x1024.
+        let wide = ImageSpec {
+            size: Some("1792x1024".into()),
+            quality: None,
+        };
+        let hd_square = ImageSpec {
+            size: None,
+            quality: Some("hd".into()),
+        };
+        for spec in [wide, hd_square] {
+            assert_eq!(
+                book.price_of("dall-e-3", Some(&spec))
+                    .unwrap()
+                    .per_image_nanos,
+                Some(80_000_000)
+            );
+        }
+        assert_eq!(
+            book.price_of("dall-e-2", Some(&ImageSpec::default()))
+                .unwrap()
+                .per_image_nanos,
+            Some(20_000_000)
         );
     }
 
