@@ -78,11 +78,10 @@ pub async fn respond(
         (rename, _) => {
             let rewriter = (rename.is_some() || call.hide_usage)
                 .then(|| SseRewriter::new(rename, call.hide_usage));
-            // OpenAI's chat and text completion streams always end with `data: [DONE]`; awc
-            // reports a connection lost mid-body as a normal end, so its absence is the tell.
-            let done = (is_sse
-                && matches!(call.path.as_str(), "/chat/completions" | "/completions"))
-            .then(DoneWatcher::default);
+            // awc reports a connection lost mid-body as a normal end, so a stream whose last
+            // event never came is the tell: `data: [DONE]` for chat and text completions, the
+            // final `response.*` event for responses.
+            let done = is_sse.then(|| DoneWatcher::for_path(&call.path)).flatten();
             Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done, meter)))
         }
     }
@@ -192,7 +191,7 @@ where
                 Ok(None) if st.done.as_ref().is_some_and(|d| !d.seen) => {
                     st.finished = true;
                     st.meter.end(false);
-                    tracing::warn!("upstream stream ended without [DONE]");
+                    tracing::warn!("upstream stream ended without its last event");
                     return Some((Ok(Bytes::from_static(STREAM_ERROR_EVENT)), st));
                 }
                 Ok(None) => {
@@ -255,27 +254,46 @@ impl WholeLines {
     }
 }
 
-/// Watches a stream for OpenAI's closing `data: [DONE]`, across chunk boundaries.
-#[derive(Default)]
+/// Watches a stream for the event that ends it normally, across chunk boundaries.
 struct DoneWatcher {
+    /// Any one of these ends the stream.
+    markers: &'static [&'static [u8]],
     tail: Vec<u8>,
     seen: bool,
 }
 
 impl DoneWatcher {
-    const MARKER: &'static [u8] = b"data: [DONE]";
+    /// The watcher for a route's streams, when the route's streams have a known last event.
+    fn for_path(path: &str) -> Option<Self> {
+        const DONE: &[&[u8]] = &[b"data: [DONE]"];
+        // A response stream ends with one of these events (in its `type`, and its `event:` line).
+        const RESPONSE_END: &[&[u8]] = &[
+            b"\"response.completed\"",
+            b"\"response.incomplete\"",
+            b"\"response.failed\"",
+            b"event: error",
+            b"\"type\":\"error\"",
+        ];
+        let markers = match path {
+            "/chat/completions" | "/completions" => DONE,
+            "/responses" => RESPONSE_END,
+            _ => return None,
+        };
+        Some(DoneWatcher {
+            markers,
+            tail: Vec::new(),
+            seen: false,
+        })
+    }
 
     fn observe(&mut self, chunk: &[u8]) {
         if self.seen {
             return;
         }
         self.tail.extend_from_slice(chunk);
-        self.seen = self
-            .tail
-            .windows(Self::MARKER.len())
-            .any(|w| w == Self::MARKER);
+        self.seen = self.markers.iter().any(|m| contains(&self.tail, m));
         // Only the last few bytes can start a marker split by the next chunk.
-        let keep = Self::MARKER.len() - 1;
+        let keep = self.markers.iter().map(|m| m.len()).max().unwrap_or(1) - 1;
         if self.tail.len() > keep {
             self.tail.drain(..self.tail.len() - keep);
         }
@@ -386,6 +404,12 @@ impl SseRewriter {
             if object.contains_key("model") {
                 object.insert("model".into(), Value::String(model.clone()));
             }
+            // Response streams carry the model in the response their events describe.
+            if let Some(Value::Object(response)) = object.get_mut("response") {
+                if response.contains_key("model") {
+                    response.insert("model".into(), Value::String(model.clone()));
+                }
+            }
         }
         match serde_json::to_vec(&object) {
             Ok(json) => {
@@ -451,11 +475,34 @@ mod tests {
 
     #[test]
     fn done_is_seen_even_when_split() {
-        let mut w = DoneWatcher::default();
+        let mut w = DoneWatcher::for_path("/chat/completions").unwrap();
         w.observe(b"data: {}\n\ndata: [DO");
         assert!(!w.seen);
         w.observe(b"NE]\n\n");
         assert!(w.seen);
+        let mut w = DoneWatcher::for_path("/responses").unwrap();
+        w.observe(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\"}\n\n");
+        assert!(!w.seen);
+        w.observe(b"event: response.completed\ndata: {\"type\":\"response.comp");
+        w.observe(b"leted\",\"response\":{}}\n\n");
+        assert!(w.seen);
+        assert!(DoneWatcher::for_path("/images/generations").is_none());
+    }
+
+    #[test]
+    fn response_events_get_the_asked_model() {
+        let mut r = SseRewriter::new(Some("asked".into()), false);
+        let out = r.push(
+            b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"model\":\"real\"}}\n\n",
+        );
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(
+            text.starts_with("event: response.created\ndata: "),
+            "{text}"
+        );
+        let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
+        let event: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(event["response"]["model"], "asked");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `r401` | 401 |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
+//! | `cut` | like `ok`, but a `/responses` stream ends before its `response.completed` |
 //! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
@@ -197,6 +198,32 @@ async fn handle(
         return HttpResponse::Ok()
             .content_type("text/event-stream")
             .streaming(body);
+    }
+    if req.path().ends_with("/responses") && stream {
+        // A Responses API stream: events named by type, the model inside each `response`.
+        let response = |status: &str| {
+            json!({"id": "resp-mock", "object": "response", "model": model, "status": status,
+                   "error": null})
+        };
+        let mut events = vec![
+            json!({"type": "response.created", "response": response("in_progress")}),
+            json!({"type": "response.output_text.delta", "delta": "Hello"}),
+            json!({"type": "response.completed", "response": response("completed")}),
+        ];
+        // `cut…` keys end the stream before its last event, as a dropped connection would.
+        if secret.starts_with("cut") {
+            events.pop();
+        }
+        let body: Vec<Result<Bytes, std::io::Error>> = events
+            .iter()
+            .map(|event| {
+                let kind = event["type"].as_str().unwrap();
+                Ok(Bytes::from(format!("event: {kind}\ndata: {event}\n\n")))
+            })
+            .collect();
+        return HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .streaming(stream::iter(body));
     }
     if secret.starts_with("stall") {
         // A whole first event (streams only), half of the next line, then silence past the

@@ -20,6 +20,7 @@ on_both_backends!(
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
+    a_responses_stream_shows_the_asked_model_and_a_cut_one_ends_with_an_error,
     keys_serve_only_the_models_they_list,
     weights_share_the_calls,
     bad_call_bodies_are_refused_with_400,
@@ -436,6 +437,52 @@ async fn a_provider_stalling_mid_answer_ends_the_call_cleanly(backend: Backend) 
             .unwrap_or_else(|e| panic!("{e}: {text}"));
         assert_eq!(error["error"]["code"], "upstream_error");
     }
+}
+
+/// A Responses API stream: the model the client asked for is restored in the `response` of
+/// every event, and a stream that ends before `response.completed` ends with an error event.
+async fn a_responses_stream_shows_the_asked_model_and_a_cut_one_ends_with_an_error(
+    backend: Backend,
+) {
+    let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    app.add_mapping(json!({"from": "alias", "to": "real-model"}))
+        .await;
+    let stream = |key: String| {
+        let request = app
+            .http
+            .post(format!("{}/v1/responses", app.address))
+            .bearer_auth(key)
+            .json(&json!({"model": "alias", "input": "hi", "stream": true}));
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }
+    };
+    let text = stream(key.clone()).await;
+    assert_eq!(mock.calls()[0].body["model"], "real-model");
+    assert!(!text.contains("real-model"), "{text}");
+    assert_eq!(text.matches("\"model\":\"alias\"").count(), 2, "{text}");
+    assert!(text.contains("response.completed"), "{text}");
+    assert!(!text.contains("upstream_error"), "{text}");
+
+    let cut = MockUpstream::start();
+    let (user_id, cut_key) = app.user_with_key().await;
+    app.add_upstream(
+        json!({"provider": "openai", "base_url": cut.base_url, "secret": "cut-a",
+                            "level": 2}),
+    )
+    .await;
+    let path = format!("/admin/users/{user_id}");
+    app.admin_json(Method::PATCH, &path, Some(json!({"level": 2})))
+        .await;
+    let text = stream(cut_key).await;
+    assert!(text.contains("response.output_text.delta"), "{text}");
+    assert!(
+        text.trim_end().ends_with("\"code\":\"upstream_error\"}}"),
+        "{text}"
+    );
 }
 
 async fn keys_serve_only_the_models_they_list(backend: Backend) {
