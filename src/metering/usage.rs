@@ -129,10 +129,14 @@ pub fn measure(
             usage.get_or_insert_with(Usage::default).characters = characters;
         }
         Endpoint::Images if observed.succeeded() => {
-            let images = serde_json::from_slice::<ImagesAnswer>(observed.body())
-                .ok()
-                .and_then(|a| a.data)
-                .map_or(0, |d| d.len() as i64);
+            let images = if observed.truncated {
+                observed.images_seen
+            } else {
+                serde_json::from_slice::<ImagesAnswer>(observed.body())
+                    .ok()
+                    .and_then(|a| a.data)
+                    .map_or(0, |d| d.len() as i64)
+            };
             usage.get_or_insert_with(Usage::default).images = images;
         }
         Endpoint::Chat | Endpoint::Completions | Endpoint::Responses

@@ -329,6 +329,11 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
             "/v1/images/generations",
             json!({"model": "image-model", "prompt": "a dog"}),
         ),
+        // 6 MiB of base64: more than metering keeps of an answer, still counted whole.
+        (
+            "/v1/images/generations",
+            json!({"model": "image-model", "prompt": "a bird", "n": 3, "response_format": "b64_json"}),
+        ),
         (
             "/v1/audio/speech",
             json!({"model": "voice-model", "input": "Hello there", "voice": "alloy"}),
@@ -360,15 +365,15 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
             .to_owned(),
     );
 
-    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 5).await;
+    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 6).await;
     let row = |model: &str| rows.iter().find(|r| r["model"] == model).unwrap().clone();
     assert_eq!(row("embed-model")["prompt_tokens"], 8);
     assert_eq!(row("embed-model")["cost_usd"], json!(0.0000008));
-    assert_eq!(row("image-model")["requests"], 2);
+    assert_eq!(row("image-model")["requests"], 3);
     assert_eq!(
         row("image-model")["cost_usd"],
-        json!(0.28),
-        "2 × 0.12 + 0.04"
+        json!(0.4),
+        "2 × 0.12 + 0.04 + 3 × 0.04"
     );
     assert_eq!(
         row("voice-model")["cost_usd"],
@@ -388,8 +393,9 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
     };
     assert_eq!(stored(1).await.images, 2);
     assert_eq!(stored(2).await.images, 1);
-    assert_eq!(stored(3).await.characters, 11);
-    assert_eq!(stored(4).await.audio_seconds, 30.0);
+    assert_eq!(stored(3).await.images, 3);
+    assert_eq!(stored(4).await.characters, 11);
+    assert_eq!(stored(5).await.audio_seconds, 30.0);
 }
 
 async fn an_aborted_stream_is_metered_as_partial(backend: Backend) {

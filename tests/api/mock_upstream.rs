@@ -16,7 +16,8 @@
 //! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
 //! | `leading` | like `usage`, with `usage` first in the answer and a `usage` key of another object last |
 //!
-//! Embeddings report 8 prompt tokens; images answer `n` images; speech answers audio bytes;
+//! Embeddings report 8 prompt tokens; images answer `n` images (2 MiB each as `b64_json`);
+//! speech answers audio bytes;
 //! transcriptions report 30 seconds of audio.
 
 use std::net::TcpListener;
@@ -147,8 +148,13 @@ async fn handle(
     }
     if req.path().ends_with("/images/generations") {
         let n = body["n"].as_u64().unwrap_or(1);
+        // As base64 when asked: 2 MiB an image, so a few outgrow what metering keeps whole.
+        let base64 = body["response_format"] == "b64_json";
         let data: Vec<Value> = (0..n)
-            .map(|i| json!({"url": format!("https://images.example/{i}.png")}))
+            .map(|i| match base64 {
+                true => json!({"b64_json": "A".repeat(2 * 1024 * 1024)}),
+                false => json!({"url": format!("https://images.example/{i}.png")}),
+            })
             .collect();
         return HttpResponse::Ok().json(json!({"created": 1, "data": data}));
     }
