@@ -98,7 +98,9 @@ impl UsageAccountant {
         let slice = Slice::start();
         while let Some(record) = self.backlog.pop_front() {
             let row = self.account(record);
-            self.buffer.push(row);
+            if let Some(lost) = self.buffer.push(row) {
+                self.forget(&[lost]);
+            }
             if slice.spent() && self.backlog.len() < CATCH_UP_AT {
                 break;
             }
@@ -115,9 +117,22 @@ impl UsageAccountant {
         self.collect();
         while let Some(record) = self.backlog.pop_front() {
             let row = self.account(record);
-            self.buffer.push(row);
+            if let Some(lost) = self.buffer.push(row) {
+                self.forget(&[lost]);
+            }
         }
         self.report_depths();
+    }
+
+    /// Rows the write buffer had to drop: the spend they added here will never be written,
+    /// so it leaves the users' pending spend (else their budget checks would count it for as
+    /// long as this replica runs).
+    fn forget(&self, lost: &[LogRow]) {
+        for row in lost {
+            if let Some(user_id) = &row.user_id {
+                self.ledger.spend.release(user_id, row.cost_nanos);
+            }
+        }
     }
 
     /// Rows dropped for want of room, and the queues' depths, for logs and metrics.
@@ -229,7 +244,10 @@ impl UsageAccountant {
                     actor.buffer.written();
                     actor.confirm(&[written], ctx);
                 }
-                Err((error, batch)) => actor.buffer.failed(batch, &error),
+                Err((error, batch)) => {
+                    let lost = actor.buffer.failed(batch, &error);
+                    actor.forget(&lost);
+                }
             }
             actor.write(ctx);
         }));

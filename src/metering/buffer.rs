@@ -40,12 +40,16 @@ impl<T> BatchBuffer<T> {
         }
     }
 
-    /// Queues a row; past the bound it is dropped and counted.
-    pub fn push(&mut self, row: T) {
+    /// Queues a row; past the bound it is dropped, counted, and handed back (what it held
+    /// is lost, and its owner may have to undo what it counted for it).
+    #[must_use = "a dropped row is handed back"]
+    pub fn push(&mut self, row: T) -> Option<T> {
         if self.rows.len() < self.bound {
             self.rows.push_back(row);
+            None
         } else {
             self.dropped += 1;
+            Some(row)
         }
     }
 
@@ -98,8 +102,10 @@ impl<T> BatchBuffer<T> {
         self.last_write = Instant::now();
     }
 
-    /// A batch failed: its rows go back to the front, to be retried in order.
-    pub fn failed(&mut self, batch: Vec<T>, error: &DbError) {
+    /// A batch failed: its rows go back to the front, to be retried in order. Rows that no
+    /// longer fit are dropped, counted and handed back.
+    #[must_use = "dropped rows are handed back"]
+    pub fn failed(&mut self, batch: Vec<T>, error: &DbError) -> Vec<T> {
         if self.retry_at.is_none() {
             tracing::warn!(rows = self.name, error = %error, buffered = self.rows.len() + batch.len(), "writing to the database failed; holding rows until it answers");
         }
@@ -108,10 +114,12 @@ impl<T> BatchBuffer<T> {
             self.rows.push_front(row);
         }
         // Rows past the bound (pushed back over it) are the newest: drop those.
+        let mut lost = Vec::new();
         while self.rows.len() > self.bound {
-            self.rows.pop_back();
+            lost.extend(self.rows.pop_back());
             self.dropped += 1;
         }
+        lost
     }
 
     /// Puts rows the final flush could not write back, so they are reported.
@@ -158,14 +166,15 @@ mod tests {
     #[test]
     fn a_failed_batch_is_retried_first_and_the_bound_drops_the_newest() {
         let mut buffer = BatchBuffer::new("t", 3, 2, Duration::from_secs(60));
-        for i in 0..4 {
-            buffer.push(i);
-        }
+        let lost: Vec<i32> = (0..4).filter_map(|i| buffer.push(i)).collect();
+        assert_eq!(lost, vec![3]);
         assert_eq!(buffer.take_dropped(), 1);
         assert!(buffer.due(Instant::now()));
         let batch = buffer.take_batch();
         assert_eq!(batch, vec![0, 1]);
-        buffer.failed(batch, &DbError::Unavailable("down".into()));
+        assert_eq!(buffer.push(4), None);
+        let lost = buffer.failed(batch, &DbError::Unavailable("down".into()));
+        assert_eq!(lost, vec![4], "the newest row goes");
         assert!(!buffer.due(Instant::now()));
         assert_eq!(buffer.take_all(), vec![0, 1, 2]);
     }

@@ -48,6 +48,20 @@ impl SpendBook {
         users.entry(user_id.to_owned()).or_default().pending += nanos;
     }
 
+    /// Metered spend that will never be written (its call was dropped) leaves the pending part.
+    pub fn release(&self, user_id: &str, nanos: i64) {
+        if nanos == 0 {
+            return;
+        }
+        let mut users = self.users.write();
+        if let Some(spend) = users.get_mut(user_id) {
+            spend.pending = (spend.pending - nanos).max(0);
+            if !spend.watched && spend.pending == 0 {
+                users.remove(user_id);
+            }
+        }
+    }
+
     /// Metered spend was written: `written` leaves the pending part, and the stored total is
     /// now `total`.
     pub fn confirm(&self, user_id: &str, written: i64, total: i64) {

@@ -31,6 +31,7 @@ on_both_backends!(
     a_retried_batch_is_stored_and_counted_once,
     a_burst_is_metered_whole_though_accounted_in_slices,
     concurrent_prunes_count_each_entry_once,
+    calls_dropped_in_an_outage_leave_the_budget,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -724,6 +725,46 @@ async fn usage_survives_a_database_outage(backend: Backend) {
     assert_eq!(rows[0]["prompt_tokens"], 11_000);
     assert_eq!(rows[0]["cost_usd"], json!(0.0374), "11 calls at 0.0034");
     log_entries(&app, &format!("user_id={user_id}"), 11).await;
+}
+
+/// Calls dropped because the outage outlasted the buffer are lost, and so is their spend: it
+/// no longer counts against the user's budget once the database is back.
+async fn calls_dropped_in_an_outage_leave_the_budget(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[
+            ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "50"),
+            ("SWITCHYARD_METERING__BUFFER_RECORDS", "2"),
+        ],
+    )
+    .await;
+    let (_mock, user_id, key) = setup(&app, "usage-d").await;
+    // 0.0034 a call: room for four calls, not for six.
+    let path = format!("/admin/users/{user_id}");
+    let (status, _) = app
+        .admin_json(
+            Method::PATCH,
+            &path,
+            Some(json!({"spend_limit_usd": 0.015})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+    usage_rows(&app, &format!("user_id={user_id}"), 1).await;
+
+    let outage = Outage::begin(backend, &app.database_url).await;
+    for _ in 0..4 {
+        assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long enough for writes to fail (SQLite's busy timeout is 5 s): two calls wait, two go.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    outage.end().await;
+
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 3).await;
+    assert_eq!(rows[0]["cost_usd"], json!(0.0102), "3 calls at 0.0034");
+    // 0.0102 spent: the next call fits the budget (with the lost calls' 0.0068 it would not).
+    assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
 }
 
 async fn pruned_log_entries_keep_their_usage(backend: Backend) {
