@@ -368,6 +368,26 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
 
     let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 6).await;
     let row = |model: &str| rows.iter().find(|r| r["model"] == model).unwrap().clone();
+    // Four models: pages of two.
+    assert_eq!(rows.len(), 4);
+    for (page, more) in [("limit=2", true), ("limit=2&offset=2", false)] {
+        let (status, body) = app
+            .admin_json(
+                Method::GET,
+                &format!("/admin/usage?user_id={user_id}&{page}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"].as_array().unwrap().len(), 2, "{page}: {body}");
+        assert_eq!(body["has_more"], more, "{page}: {body}");
+    }
+    assert_error(
+        app.admin_json(Method::GET, "/admin/usage?limit=0", None)
+            .await,
+        400,
+        "invalid_request",
+    );
     assert_eq!(row("embed-model")["prompt_tokens"], 8);
     assert_eq!(row("embed-model")["cost_usd"], json!(0.0000008));
     assert_eq!(row("image-model")["requests"], 3);

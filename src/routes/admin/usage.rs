@@ -22,6 +22,8 @@ pub struct UsageQuery {
     since: Option<String>,
     until: Option<String>,
     group_by: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
 }
 
 /// One group of `/admin/usage`, keyed by `model`, `user_id` or `day`.
@@ -70,8 +72,9 @@ fn parse_bound(field: &str, text: &str) -> Result<NaiveDateTime, ApiError> {
     })
 }
 
-/// `GET /admin/usage?user_id=&since=&until=&group_by=model|user|day` (`since` inclusive,
-/// `until` exclusive; grouped by model when `group_by` is absent).
+/// `GET /admin/usage?user_id=&since=&until=&group_by=model|user|day&limit=&offset=` (`since`
+/// inclusive, `until` exclusive; grouped by model when `group_by` is absent). Every group is
+/// listed unless `limit` or `offset` asks for a page.
 pub async fn summary(
     state: web::Data<AppState>,
     query: web::Query<UsageQuery>,
@@ -88,9 +91,25 @@ pub async fn summary(
         since: query.since.map(|t| parse_bound("since", &t)).transpose()?,
         until: query.until.map(|t| parse_bound("until", &t)).transpose()?,
     };
+    let paged = query.limit.is_some() || query.offset.is_some();
+    let page = ListQuery {
+        limit: query.limit,
+        offset: query.offset,
+    }
+    .page()?;
     let groups = repo::usage::summary(&state.db, &filter, by).await?;
-    let views = groups.into_iter().map(|g| UsageView::new(g, by)).collect();
-    Ok(HttpResponse::Ok().json(ListResponse::new(views, false)))
+    let (skip, take) = match paged {
+        true => (page.offset as usize, page.limit as usize),
+        false => (0, groups.len()),
+    };
+    let more = groups.len() > skip.saturating_add(take);
+    let views = groups
+        .into_iter()
+        .skip(skip)
+        .take(take)
+        .map(|g| UsageView::new(g, by))
+        .collect();
+    Ok(HttpResponse::Ok().json(ListResponse::new(views, more)))
 }
 
 /// `GET /admin/logs` query.
