@@ -88,6 +88,24 @@ pub async fn send(
                         failures.push((key.id.clone(), "rate_limited"));
                         last = LastFailure::Upstream;
                     } else if matches!(status.as_u16(), 401 | 403) {
+                        let response = match status == StatusCode::FORBIDDEN {
+                            true => match refusal_of_the_call(response, timeout).await {
+                                Ok(response) => {
+                                    // The key is sound; the call is what the provider refused.
+                                    report(Outcome::Success);
+                                    return Answered {
+                                        result: Ok(response),
+                                        attempts,
+                                        key_id: Some(key.id.clone()),
+                                        level,
+                                        failures,
+                                    };
+                                }
+                                Err(response) => response,
+                            },
+                            false => response,
+                        };
+                        drop(response);
                         report(Outcome::Rejected(status.as_u16()));
                         failures.push((key.id.clone(), "rejected"));
                         last = LastFailure::Upstream;
@@ -147,6 +165,41 @@ pub async fn send(
         key_id: None,
         level: levels.first().copied().unwrap_or_default(),
         failures,
+    }
+}
+
+/// Error codes of a provider's 403 that refuse the call, not the key: OpenAI answers 403
+/// `model_not_found` when the key's project may not use the model asked for, and
+/// `unsupported_country_region_territory` to every key from where the router runs. Disabling
+/// keys for these would take every key out of service on one caller's request.
+const CALL_REFUSALS: [&str; 2] = ["model_not_found", "unsupported_country_region_territory"];
+
+/// A 403 read to tell whether it refuses the call (`Ok`: the response, its body put back, to
+/// be passed on as the caller's error) or the key (`Err`).
+async fn refusal_of_the_call(
+    mut response: UpstreamResponse,
+    timeout: Duration,
+) -> Result<UpstreamResponse, UpstreamResponse> {
+    #[derive(serde::Deserialize)]
+    struct Refusal {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        code: Option<String>,
+    }
+    let body = match tokio::time::timeout(timeout, response.body().limit(64 * 1024)).await {
+        Ok(Ok(body)) => body,
+        _ => return Err(response),
+    };
+    let names_the_call = serde_json::from_slice::<Refusal>(&body)
+        .ok()
+        .and_then(|r| r.error.code)
+        .is_some_and(|code| CALL_REFUSALS.contains(&code.as_str()));
+    let response: UpstreamResponse = response.map_body(|_, _| actix_web::dev::Payload::from(body));
+    match names_the_call {
+        true => Ok(response),
+        false => Err(response),
     }
 }
 

@@ -7,6 +7,7 @@
 //! | `r429` | 429 with `Retry-After: 7` |
 //! | `r500` | 500 |
 //! | `r401` | 401 |
+//! | `noaccess` | like `ok`, but 403 `model_not_found` for `locked-model` |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
 //! | `cut` | like `ok`, but a `/responses` stream ends before its `response.completed` |
@@ -172,6 +173,12 @@ async fn handle(
     }
     if secret.starts_with("r500") {
         return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom"}}));
+    }
+    if secret.starts_with("noaccess") && model == "locked-model" {
+        // As OpenAI answers a project that may not use a model.
+        return HttpResponse::Forbidden().json(json!({"error": {
+            "message": "Project `proj_mock` does not have access to model `locked-model`",
+            "type": "invalid_request_error", "param": null, "code": "model_not_found"}}));
     }
     if secret.starts_with("r401") {
         return HttpResponse::Unauthorized()

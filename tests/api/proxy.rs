@@ -14,6 +14,7 @@ on_both_backends!(
     a_stream_arrives_chunk_by_chunk_with_the_asked_model,
     a_429_cools_the_key_down_and_the_next_key_answers,
     a_401_from_the_provider_disables_the_key,
+    a_403_refusing_the_model_is_the_callers_and_the_key_stays,
     server_errors_fail_over_to_the_users_fallback_level,
     the_callers_own_errors_come_back_unretried,
     every_key_failing_is_a_gateway_error,
@@ -309,6 +310,24 @@ async fn a_401_from_the_provider_disables_the_key(backend: Backend) {
         app.chat(&key, hello("m")).await;
     }
     assert_eq!(mock.calls_with("r401-a"), 2);
+}
+
+/// A 403 that refuses the model asked for (the key's project may not use it) refuses the call,
+/// not the key: passed on as the provider sent it, not retried, and the key serves on.
+async fn a_403_refusing_the_model_is_the_callers_and_the_key_stays(backend: Backend) {
+    let (app, mock, ids) = setup(backend, &[("noaccess-a", 1), ("noaccess-b", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("locked-model")).await).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    assert_eq!(mock.calls().len(), 1, "not retried on the other key");
+    for id in &ids {
+        assert_eq!(key_view(&app, id).await["state"], "healthy");
+    }
+    for _ in 0..2 {
+        let (status, body) = into_json(app.chat(&key, hello("gpt-4o-mini")).await).await;
+        assert_eq!(status, 200, "{body}");
+    }
 }
 
 async fn server_errors_fail_over_to_the_users_fallback_level(backend: Backend) {
