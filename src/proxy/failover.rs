@@ -224,16 +224,54 @@ async fn attempt(
     request.send_body(call.body.clone()).await
 }
 
-/// The rest a 429 asks for: `Retry-After` in seconds, else the configured default (at most an
-/// hour, so a silly header cannot bench a key for good).
+/// The rest a 429 asks for: `Retry-After` as seconds or as an HTTP date, else the configured
+/// default (at most an hour, so a silly header cannot bench a key for good).
 fn retry_after(response: &UpstreamResponse, default_secs: u64) -> Duration {
-    let secs = response
+    let header = response
         .headers()
         .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(|s| s.ceil() as u64)
-        .unwrap_or(default_secs);
-    Duration::from_secs(secs.min(3600))
+        .and_then(|v| v.to_str().ok());
+    retry_after_secs(header, chrono::Utc::now(), default_secs)
+}
+
+fn retry_after_secs(
+    header: Option<&str>,
+    now: chrono::DateTime<chrono::Utc>,
+    default_secs: u64,
+) -> Duration {
+    let secs = header.map(str::trim).and_then(|value| {
+        match value.parse::<f64>() {
+            Ok(s) => (s.is_finite() && s >= 0.0).then(|| s.ceil() as u64),
+            // `Wed, 21 Oct 2026 07:28:00 GMT`: an HTTP date is an RFC 2822 date in GMT.
+            Err(_) => chrono::DateTime::parse_from_rfc2822(value)
+                .ok()
+                .map(|at| (at.timestamp() - now.timestamp()).max(0) as u64),
+        }
+    });
+    Duration::from_secs(secs.unwrap_or(default_secs).min(3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let secs = |header| retry_after_secs(header, now, 30).as_secs();
+        assert_eq!(secs(Some("7")), 7);
+        assert_eq!(secs(Some(" 1.2 ")), 2);
+        assert_eq!(secs(Some("Wed, 25 Nov 2026 10:01:30 GMT")), 90);
+        assert_eq!(
+            secs(Some("Wed, 25 Nov 2026 09:00:00 GMT")),
+            0,
+            "a date passed"
+        );
+        assert_eq!(secs(Some("soon")), 30);
+        assert_eq!(secs(Some("-5")), 30);
+        assert_eq!(secs(None), 30);
+        assert_eq!(secs(Some("86400")), 3600);
+    }
 }
