@@ -79,6 +79,16 @@ pub async fn send(
             match outcome {
                 Ok(response) => {
                     let status = response.status();
+                    // A 401 refuses the key; a 403 may refuse the call instead, and is then
+                    // the caller's answer like any other.
+                    let (response, key_refused) = match status.as_u16() {
+                        401 => (response, true),
+                        403 => match refusal_of_the_call(response, timeout).await {
+                            Ok(response) => (response, false),
+                            Err(response) => (response, true),
+                        },
+                        _ => (response, false),
+                    };
                     if status == StatusCode::TOO_MANY_REQUESTS {
                         report(Outcome::RateLimited(retry_after(
                             &response,
@@ -87,25 +97,7 @@ pub async fn send(
                         tracing::info!(upstream_key_id = %key.id, level, "upstream 429; trying the next key");
                         failures.push((key.id.clone(), "rate_limited"));
                         last = LastFailure::Upstream;
-                    } else if matches!(status.as_u16(), 401 | 403) {
-                        let response = match status == StatusCode::FORBIDDEN {
-                            true => match refusal_of_the_call(response, timeout).await {
-                                Ok(response) => {
-                                    // The key is sound; the call is what the provider refused.
-                                    report(Outcome::Success);
-                                    return Answered {
-                                        result: Ok(response),
-                                        attempts,
-                                        key_id: Some(key.id.clone()),
-                                        level,
-                                        failures,
-                                    };
-                                }
-                                Err(response) => response,
-                            },
-                            false => response,
-                        };
-                        drop(response);
+                    } else if key_refused {
                         report(Outcome::Rejected(status.as_u16()));
                         failures.push((key.id.clone(), "rejected"));
                         last = LastFailure::Upstream;

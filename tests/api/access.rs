@@ -335,23 +335,18 @@ async fn a_remembered_refusal_refuses_only_what_it_must(backend: Backend) {
         "model": "gpt-4o-mini", "max_tokens": 900,
         "messages": [{"role": "user", "content": "hi"}],
     });
+    // The large call once the last answer's usage is settled.
+    let large_once_settled = || async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        into_json(app.chat(&key, large.clone()).await).await
+    };
     assert_eq!(ask(&app, &key, "gpt-4o-mini").await.0, 200);
-    // 600 used once the answer is settled: a call that may use 900 more does not fit...
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_error(
-        into_json(app.chat(&key, large.clone()).await).await,
-        429,
-        "rate_limit_exceeded",
-    );
+    // 600 used: a call that may use 900 more does not fit...
+    assert_error(large_once_settled().await, 429, "rate_limit_exceeded");
     // ...but a small one does, though the refusal is remembered.
     assert_eq!(ask(&app, &key, "gpt-4o-mini").await.0, 200);
     // 1,200 used: the large call is refused again...
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_error(
-        into_json(app.chat(&key, large.clone()).await).await,
-        429,
-        "rate_limit_exceeded",
-    );
+    assert_error(large_once_settled().await, 429, "rate_limit_exceeded");
     // ...but a raised limit is counted again at once.
     let path = format!("/admin/users/{id}");
     assert_eq!(
