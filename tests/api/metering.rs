@@ -724,6 +724,18 @@ async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
     );
 }
 
+/// `calls` successful calls while the database is away, which comes back once writes have
+/// failed (SQLite's busy timeout is 5 s) and been retried.
+async fn calls_through_an_outage(app: &TestApp, backend: Backend, key: &str, calls: usize) {
+    let outage = Outage::begin(backend, &app.database_url).await;
+    for _ in 0..calls {
+        assert_eq!(app.chat(key, hello("metered-model")).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    outage.end().await;
+}
+
 async fn usage_survives_a_database_outage(backend: Backend) {
     let app = metered_app(backend).await;
     let (_mock, user_id, key) = setup(&app, "usage-o").await;
@@ -731,14 +743,7 @@ async fn usage_survives_a_database_outage(backend: Backend) {
     assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
     usage_rows(&app, &format!("user_id={user_id}"), 1).await;
 
-    let outage = Outage::begin(backend, &app.database_url).await;
-    for _ in 0..10 {
-        assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Long enough for writes to fail (SQLite's busy timeout is 5 s) and be retried.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    outage.end().await;
+    calls_through_an_outage(&app, backend, &key, 10).await;
 
     // Everything lands once the database is back, and nothing twice.
     let rows = usage_rows(&app, &format!("user_id={user_id}"), 11).await;
@@ -772,14 +777,8 @@ async fn calls_dropped_in_an_outage_leave_the_budget(backend: Backend) {
     assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
     usage_rows(&app, &format!("user_id={user_id}"), 1).await;
 
-    let outage = Outage::begin(backend, &app.database_url).await;
-    for _ in 0..4 {
-        assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Long enough for writes to fail (SQLite's busy timeout is 5 s): two calls wait, two go.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    outage.end().await;
+    // Two of these calls wait in the buffer, two are dropped.
+    calls_through_an_outage(&app, backend, &key, 4).await;
 
     let rows = usage_rows(&app, &format!("user_id={user_id}"), 3).await;
     assert_eq!(rows[0]["cost_usd"], json!(0.0102), "3 calls at 0.0034");
