@@ -43,12 +43,17 @@ pub struct Observed {
     pub truncated: bool,
     /// Images (`"b64_json"` keys) in a JSON answer too large to keep whole.
     pub images_seen: i64,
+    /// Where the last two events of a stream end in `kept` (after their blank line; the start
+    /// of the stream counts as an end), while still kept: the last complete event lies between
+    /// them.
+    event_ends: [Option<usize>; 2],
     pub ending: Ending,
 }
 
 impl Observed {
     /// The upstream answered with `status`.
     pub fn begin(&mut self, status: u16, stream: bool, keep: bool) {
+        self.event_ends = [Some(0), Some(0)];
         self.status = Some(status);
         self.stream = stream;
         self.keep = keep;
@@ -71,7 +76,11 @@ impl Observed {
             false => 0,
             true => self.kept.len().saturating_sub(IMAGE_KEY.len() - 1),
         };
+        let appended = self.kept.len();
         self.kept.extend_from_slice(chunk);
+        if self.stream {
+            self.note_event_ends(appended);
+        }
         if self.kept.len() <= MAX_KEPT && !self.truncated {
             return;
         }
@@ -80,9 +89,33 @@ impl Observed {
             let found = memchr::memmem::find_iter(&self.kept[unseen..], IMAGE_KEY).count();
             self.images_seen += found as i64;
         }
-        // Keep the newest bytes only.
-        let excess = self.kept.len().saturating_sub(STREAM_TAIL);
-        self.kept.drain(..excess);
+        // Keep the newest bytes only, but a stream's last complete event whole while it fits
+        // the bound: a Responses stream's `response.completed` repeats the whole output ahead
+        // of its usage.
+        let mut cut = self.kept.len().saturating_sub(STREAM_TAIL);
+        if let Some(last_event) = self.event_ends[0].filter(|_| self.stream) {
+            if last_event < cut && self.kept.len() - last_event <= MAX_KEPT {
+                cut = last_event;
+            }
+        }
+        self.kept.drain(..cut);
+        self.event_ends = self
+            .event_ends
+            .map(|end| end.and_then(|end| end.checked_sub(cut)));
+    }
+
+    /// Notes the ends of events (a blank line) in what was appended from `from` on.
+    fn note_event_ends(&mut self, from: usize) {
+        // A blank line split by the chunk boundary starts a byte or two before it.
+        let start = from.saturating_sub(2);
+        for blank in [&b"\n\n"[..], b"\n\r\n"] {
+            for at in memchr::memmem::find_iter(&self.kept[start..], blank) {
+                let end = start + at + blank.len();
+                if self.event_ends[1].is_none_or(|last| end > last) {
+                    self.event_ends = [self.event_ends[1], Some(end)];
+                }
+            }
+        }
     }
 
     /// The relay reached its end (`complete`) or broke off.
@@ -145,6 +178,28 @@ mod tests {
         assert_eq!(o.images_seen, 3);
         assert!(o.body().ends_with(br#""usage":{"input_tokens":1}}"#));
         assert!(o.body().len() <= 16 * 1024);
+    }
+
+    #[test]
+    fn a_long_streams_large_last_event_is_kept_whole() {
+        let mut o = Observed::default();
+        o.begin(200, true, true);
+        let delta = Bytes::from_static(b"event: d\ndata: {\"delta\":\"xxxxxxxxxxxxxxxx\"}\n\n");
+        for _ in 0..(5 * 1024 * 1024 / delta.len()) {
+            o.push(&delta);
+        }
+        let mut last = b"event: response.completed\ndata: {\"text\":\"".to_vec();
+        last.extend(std::iter::repeat_n(b'y', 100 * 1024));
+        last.extend_from_slice(b"\",\"usage\":{}}\n\n");
+        // Split within its blank line, so the event's end is found across chunks.
+        o.push(&Bytes::copy_from_slice(&last[..last.len() - 1]));
+        o.push(&Bytes::copy_from_slice(&last[last.len() - 1..]));
+        assert!(o.truncated);
+        assert!(
+            o.body().starts_with(b"event: response.completed"),
+            "kept from the event's start"
+        );
+        assert!(o.body().ends_with(&last));
     }
 
     #[test]

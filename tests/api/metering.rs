@@ -32,6 +32,7 @@ on_both_backends!(
     a_burst_is_metered_whole_though_accounted_in_slices,
     concurrent_prunes_count_each_entry_once,
     calls_dropped_in_an_outage_leave_the_budget,
+    a_long_responses_stream_is_metered_from_its_last_event,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -750,6 +751,27 @@ async fn usage_survives_a_database_outage(backend: Backend) {
     assert_eq!(rows[0]["prompt_tokens"], 11_000);
     assert_eq!(rows[0]["cost_usd"], json!(0.0374), "11 calls at 0.0034");
     log_entries(&app, &format!("user_id={user_id}"), 11).await;
+}
+
+/// A Responses stream longer than metering keeps whole still gives its usage: its last event,
+/// which repeats the output ahead of the usage, is kept whole.
+async fn a_long_responses_stream_is_metered_from_its_last_event(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (_mock, user_id, key) = setup(&app, "long-r").await;
+    let response = app
+        .http
+        .post(format!("{}/v1/responses", app.address))
+        .bearer_auth(&key)
+        .json(&json!({"model": "metered-model", "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().await.unwrap().len() > 5 * 1024 * 1024);
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 1).await;
+    assert_eq!(entries[0]["prompt_tokens"], 9, "{entries:?}");
+    assert_eq!(entries[0]["completion_tokens"], 2, "{entries:?}");
+    assert_eq!(entries[0]["partial"], false);
 }
 
 /// Calls dropped because the outage outlasted the buffer are lost, and so is their spend: it

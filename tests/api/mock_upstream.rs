@@ -11,6 +11,7 @@
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
 //! | `cut` | like `ok`, but a `/responses` stream ends before its `response.completed` |
+//! | `long` | like `ok`, but a `/responses` stream of 5 MiB, and a 100 KiB last event |
 //! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
@@ -218,11 +219,21 @@ async fn handle(
             json!({"id": "resp-mock", "object": "response", "model": model, "status": status,
                    "error": null})
         };
+        let mut completed = response("completed");
+        completed["usage"] = json!({"input_tokens": 9, "output_tokens": 2, "total_tokens": 11});
         let mut events = vec![
             json!({"type": "response.created", "response": response("in_progress")}),
             json!({"type": "response.output_text.delta", "delta": "Hello"}),
-            json!({"type": "response.completed", "response": response("completed")}),
         ];
+        // `long…` keys stream 5 MiB of text, which the last event repeats (100 KiB of it).
+        if secret.starts_with("long") {
+            let text = "x".repeat(64 * 1024);
+            for _ in 0..80 {
+                events.push(json!({"type": "response.output_text.delta", "delta": text}));
+            }
+            completed["output_text"] = json!("y".repeat(100 * 1024));
+        }
+        events.push(json!({"type": "response.completed", "response": completed}));
         // `cut…` keys end the stream before its last event, as a dropped connection would.
         if secret.starts_with("cut") {
             events.pop();
