@@ -8,12 +8,14 @@ use serde_json::json;
 
 use crate::auth::Principal;
 use crate::db::repo;
+use crate::domain::Provider;
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// Named models come from upstream keys' model lists and mappings (globs name no single model,
-/// so they are left out), and from the price table where an enabled upstream key may serve the
-/// model; all filtered by the caller's `allowed_models`.
+/// Named models come from the model lists of the upstream keys that may serve the caller (its
+/// levels, in service, OpenAI-compatible), from mappings (globs name no single model, so they
+/// are left out), and from the price table where such a key may serve the model; all filtered
+/// by the caller's `allowed_models`.
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
@@ -21,12 +23,14 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     crate::access::admit_endpoint(&principal, req.path())?;
     let mut names = BTreeSet::new();
-    let keys = repo::upstream_keys::all(&state.db).await?;
-    let servable: Vec<GlobSet> = keys
-        .iter()
-        .filter(|k| k.enabled)
-        .map(|k| globs(&k.models))
+    let user = &principal.user;
+    let keys: Vec<_> = repo::upstream_keys::all(&state.db)
+        .await?
+        .into_iter()
+        .filter(|k| k.enabled && k.disabled_at.is_none() && k.provider == Provider::OpenAi)
+        .filter(|k| k.level == user.level || user.fallback_levels.contains(&k.level))
         .collect();
+    let servable: Vec<GlobSet> = keys.iter().map(|k| globs(&k.models)).collect();
     for price in repo::prices::all(&state.db).await? {
         // `model:quality:size` entries price variants of one image model.
         let model = price.model;

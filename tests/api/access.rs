@@ -189,6 +189,24 @@ async fn the_models_list_shows_only_allowed_models(backend: Backend) {
             .await;
         assert_eq!(status, 200);
     }
+    // Keys that cannot serve the caller add nothing: one on a level it does not reach, one
+    // taken out of service.
+    app.add_upstream(
+        json!({"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "secret": "far",
+               "level": 7, "models": ["gpt-4o-far"]}),
+    )
+    .await;
+    let off = app
+        .add_upstream(
+            json!({"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "secret": "off",
+                   "models": ["gpt-4o-off"]}),
+        )
+        .await;
+    let path = format!("/admin/upstream-keys/{off}");
+    let patched = app
+        .admin_json(Method::PATCH, &path, Some(json!({"enabled": false})))
+        .await;
+    assert_eq!(patched.0, 200, "{}", patched.1);
     let (_, key) = user(&app, json!({"allowed_models": ["gpt-4o*"]})).await;
     let (status, body) = app.call_with_key(&key).await;
     assert_eq!(status, 200, "{body}");
