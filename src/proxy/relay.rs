@@ -69,20 +69,22 @@ pub async fn respond(
                 .get(actix_web::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let body = relay_stream(upstream, idle, false, None, None, meter);
+            let body = relay_stream(upstream, idle, None, None, meter);
             Ok(match length {
                 Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
                 None => response.streaming(body),
             })
         }
-        (rename, _) => {
-            let rewriter = (rename.is_some() || call.hide_usage)
-                .then(|| SseRewriter::new(rename, call.hide_usage));
+        (rename, true) => {
+            let framing = match rename.is_some() || call.hide_usage {
+                true => EventFraming::Rewrite(SseRewriter::new(rename, call.hide_usage)),
+                false => EventFraming::Lines(WholeLines::default()),
+            };
             // awc reports a connection lost mid-body as a normal end, so a stream whose last
             // event never came is the tell: `data: [DONE]` for chat and text completions, the
             // final `response.*` event for responses.
-            let done = is_sse.then(|| DoneWatcher::for_path(&call.path)).flatten();
-            Ok(response.streaming(relay_stream(upstream, idle, is_sse, rewriter, done, meter)))
+            let done = DoneWatcher::for_path(&call.path);
+            Ok(response.streaming(relay_stream(upstream, idle, Some(framing), done, meter)))
         }
     }
 }
@@ -138,12 +140,12 @@ fn is_text(upstream: &UpstreamResponse) -> bool {
         })
 }
 
-/// The upstream body as a stream for the client, with an idle timeout between chunks.
+/// The upstream body as a stream for the client, with an idle timeout between chunks. An event
+/// stream comes with its `framing`.
 fn relay_stream<S>(
     upstream: S,
     idle: Duration,
-    is_sse: bool,
-    renamer: Option<SseRewriter>,
+    framing: Option<EventFraming>,
     done: Option<DoneWatcher>,
     meter: CallMeter,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
@@ -152,18 +154,16 @@ where
 {
     struct State<S> {
         upstream: S,
-        renamer: Option<SseRewriter>,
-        /// An event stream passed on unchanged still goes out in whole lines.
-        lines: Option<WholeLines>,
+        framing: Option<EventFraming>,
         done: Option<DoneWatcher>,
         // Dropped with the stream: when it ends, breaks, or the client goes away.
         meter: CallMeter,
         finished: bool,
     }
+    let is_sse = framing.is_some();
     let state = State {
         upstream,
-        lines: (is_sse && renamer.is_none()).then(WholeLines::default),
-        renamer,
+        framing,
         done,
         meter,
         finished: false,
@@ -179,10 +179,9 @@ where
                         done.observe(&chunk);
                     }
                     st.meter.push(&chunk);
-                    let out = match (&mut st.renamer, &mut st.lines) {
-                        (Some(renamer), _) => renamer.push(&chunk),
-                        (None, Some(lines)) => lines.push(chunk),
-                        (None, None) => chunk,
+                    let out = match &mut st.framing {
+                        Some(framing) => framing.push(chunk),
+                        None => chunk,
                     };
                     if !out.is_empty() {
                         return Some((Ok(out), st));
@@ -197,11 +196,11 @@ where
                 Ok(None) => {
                     st.finished = true;
                     st.meter.end(true);
-                    let rest = match (&mut st.renamer, &mut st.lines) {
-                        (Some(renamer), _) => renamer.finish(),
-                        (None, Some(lines)) => lines.finish(),
-                        (None, None) => Bytes::new(),
-                    };
+                    let rest = st
+                        .framing
+                        .as_mut()
+                        .map(EventFraming::finish)
+                        .unwrap_or_default();
                     if !rest.is_empty() {
                         return Some((Ok(rest), st));
                     }
@@ -227,6 +226,29 @@ where
 /// with either ends an event the provider left open or is ignored: SDKs always read it as an
 /// error of its own, never as JSON glued to half a line.
 const STREAM_ERROR_EVENT: &[u8] = b"\ndata: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
+
+/// How an event stream goes out: in whole lines, rewritten when a mapped model or a hidden
+/// usage asks for it.
+enum EventFraming {
+    Lines(WholeLines),
+    Rewrite(SseRewriter),
+}
+
+impl EventFraming {
+    fn push(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            EventFraming::Lines(lines) => lines.push(chunk),
+            EventFraming::Rewrite(rewriter) => rewriter.push(chunk),
+        }
+    }
+
+    fn finish(&mut self) -> Bytes {
+        match self {
+            EventFraming::Lines(lines) => lines.finish(),
+            EventFraming::Rewrite(rewriter) => rewriter.finish(),
+        }
+    }
+}
 
 /// Holds the partial last line of an event stream until its end arrives, so only whole lines
 /// reach the client. A chunk that ends a line (as providers send them) passes without a copy.
@@ -320,7 +342,7 @@ fn rename_model_in_json(body: &[u8], model: &str) -> Bytes {
 pub struct SseRewriter {
     model: Option<String>,
     hide_usage: bool,
-    pending: BytesMut,
+    lines: WholeLines,
     /// The blank line that ended a removed event is removed too.
     skip_blank: bool,
 }
@@ -330,31 +352,27 @@ impl SseRewriter {
         SseRewriter {
             model,
             hide_usage,
-            pending: BytesMut::new(),
+            lines: WholeLines::default(),
             skip_blank: false,
         }
     }
 
     /// Takes a chunk; returns the complete lines it finished, rewritten.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
-        self.pending.extend_from_slice(chunk);
-        let Some(last_newline) = self.pending.iter().rposition(|b| *b == b'\n') else {
-            return Bytes::new();
-        };
-        let complete = self.pending.split_to(last_newline + 1);
-        let mut out = BytesMut::with_capacity(complete.len() + 16);
-        for line in complete.split_inclusive(|b| *b == b'\n') {
-            self.rewrite_line(line, &mut out);
-        }
-        out.freeze()
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        let complete = self.lines.push(chunk);
+        self.rewrite(&complete)
     }
 
     /// The stream ended: whatever partial line is left, rewritten.
     pub fn finish(&mut self) -> Bytes {
-        let rest = self.pending.split();
-        let mut out = BytesMut::new();
-        if !rest.is_empty() {
-            self.rewrite_line(&rest, &mut out);
+        let rest = self.lines.finish();
+        self.rewrite(&rest)
+    }
+
+    fn rewrite(&mut self, lines: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(lines.len() + 16);
+        for line in lines.split_inclusive(|b| *b == b'\n') {
+            self.rewrite_line(line, &mut out);
         }
         out.freeze()
     }
@@ -439,9 +457,11 @@ mod tests {
     #[test]
     fn sse_lines_get_the_asked_model_even_when_split_across_chunks() {
         let mut r = SseRewriter::new(Some("asked".into()), false);
-        let a = r.push(b"data: {\"id\":1,\"model\":\"real\"}\n\ndata: {\"mo");
+        let a = r.push(Bytes::from_static(
+            b"data: {\"id\":1,\"model\":\"real\"}\n\ndata: {\"mo",
+        ));
         assert_eq!(&a[..], b"data: {\"id\":1,\"model\":\"asked\"}\n\n");
-        let b = r.push(b"del\":\"real\"}\n\ndata: [DONE]\n\n");
+        let b = r.push(Bytes::from_static(b"del\":\"real\"}\n\ndata: [DONE]\n\n"));
         assert_eq!(&b[..], b"data: {\"model\":\"asked\"}\n\ndata: [DONE]\n\n");
         assert!(r.finish().is_empty());
     }
@@ -449,14 +469,16 @@ mod tests {
     #[test]
     fn usage_the_client_did_not_ask_for_is_removed() {
         let mut r = SseRewriter::new(None, true);
-        let a = r.push(b"data: {\"id\":1,\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n");
+        let a = r.push(Bytes::from_static(
+            b"data: {\"id\":1,\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n",
+        ));
         let a: Value =
             serde_json::from_slice(a.strip_prefix(b"data: ").unwrap().trim_ascii()).unwrap();
         assert!(a.get("usage").is_none());
         assert_eq!(a["id"], 1);
-        let b = r.push(
+        let b = r.push(Bytes::from_static(
             b"data: {\"id\":1,\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n",
-        );
+        ));
         assert_eq!(&b[..], b"data: [DONE]\n\n");
     }
 
@@ -492,9 +514,7 @@ mod tests {
     #[test]
     fn response_events_get_the_asked_model() {
         let mut r = SseRewriter::new(Some("asked".into()), false);
-        let out = r.push(
-            b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"model\":\"real\"}}\n\n",
-        );
+        let out = r.push(Bytes::from_static(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"model\":\"real\"}}\n\n"));
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(
             text.starts_with("event: response.created\ndata: "),
