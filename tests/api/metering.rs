@@ -667,7 +667,14 @@ async fn concurrent_prunes_count_each_entry_once(backend: Backend) {
         futures_util::future::join_all((0..4).map(|_| repo::logs::prune(&db, cutoff))).await;
     let pruned: usize = pruned.into_iter().map(Result::unwrap).sum();
     assert_eq!(pruned, 3_000, "each entry pruned once");
-    assert_eq!(stored(&db, &user_id).await, (3_000, 3_000_000, 0));
+    // What an admin reads: the calls counted once, their entries gone from the log.
+    let rows = usage_rows(&app, &format!("group_by=user&user_id={user_id}"), 3_000).await;
+    assert_eq!(
+        rows[0]["cost_usd"],
+        json!(0.003),
+        "3,000 calls at 1,000 nano-USD"
+    );
+    log_entries(&app, &format!("user_id={user_id}"), 0).await;
 }
 
 /// A user's metered calls, their cost and log entries, straight from the database.
