@@ -83,12 +83,13 @@ fn bpe_for(model: &str) -> Option<&'static CoreBPE> {
 }
 
 /// The tokens to charge for a JSON call body sent to `model`: its prompt, and its completion
-/// cap when it sets one.
+/// cap when it sets one; at most [`MOST_TOKENS`](super::MOST_TOKENS).
 pub fn tokens(model: &str, body: &[u8]) -> i64 {
-    match tally(model, body) {
-        Some(tally) => tally.prompt() + tally.cap,
+    let tokens = match tally(model, body) {
+        Some(tally) => tally.prompt().saturating_add(tally.cap),
         None => bytes_estimate(body.len()),
-    }
+    };
+    tokens.min(super::MOST_TOKENS)
 }
 
 /// The prompt tokens of a JSON call body sent to `model`.
@@ -436,6 +437,9 @@ mod tests {
         assert_eq!(t(br#"{"max_tokens":"10"}"#), 0);
         assert_eq!(t(br#"{"max_tokens":[10],"x":{"max_tokens":10}}"#), 0);
         assert_eq!(t(br#"{"max_tokens":18446744073709551615}"#), 0);
+        // The largest cap that fits is charged, but never more than a window can sum.
+        let most = br#"{"max_tokens":9223372036854775807,"messages":[{"content":"hi"}]}"#;
+        assert_eq!(t(most), crate::limits::MOST_TOKENS);
     }
 
     #[test]

@@ -24,6 +24,11 @@ use crate::error::ApiError;
 use redis_store::{RedisLink, RedisWindows};
 use window::LocalWindows;
 
+/// The most tokens one call is charged or settled with (2^40, about a trillion). A body may
+/// ask for `max_tokens` up to `i64::MAX`; charged as such it would overflow the windows' sums,
+/// and Redis's Lua, which counts in doubles, would refuse it. Any real limit is far below.
+pub const MOST_TOKENS: i64 = 1 << 40;
+
 /// One window a call is counted in.
 #[derive(Debug, Clone)]
 pub struct Counter {
@@ -94,6 +99,9 @@ pub struct Ticket {
     pub bucket: i64,
     /// Tokens charged at admission.
     pub charged: i64,
+    /// Whether Redis counted the charge (else this process did): the correction goes where the
+    /// charge went, whichever store is in use when the call ends.
+    pub in_redis: bool,
 }
 
 /// The limit and what is left of it, for the `x-ratelimit-*` headers.
@@ -276,8 +284,8 @@ impl RateLimiter {
         let remembered = memo_key
             .as_deref()
             .and_then(|k| self.remembered_refusal(k, plan));
-        let outcome = match remembered {
-            Some(outcome) => outcome,
+        let (outcome, in_redis) = match remembered {
+            Some(outcome) => (outcome, true),
             None => self.count(plan, link).await,
         };
         let (headers, refused_by) = read_outcome(plan, &outcome);
@@ -292,6 +300,7 @@ impl RateLimiter {
                     .collect(),
                 bucket: outcome.bucket,
                 charged: plan.tokens,
+                in_redis,
             };
             return Ok((ticket, headers));
         }
@@ -349,31 +358,39 @@ impl RateLimiter {
         }
     }
 
-    async fn count(&self, plan: &Plan, link: &RedisLink) -> Outcome {
+    /// Counts the call in Redis when it is up, else in process; says which counted it.
+    async fn count(&self, plan: &Plan, link: &RedisLink) -> (Outcome, bool) {
         if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
             match redis.acquire(link, &plan.counters, plan.tokens).await {
-                Ok(outcome) => return outcome,
+                Ok(outcome) => return (outcome, true),
                 Err(err) => redis.failed(&err),
             }
         }
-        self.local
-            .acquire(&plan.user_id, &plan.counters, plan.tokens, now_ms())
+        let outcome = self
+            .local
+            .acquire(&plan.user_id, &plan.counters, plan.tokens, now_ms());
+        (outcome, false)
     }
 
-    /// Corrects a call's token charge to what it really used.
+    /// Corrects a call's token charge to what it really used, in the store that counted the
+    /// charge. A Redis charge whose correction cannot reach Redis is left as it is: moving it
+    /// into this process's windows would shrink other calls' counts there, and the Redis
+    /// window expires with its minute anyway.
     pub async fn settle(&self, ticket: &Ticket, actual: i64, link: &RedisLink) {
-        let delta = actual - ticket.charged;
+        let delta = actual.clamp(0, MOST_TOKENS) - ticket.charged;
         if delta == 0 || ticket.token_keys.is_empty() {
             return;
         }
-        if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
-            match redis
-                .settle(link, &ticket.token_keys, ticket.bucket, delta)
-                .await
-            {
-                Ok(()) => return,
-                Err(err) => redis.failed(&err),
+        if ticket.in_redis {
+            if let Some(redis) = self.redis.as_ref().filter(|r| r.is_up()) {
+                if let Err(err) = redis
+                    .settle(link, &ticket.token_keys, ticket.bucket, delta)
+                    .await
+                {
+                    redis.failed(&err);
+                }
             }
+            return;
         }
         self.local.settle(
             &ticket.user_id,

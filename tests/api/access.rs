@@ -23,6 +23,7 @@ on_both_backends!(
     tpm_is_settled_from_a_streamed_usage_chunk,
     rule_and_limit_changes_apply_on_the_next_call,
     a_remembered_refusal_refuses_only_what_it_must,
+    a_huge_completion_cap_is_charged_without_upsetting_the_counts,
 );
 
 async fn app_with_upstream(backend: Backend, secret: &str) -> (TestApp, MockUpstream) {
@@ -374,4 +375,36 @@ async fn a_remembered_refusal_refuses_only_what_it_must(backend: Backend) {
         200
     );
     assert_eq!(into_json(app.chat(&key, large).await).await.0, 200);
+}
+
+/// A body may ask for any `max_tokens` up to `i64::MAX`. It is charged as a trillion tokens at
+/// most: the sums in Redis (whose Lua counts in doubles) and in process stay exact, Redis
+/// stays in use, and the charge is settled with the usage the answer reports.
+async fn a_huge_completion_cap_is_charged_without_upsetting_the_counts(backend: Backend) {
+    let redis = SharedRedis::new();
+    let app = spawn_app_with(backend, &redis.env()).await;
+    // Every answer reports 600 tokens used.
+    let _mock = add_mock(&app, "tokens-a").await;
+    let tpm: i64 = 10_000_000_000_000;
+    let (_, key) = user(&app, json!({"tpm": tpm})).await;
+    let huge = json!({
+        "model": "gpt-4o-mini", "max_tokens": i64::MAX,
+        "messages": [{"role": "user", "content": "hi"}],
+    });
+    let admitted = app.chat(&key, huge).await;
+    assert_eq!(admitted.status(), 200);
+    assert_eq!(
+        header(&admitted, "x-ratelimit-remaining-tokens"),
+        Some(tpm - (1 << 40))
+    );
+    admitted.bytes().await.unwrap();
+    let next = eventually_remaining(&app, &key, tpm - 600 - HELLO_ESTIMATE).await;
+    assert_eq!(next.status(), 200);
+    let ready = app.http.get(format!("{}/readyz", app.address)).send();
+    let (status, body) = into_json(ready.await.unwrap()).await;
+    assert_eq!(
+        (status, &body["redis"]["status"]),
+        (200, &json!("ok")),
+        "{body}"
+    );
 }
