@@ -35,14 +35,14 @@ impl CallMeter {
             Some(id) => id.as_str().to_owned(),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        let endpoint = Endpoint::of(req.path());
+        let endpoint = Endpoint::of(req.match_info().as_str());
         CallMeter {
             record: Some(CallRecord {
                 request_id,
                 ts: now(),
                 user_id: principal.user.id.clone(),
                 key_id: principal.key_id.clone(),
-                route: route_name(req.path()),
+                route: route_name(req.match_info().as_str()),
                 endpoint,
                 model: None,
                 upstream_model: None,

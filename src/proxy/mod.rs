@@ -161,7 +161,7 @@ fn parse_json_call(
         }
     };
     Ok(Call {
-        path: upstream_path(req.path()),
+        path: upstream_path(req.match_info().as_str()),
         model,
         mapped,
         body,
@@ -181,6 +181,10 @@ fn refuse(meter: &mut CallMeter, error: ApiError) -> ApiError {
 }
 
 /// `/v1/chat/completions` → `/chat/completions`: provider base URLs end with their version.
+///
+/// Every path here is the one the router matched (`match_info`), with escapes such as `%63`
+/// decoded, not the raw `req.path()`: `/v1/chat/%63ompletions` is routed to chat, so it must
+/// also be checked, sent upstream and metered as chat.
 fn upstream_path(path: &str) -> String {
     path.strip_prefix("/v1").unwrap_or(path).to_owned()
 }
@@ -225,7 +229,7 @@ pub async fn forward_multipart(
         None => form.body.clone(),
     };
     let call = Call {
-        path: upstream_path(req.path()),
+        path: upstream_path(req.match_info().as_str()),
         model: form.model.clone(),
         mapped,
         body,
@@ -259,8 +263,13 @@ async fn forward(
         }
     }
     meter.call(&call.model, call.upstream_model(), &call.body, call.stream);
-    access::admit_call(principal, &proxy.spend, req.path(), &call.model)
-        .map_err(|e| refuse(&mut meter, e))?;
+    access::admit_call(
+        principal,
+        &proxy.spend,
+        req.match_info().as_str(),
+        &call.model,
+    )
+    .map_err(|e| refuse(&mut meter, e))?;
     let admitted = match Plan::for_call(&principal.user.id, &principal.rules, &call.model) {
         Some(mut plan) => {
             if plan.counts_tokens() && call.is_json() {

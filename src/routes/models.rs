@@ -21,7 +21,7 @@ pub async fn list(
     state: web::Data<AppState>,
     req: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    crate::access::admit_endpoint(&principal, req.path())?;
+    crate::access::admit_endpoint(&principal, req.match_info().as_str())?;
     let mut names = BTreeSet::new();
     let user = &principal.user;
     let keys: Vec<_> = repo::upstream_keys::all(&state.db)

@@ -33,6 +33,7 @@ on_both_backends!(
     concurrent_prunes_count_each_entry_once,
     calls_dropped_in_an_outage_leave_the_budget,
     a_long_responses_stream_is_metered_from_its_last_event,
+    an_escaped_path_is_metered_as_the_route_it_reached,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -242,6 +243,34 @@ async fn a_stream_is_metered_and_its_usage_hidden_unless_asked(backend: Backend)
     assert_eq!(rows[0]["prompt_tokens"], 3000);
     assert_eq!(rows[0]["completion_tokens"], 600);
     assert_eq!(rows[0]["cost_usd"], json!(0.0102));
+}
+
+/// actix routes `/v1/chat/%63ompletions` to chat completions: the call is then sent upstream,
+/// checked and metered as a chat call too (it was metered as an unknown route, at $0, and a
+/// stream's usage was not asked for).
+async fn an_escaped_path_is_metered_as_the_route_it_reached(backend: Backend) {
+    let app = metered_app(backend).await;
+    let (mock, user_id, key) = setup(&app, "usage-s").await;
+    let mut body = hello("metered-model");
+    body["stream"] = json!(true);
+    let response = app
+        .http
+        .post(format!("{}/v1/chat/%63ompletions", app.address))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("usage"), "{text}");
+    let sent = &mock.calls()[0];
+    assert_eq!(sent.path, "/v1/chat/completions");
+    assert_eq!(sent.body["stream_options"]["include_usage"], json!(true));
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 1).await;
+    assert_eq!(rows[0]["prompt_tokens"], 1000);
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 1).await;
+    assert_eq!(entries[0]["route"], "/v1/chat/completions");
 }
 
 /// The accountant works through what it has queued in slices of 100 µs, stepping aside
