@@ -17,6 +17,7 @@ on_both_backends!(
     users_list_pages_with_has_more,
     deleting_a_user_removes_it,
     oversized_body_answers_413_and_the_router_goes_on,
+    concurrent_patches_of_different_fields_all_land,
 );
 
 async fn admin_routes_refuse_a_missing_or_wrong_token(backend: Backend) {
@@ -293,4 +294,60 @@ async fn oversized_body_answers_413_and_the_router_goes_on(backend: Backend) {
         .expect("the router answers an oversized body");
     assert_error(into_json(response).await, 413, "invalid_request");
     app.create_user(json!({"name": "after-the-big-one"})).await;
+}
+
+/// PATCHes of different fields sent at once each change only their own field: none puts back
+/// another's old value (a rename racing a suspension once lifted the suspension). The same
+/// holds for upstream keys.
+async fn concurrent_patches_of_different_fields_all_land(backend: Backend) {
+    let app = spawn_app(backend).await;
+    for round in 0..3 {
+        let user = app
+            .create_user(json!({"name": format!("racer-{round}")}))
+            .await;
+        let path = format!("/admin/users/{}", user["id"].as_str().unwrap());
+        let changes = [
+            json!({"status": "suspended"}),
+            json!({"rpm": 7}),
+            json!({"tpm": 700}),
+            json!({"name": format!("renamed-{round}")}),
+            json!({"level": 3}),
+            json!({"allowed_models": ["gpt-*"]}),
+            json!({"spend_limit_usd": 5.0}),
+            json!({"fallback_levels": [4]}),
+        ];
+        let patches = changes
+            .iter()
+            .map(|change| app.admin_json(Method::PATCH, &path, Some(change.clone())));
+        for (status, body) in futures_util::future::join_all(patches).await {
+            assert_eq!(status, 200, "{body}");
+        }
+        let (_, user) = app.admin_json(Method::GET, &path, None).await;
+        for change in &changes {
+            let (field, value) = change.as_object().unwrap().iter().next().unwrap();
+            assert_eq!(&user[field], value, "{field} in {user}");
+        }
+    }
+
+    let key = app
+        .add_upstream(json!({"provider": "openai", "secret": "sk-racing-upstream"}))
+        .await;
+    let path = format!("/admin/upstream-keys/{key}");
+    let changes = [
+        json!({"enabled": false}),
+        json!({"weight": 5}),
+        json!({"level": 2}),
+        json!({"models": ["gpt-4o*"]}),
+    ];
+    let patches = changes
+        .iter()
+        .map(|change| app.admin_json(Method::PATCH, &path, Some(change.clone())));
+    for (status, body) in futures_util::future::join_all(patches).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, key) = app.admin_json(Method::GET, &path, None).await;
+    for change in &changes {
+        let (field, value) = change.as_object().unwrap().iter().next().unwrap();
+        assert_eq!(&key[field], value, "{field} in {key}");
+    }
 }

@@ -68,11 +68,19 @@ fn rows_to_keys(rows: Vec<UpstreamKeyRow>) -> Result<Vec<UpstreamKey>, DbError> 
 
 /// Writes an admin's change: the admin-owned columns of `key`, and the health columns
 /// (cooldown, disable) only when `reset_health` says so. Health set by the pools meanwhile is
-/// otherwise kept.
-pub async fn update(db: &Db, key: &UpstreamKey, reset_health: bool) -> Result<(), DbError> {
+/// otherwise kept. Written only if the stored key is still the version stamped `seen`; says
+/// whether it was (a key deleted meanwhile is not either).
+pub async fn update(
+    db: &Db,
+    key: &UpstreamKey,
+    reset_health: bool,
+    seen: NaiveDateTime,
+) -> Result<bool, DbError> {
     let row = UpstreamKeyRow::from(key);
     let updated = with_conn!(db, |conn| {
-        let target = upstream_keys::table.find(&key.id);
+        let target = upstream_keys::table
+            .find(&key.id)
+            .filter(upstream_keys::updated_at.eq(seen));
         let admin_columns = (
             upstream_keys::base_url.eq(&row.base_url),
             upstream_keys::secret_enc.eq(&row.secret_enc),
@@ -100,10 +108,7 @@ pub async fn update(db: &Db, key: &UpstreamKey, reset_health: bool) -> Result<()
                 .await?
         }
     });
-    if updated == 0 {
-        return Err(DbError::NotFound);
-    }
-    Ok(())
+    Ok(updated > 0)
 }
 
 /// Deletes a key.

@@ -1,5 +1,6 @@
 //! The `users` table.
 
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
@@ -53,19 +54,21 @@ pub async fn list(db: &Db, page: Page) -> Result<(Vec<User>, bool), DbError> {
     Ok((users, more))
 }
 
-/// Writes an admin's change of `user`'s rules (never its spend).
-pub async fn update_rules(db: &Db, user: &User) -> Result<(), DbError> {
+/// Writes an admin's change of `user`'s rules (never its spend), if the stored user is still
+/// the version stamped `seen`; says whether it was (a user deleted meanwhile is not either).
+pub async fn update_rules(db: &Db, user: &User, seen: NaiveDateTime) -> Result<bool, DbError> {
     let change = UserRulesChange::from(user);
     let updated = with_conn!(db, |conn| {
-        diesel::update(users::table.find(&user.id))
-            .set(&change)
-            .execute(conn)
-            .await?
+        diesel::update(
+            users::table
+                .find(&user.id)
+                .filter(users::updated_at.eq(seen)),
+        )
+        .set(&change)
+        .execute(conn)
+        .await?
     });
-    if updated == 0 {
-        return Err(DbError::NotFound);
-    }
-    Ok(())
+    Ok(updated > 0)
 }
 
 /// Deletes a user with their keys and mappings.

@@ -169,6 +169,35 @@ pub fn parse_time(field: &str, text: &str) -> Result<NaiveDateTime, ApiError> {
         .map_err(|_| ApiError::invalid(format!("{field} must be an RFC 3339 time")))
 }
 
+/// How often a PATCH reads and applies again when another change landed between its read and
+/// its write.
+const PATCH_ATTEMPTS: usize = 16;
+
+/// Runs a PATCH as read, change, write-if-unchanged: `attempt` reads the record, applies the
+/// change and writes it only where the record's `updated_at` is still the one it read,
+/// answering `None` when it was not. Two PATCHes of different fields at the same moment then
+/// both land; a blind write of every column would put back the other's old values (a
+/// suspension lifted by a concurrent rename).
+pub async fn patch_until_written<T, Fut>(mut attempt: impl FnMut() -> Fut) -> Result<T, ApiError>
+where
+    Fut: std::future::Future<Output = Result<Option<T>, ApiError>>,
+{
+    for _ in 0..PATCH_ATTEMPTS {
+        if let Some(written) = attempt().await? {
+            return Ok(written);
+        }
+    }
+    Err(ApiError::conflict(
+        "the record kept changing while this change was applied; send it again",
+    ))
+}
+
+/// The `updated_at` of a change to a record last stamped `seen`: now, and always after `seen`,
+/// so that a write-if-unchanged never mistakes a newer version for the one it read.
+pub fn next_stamp(seen: NaiveDateTime) -> NaiveDateTime {
+    crate::domain::now().max(seen + chrono::Duration::microseconds(1))
+}
+
 /// For PATCH fields that may be set to null: absent is `None`, null is `Some(None)`.
 pub fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
 where

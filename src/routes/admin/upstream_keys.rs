@@ -208,7 +208,27 @@ pub async fn update(
     body: web::Json<UpdateUpstreamKey>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let mut key = load(&state, &id).await?;
+    let key = super::patch_until_written(|| async {
+        let mut key = load(&state, &id).await?;
+        let seen = key.updated_at;
+        let reset_health = apply_update(&state, &body, &mut key)?;
+        key.updated_at = super::next_stamp(seen);
+        let written = repo::upstream_keys::update(&state.db, &key, reset_health, seen).await?;
+        Ok(written.then_some(key))
+    })
+    .await?;
+    state.changed(Entity::UpstreamKey, &key.id).await;
+    tracing::info!(upstream_key_id = %key.id, "upstream key updated");
+    Ok(HttpResponse::Ok().json(UpstreamKeyView::from(&key)))
+}
+
+/// Applies a PATCH body to `key`; says whether the key's health starts afresh (a new secret,
+/// or enabled again), which clears its cooldown and any disable.
+fn apply_update(
+    state: &AppState,
+    body: &UpdateUpstreamKey,
+    key: &mut UpstreamKey,
+) -> Result<bool, ApiError> {
     let mut reset_health = false;
     if let Some(url) = body.base_url.as_deref() {
         key.base_url = base_url_or_default(key.provider, Some(url))?;
@@ -227,9 +247,9 @@ pub async fn update(
         check(rules::check_level(level))?;
         key.level = level;
     }
-    if let Some(models) = body.models {
-        check_models(&models)?;
-        key.models = models;
+    if let Some(models) = &body.models {
+        check_models(models)?;
+        key.models = models.clone();
     }
     if let Some(weight) = body.weight {
         check_weight(weight)?;
@@ -239,16 +259,12 @@ pub async fn update(
         key.enabled = enabled;
         reset_health |= enabled;
     }
-    key.updated_at = now();
     if reset_health {
         key.disabled_at = None;
         key.disabled_reason = None;
         key.cooldown_until = None;
     }
-    repo::upstream_keys::update(&state.db, &key, reset_health).await?;
-    state.changed(Entity::UpstreamKey, &key.id).await;
-    tracing::info!(upstream_key_id = %key.id, "upstream key updated");
-    Ok(HttpResponse::Ok().json(UpstreamKeyView::from(&key)))
+    Ok(reset_health)
 }
 
 /// `DELETE /admin/upstream-keys/{id}`.

@@ -16,7 +16,7 @@ use crate::state::AppState;
 
 /// The fields of a user an admin may write. On create only `name` is required; on PATCH every
 /// field is optional and the nullable ones accept `null` to clear them.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserFields {
     name: Option<String>,
@@ -226,12 +226,18 @@ pub async fn update(
     id: web::Path<String>,
     body: web::Json<UserFields>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut user = load(&state, &id).await?;
-    body.into_inner().apply(&mut user)?;
-    user.updated_at = now();
-    repo::users::update_rules(&state.db, &user)
-        .await
-        .map_err(name_taken)?;
+    let fields = body.into_inner();
+    let user = super::patch_until_written(|| async {
+        let mut user = load(&state, &id).await?;
+        let seen = user.updated_at;
+        fields.clone().apply(&mut user)?;
+        user.updated_at = super::next_stamp(seen);
+        let written = repo::users::update_rules(&state.db, &user, seen)
+            .await
+            .map_err(name_taken)?;
+        Ok(written.then_some(user))
+    })
+    .await?;
     state.changed(Entity::User, &user.id).await;
     tracing::info!(user_id = %user.id, "user updated");
     Ok(HttpResponse::Ok().json(UserView::from(&user)))
