@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::{
     Actor, ActorFutureExt, AsyncContext, AtomicResponse, Context, Handler, Message, WrapFuture,
@@ -42,6 +42,23 @@ pub struct Changed {
     /// The record is new: no cache holds an older state of it.
     pub created: bool,
 }
+
+/// Drops the shared cache entry of a change whose first attempt could not reach Redis, and
+/// then announces the change again: replicas that read the stale entry meanwhile took it into
+/// their own caches.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct ForgetAgain {
+    entity: Entity,
+    id: String,
+    /// After this the stale entry has expired by its ttl.
+    until: Instant,
+    /// Until the next attempt: doubles from a second to a minute while Redis stays away.
+    delay: Duration,
+}
+
+const FIRST_FORGET_RETRY: Duration = Duration::from_secs(1);
+const LAST_FORGET_RETRY: Duration = Duration::from_secs(60);
 
 /// Reads the stored configuration version now; a full resync follows when it is ahead of what
 /// this replica applied.
@@ -133,14 +150,13 @@ impl Handler<Changed> for ConfigSyncActor {
 
     fn handle(&mut self, msg: Changed, _: &mut Self::Context) -> Self::Result {
         let (caches, bus, db) = (self.caches.clone(), self.bus.clone(), self.db.clone());
+        let (entity, id) = (msg.entity, msg.id.clone());
         let work = async move {
             // The shared entry goes first: this replica's next call must not find it there.
-            match msg.entity {
-                _ if msg.created => {}
-                Entity::User => caches.shared.forget(Kind::User, &msg.id).await,
-                Entity::UserKey => caches.shared.forget(Kind::Key, &msg.id).await,
-                _ => {}
-            }
+            let forgotten = match shared_kind(msg.entity) {
+                Some(kind) if !msg.created => caches.shared.forget(kind, &msg.id).await,
+                _ => true,
+            };
             react(&caches, &db, msg.entity, &msg.id).await;
             let version = match repo::meta::bump_config_version(&db).await {
                 Ok(v) => v,
@@ -155,11 +171,59 @@ impl Handler<Changed> for ConfigSyncActor {
                 version,
             })
             .await;
-            version
+            (version, forgotten)
         };
-        AtomicResponse::new(Box::pin(
-            work.into_actor(self).map(|v, act, _| act.advance(v)),
-        ))
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            move |(version, forgotten), act, ctx| {
+                act.advance(version);
+                if !forgotten {
+                    let again = ForgetAgain {
+                        entity,
+                        id,
+                        until: Instant::now() + act.caches.shared.ttl(),
+                        delay: FIRST_FORGET_RETRY,
+                    };
+                    ctx.notify_later(again, FIRST_FORGET_RETRY);
+                }
+            },
+        )))
+    }
+}
+
+impl Handler<ForgetAgain> for ConfigSyncActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: ForgetAgain, _: &mut Self::Context) -> Self::Result {
+        let shared = self.caches.shared.clone();
+        let work = async move {
+            let kind = shared_kind(msg.entity).expect("only shared kinds are forgotten again");
+            let forgotten = shared.forget(kind, &msg.id).await;
+            (msg, forgotten)
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            |(mut msg, forgotten), _, ctx| {
+                if forgotten {
+                    ctx.notify(Changed {
+                        entity: msg.entity,
+                        id: msg.id,
+                        created: false,
+                    });
+                } else if Instant::now() < msg.until {
+                    let delay = (msg.delay * 2).min(LAST_FORGET_RETRY);
+                    msg.delay = delay;
+                    ctx.notify_later(msg, delay);
+                }
+            },
+        )))
+    }
+}
+
+/// The shared cache layer holding records of `entity`, if any does.
+fn shared_kind(entity: Entity) -> Option<Kind> {
+    match entity {
+        Entity::User => Some(Kind::User),
+        Entity::UserKey => Some(Kind::Key),
+        _ => None,
     }
 }
 

@@ -136,10 +136,21 @@ impl SharedCache {
         self.put(Kind::User, &user.id, user);
     }
 
+    /// How long an entry lives: the longest a stale one could be read.
+    pub fn ttl(&self) -> Duration {
+        self.inner
+            .as_ref()
+            .map_or(Duration::ZERO, |inner| inner.ttl)
+    }
+
     /// Replaces the entry with a tombstone: no replica reads it, and none can write the old
     /// record back for a few seconds. Awaited by the admin change before it is announced.
-    pub async fn forget(&self, kind: Kind, id: &str) {
-        let Some(inner) = &self.inner else { return };
+    /// Says whether the entry is gone (or there is no shared layer); when Redis could not be
+    /// reached the entry may still be there, for other replicas to read.
+    pub async fn forget(&self, kind: Kind, id: &str) -> bool {
+        let Some(inner) = &self.inner else {
+            return true;
+        };
         let key = inner.key(kind, id);
         let command = redis::cmd("SET")
             .arg(&key)
@@ -153,13 +164,17 @@ impl SharedCache {
             Ok(mut connection) => query_retrying_once::<()>(&command, &mut connection).await,
             Err(err) => Err(err),
         };
-        if let Err(err) = outcome {
-            inner.failed(&err);
-            tracing::warn!(
-                error = %crate::limits::describe(&err),
-                kind = kind.name(),
-                "could not drop a shared cache entry; it expires by its ttl"
-            );
+        match outcome {
+            Ok(()) => true,
+            Err(err) => {
+                inner.failed(&err);
+                tracing::warn!(
+                    error = %crate::limits::describe(&err),
+                    kind = kind.name(),
+                    "could not drop a shared cache entry; trying again until it is gone or expired"
+                );
+                false
+            }
         }
     }
 

@@ -25,6 +25,7 @@ on_both_backends!(
     a_missed_announcement_is_healed_by_the_configuration_version,
     upstream_key_cooldowns_and_refusals_are_shared,
     a_key_verified_on_one_replica_is_trusted_by_another,
+    a_shared_entry_a_replica_could_not_drop_is_dropped_once_it_can,
 );
 
 fn hello() -> Value {
@@ -74,7 +75,7 @@ async fn three_replicas_hold_one_rpm_limit_together(backend: Backend) {
 
 /// A Redis server of this test's own, so stopping it disturbs no other test.
 pub(crate) struct OwnRedis {
-    port: u16,
+    pub(crate) port: u16,
     child: Option<Child>,
 }
 
@@ -457,4 +458,116 @@ async fn a_key_verified_on_one_replica_is_trusted_by_another(backend: Backend) {
         403,
         "user_suspended",
     );
+}
+
+/// A TCP relay to a Redis server that can be cut: while cut, connections through it are
+/// closed at once, as when a replica loses its network to Redis and others do not.
+struct RedisRelay {
+    port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl RedisRelay {
+    fn start(to: u16) -> Self {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = RedisRelay {
+            port: listener.local_addr().unwrap().port(),
+            open: Default::default(),
+            streams: Default::default(),
+        };
+        relay.open.store(true, Ordering::SeqCst);
+        let (open, streams) = (relay.open.clone(), relay.streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                    continue;
+                };
+                if !open.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let mut held = streams.lock().unwrap();
+                held.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection through the relay and refuses new ones until `restore`.
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.streams.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A revocation made on a replica that could not reach Redis just then left the key's shared
+/// cache entry there, for other replicas to read. It is not left to the entry's ttl: the
+/// replica drops the entry as soon as it reaches Redis again and announces the change once
+/// more, so a replica that took the stale entry meanwhile refuses the key from then on.
+async fn a_shared_entry_a_replica_could_not_drop_is_dropped_once_it_can(backend: Backend) {
+    let redis = OwnRedis::start(free_port());
+    let relay = RedisRelay::start(redis.port);
+    let (direct, relayed) = (redis.url(), relay.url());
+    let check = ("SWITCHYARD_CLUSTER__VERSION_CHECK_MS", "200");
+    let first = spawn_app_with(
+        backend,
+        &[("SWITCHYARD_REDIS_URL", relayed.as_str()), check],
+    )
+    .await;
+    let mock = MockUpstream::start();
+    first
+        .add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let user = first.create_user(json!({})).await;
+    let (key_id, key) = first
+        .create_key(user["id"].as_str().unwrap(), json!({}))
+        .await;
+    let second = spawn_replica(&first, &[("SWITCHYARD_REDIS_URL", direct.as_str()), check]).await;
+    // Verified on the first replica, and shared through Redis in the background.
+    assert_eq!(first.chat(&key, hello()).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    relay.cut();
+    let (status, body) = first
+        .admin_json(
+            reqwest::Method::DELETE,
+            &format!("/admin/keys/{key_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The second replica finds the change by the configuration version, and reads the key
+    // from the stale shared entry.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    relay.restore();
+    let refused = eventually(15, || async {
+        match into_json(second.chat(&key, hello()).await).await {
+            (401, body) => Ok(body),
+            (status, body) => Err(format!("{status}: {body}")),
+        }
+    })
+    .await;
+    assert_eq!(refused["error"]["code"], "invalid_api_key");
 }
