@@ -210,7 +210,8 @@ impl Settings {
             config::Environment::with_prefix("SWITCHYARD")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
+                // Values stay text until a field's type reads them: `try_parsing` would turn
+                // a token such as `007` or `1e3` into a number and back (`7`, `1000`).
                 .source(Some(env.clone())),
         );
         for (name, key) in SHORT_ENV_NAMES {
@@ -327,6 +328,26 @@ mod tests {
         assert_eq!(s.server.workers, 3);
         assert_eq!(s.log.format, LogFormat::Json);
         assert_eq!(s.database_kind().unwrap(), DatabaseKind::Postgres);
+    }
+
+    #[test]
+    fn sectioned_values_keep_their_text_and_still_fill_typed_fields() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("SWITCHYARD_AUTH__ADMIN_TOKEN", "007"),
+                ("SWITCHYARD_REDIS__KEY_PREFIX", "1e3"),
+                ("SWITCHYARD_SERVER__MAX_BODY_BYTES", "1024"),
+                ("SWITCHYARD_METERING__SEED_PRICES", "false"),
+                ("SWITCHYARD_UPSTREAM__REQUEST_STREAM_USAGE", "TRUE"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.auth.admin_token, "007");
+        assert_eq!(s.redis.key_prefix, "1e3");
+        assert_eq!(s.server.max_body_bytes, 1024);
+        assert!(!s.metering.seed_prices);
+        assert!(s.upstream.request_stream_usage);
     }
 
     #[test]
