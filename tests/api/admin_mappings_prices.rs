@@ -36,6 +36,25 @@ async fn mappings_are_created_listed_and_deleted(backend: Backend) {
     assert_eq!(status, 201);
     assert_eq!(own["user_id"], user_id);
 
+    // A second mapping of the same name for the same owner could never apply: 409. The name
+    // is trimmed, as the target is. The same name for another owner is a mapping of its own.
+    let post = |body: Value| app.admin_json(Method::POST, "/admin/model-mappings", Some(body));
+    assert_error(
+        post(json!({"from": " gpt-4* ", "to": "o3"})).await,
+        409,
+        "conflict",
+    );
+    assert_error(
+        post(json!({"from": "fast", "to": "o3", "user_id": user_id})).await,
+        409,
+        "conflict",
+    );
+
+    let (status, everyone) = post(json!({"from": "fast", "to": "o3"})).await;
+    assert_eq!(status, 201, "{everyone}");
+    let path = format!("/admin/model-mappings/{}", everyone["id"].as_str().unwrap());
+    assert_eq!(app.admin_json(Method::DELETE, &path, None).await.0, 200);
+
     let (_, list) = app
         .admin_json(Method::GET, "/admin/model-mappings", None)
         .await;
@@ -123,18 +142,19 @@ async fn prices_are_seeded_set_replaced_and_listed(backend: Backend) {
                         "cached_input_per_mtok": 1.25})),
         )
         .await;
-    assert_eq!(status, 200, "{price}");
+    assert_eq!(status, 201, "a new price is created: {price}");
     assert_eq!(price["model"], "my-model");
     assert_eq!(price["input_per_mtok"], json!(2.5));
     assert_eq!(price["cached_input_per_mtok"], json!(1.25));
     assert_eq!(price["reasoning_per_mtok"], json!(null));
-    let (_, replaced) = app
+    let (status, replaced) = app
         .admin_json(
             Method::PUT,
             "/admin/prices/gpt-4o",
             Some(json!({"input_per_mtok": 0.15, "output_per_mtok": 0.6})),
         )
         .await;
+    assert_eq!(status, 200, "a price is replaced: {replaced}");
     assert_eq!(replaced["input_per_mtok"], json!(0.15));
     assert_eq!(replaced["cached_input_per_mtok"], json!(null));
     assert_eq!(

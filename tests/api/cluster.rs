@@ -201,7 +201,7 @@ async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
             Some(json!({"input_per_mtok": 1000, "output_per_mtok": 0})),
         )
         .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 201);
     let user = first.create_user(json!({"spend_limit_usd": 1.5})).await;
     let user_id = user["id"].as_str().unwrap();
     let (_, key) = first.create_key(user_id, json!({})).await;

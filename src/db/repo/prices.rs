@@ -1,7 +1,6 @@
 //! The `prices` table.
 
 use diesel::prelude::*;
-use diesel::upsert::excluded;
 use diesel_async::RunQueryDsl;
 
 use super::{split_page, Page};
@@ -11,27 +10,31 @@ use crate::db::{Db, DbError};
 use crate::domain::Price;
 use crate::with_conn;
 
-/// Creates or replaces the price of `price.model`.
-pub async fn upsert(db: &Db, price: &Price) -> Result<(), DbError> {
+/// Creates or replaces the price of `price.model`; says whether it was created.
+pub async fn upsert(db: &Db, price: &Price) -> Result<bool, DbError> {
     let row = PriceRow::from(price);
     with_conn!(db, |conn| {
-        diesel::insert_into(prices::table)
+        let created = diesel::insert_into(prices::table)
             .values(&row)
-            .on_conflict(prices::model)
-            .do_update()
+            .on_conflict_do_nothing()
+            .execute(conn)
+            .await?;
+        if created > 0 {
+            return Ok(true);
+        }
+        diesel::update(prices::table.find(&row.model))
             .set((
-                prices::input_per_mtok_nanos.eq(excluded(prices::input_per_mtok_nanos)),
-                prices::output_per_mtok_nanos.eq(excluded(prices::output_per_mtok_nanos)),
-                prices::cached_input_per_mtok_nanos
-                    .eq(excluded(prices::cached_input_per_mtok_nanos)),
-                prices::reasoning_per_mtok_nanos.eq(excluded(prices::reasoning_per_mtok_nanos)),
-                prices::per_image_nanos.eq(excluded(prices::per_image_nanos)),
-                prices::per_audio_second_nanos.eq(excluded(prices::per_audio_second_nanos)),
-                prices::updated_at.eq(excluded(prices::updated_at)),
+                prices::input_per_mtok_nanos.eq(row.input_per_mtok_nanos),
+                prices::output_per_mtok_nanos.eq(row.output_per_mtok_nanos),
+                prices::cached_input_per_mtok_nanos.eq(row.cached_input_per_mtok_nanos),
+                prices::reasoning_per_mtok_nanos.eq(row.reasoning_per_mtok_nanos),
+                prices::per_image_nanos.eq(row.per_image_nanos),
+                prices::per_audio_second_nanos.eq(row.per_audio_second_nanos),
+                prices::updated_at.eq(row.updated_at),
             ))
             .execute(conn)
             .await?;
-        Ok(())
+        Ok(false)
     })
 }
 

@@ -49,7 +49,9 @@ pub async fn create(
     body: web::Json<CreateMapping>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    check(rules::check_model_glob(&body.from))?;
+    // Trimmed as `to` is: a name asked for never has surrounding spaces to match.
+    let from = body.from.trim();
+    check(rules::check_model_glob(from))?;
     let to = body.to.trim();
     if to.is_empty() || to.len() > 256 || to.contains(['*', '?', '[', '{']) {
         return Err(ApiError::invalid(
@@ -61,12 +63,24 @@ pub async fn create(
     }
     let mapping = ModelMapping {
         id: ids::new_id("map"),
-        from: body.from,
+        from: from.to_owned(),
         to: to.to_owned(),
         user_id: body.user_id,
         created_at: now(),
     };
-    repo::mappings::insert(&state.db, &mapping).await?;
+    repo::mappings::insert(&state.db, &mapping)
+        .await
+        .map_err(|err| match err {
+            DbError::Conflict(_) => ApiError::conflict(format!(
+                "{} already maps {:?}: delete that mapping first",
+                match &mapping.user_id {
+                    Some(_) => "this user",
+                    None => "a system-wide mapping",
+                },
+                mapping.from
+            )),
+            other => other.into(),
+        })?;
     state.changed(Entity::ModelMapping, &mapping.id).await;
     tracing::info!(mapping_id = %mapping.id, "model mapping created");
     Ok(HttpResponse::Created().json(MappingView::from(&mapping)))

@@ -56,10 +56,16 @@ pub async fn put(
         .into_inner()
         .into_price(model)
         .map_err(ApiError::invalid)?;
-    repo::prices::upsert(&state.db, &price).await?;
+    let created = repo::prices::upsert(&state.db, &price).await?;
     state.changed(Entity::Price, &price.model).await;
-    tracing::info!(model = %price.model, "price set");
-    Ok(HttpResponse::Ok().json(PriceView::from(&price)))
+    tracing::info!(model = %price.model, created, "price set");
+    // Creating answers 201, as every create does; replacing answers 200.
+    let mut answer = if created {
+        HttpResponse::Created()
+    } else {
+        HttpResponse::Ok()
+    };
+    Ok(answer.json(PriceView::from(&price)))
 }
 
 /// `GET /admin/prices`.

@@ -1,0 +1,1 @@
+DROP INDEX model_mappings_from_owner;
