@@ -19,7 +19,7 @@ use crate::access::{self, Gate};
 use crate::crypto;
 use crate::db::{repo, Db, DbError};
 use crate::domain::api_key::PresentedKey;
-use crate::domain::User;
+use crate::domain::{User, UserKey};
 use crate::error::ApiError;
 use cache::VerifiedKey;
 pub use cache::{AuthCache, CachedUser};
@@ -104,6 +104,13 @@ impl Authenticator {
                         .insert_key(key_id.clone(), key.clone(), generation);
                     return self.check_state(key_id, &key).await;
                 }
+                // Read before waiting for a permit: a key that does not exist is refused at
+                // once, so a flood of made-up keys cannot queue ahead of real ones.
+                let stored = match repo::user_keys::get(&self.db, &key_id).await {
+                    Ok(stored) => stored,
+                    Err(DbError::NotFound) => return Err(invalid()),
+                    Err(other) => return Err(other.into()),
+                };
                 let _permit = self
                     .argon2_permits
                     .acquire()
@@ -113,7 +120,10 @@ impl Authenticator {
                 // verified by the time they get a permit, and skip argon2.
                 match self.cache.key_again(&key_id) {
                     Some(cached) => Self::check_cached(cached, &digest)?,
-                    None => self.verify_from_db(&key_id, &presented, digest).await?,
+                    None => {
+                        self.verify(&key_id, stored, &presented, digest, generation)
+                            .await?
+                    }
                 }
             }
         };
@@ -148,18 +158,16 @@ impl Authenticator {
         })
     }
 
-    async fn verify_from_db(
+    /// Checks the presented secret against the stored key with argon2; caches what passes, as
+    /// of cache `generation` (read before the key was).
+    async fn verify(
         &self,
         key_id: &str,
+        stored: UserKey,
         presented: &PresentedKey,
         digest: [u8; 32],
+        generation: u64,
     ) -> Result<VerifiedKey, ApiError> {
-        let generation = self.cache.generation();
-        let stored = match repo::user_keys::get(&self.db, key_id).await {
-            Ok(stored) => stored,
-            Err(DbError::NotFound) => return Err(ApiError::invalid_api_key("invalid API key")),
-            Err(other) => return Err(other.into()),
-        };
         let secret = presented.secret().to_owned();
         let hash = stored.key_hash.clone();
         // argon2 is deliberately slow: it runs on the blocking pool, never on a worker thread.
