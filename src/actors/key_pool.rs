@@ -216,7 +216,10 @@ impl KeyPoolActor {
             Outcome::Failed => {
                 slot.consecutive_failures += 1;
                 if slot.consecutive_failures >= self.policy.breaker_failures {
-                    slot.consecutive_failures = 0;
+                    // Half open once the rest is over: the next attempt is a probe, and its
+                    // failure opens the breaker again at once, where a reset count would let
+                    // `breaker_failures` more calls fail first. A success resets the count.
+                    slot.consecutive_failures = self.policy.breaker_failures - 1;
                     slot.resting_until =
                         later(slot.resting_until, Some(now + self.policy.breaker_open));
                     tracing::warn!(level = self.level, upstream_key_id = %slot.key.id, "upstream key failing; circuit open");

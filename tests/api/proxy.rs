@@ -1,10 +1,14 @@
 //! The data plane against the mock provider: forwarding, streaming, mapping, retry, cooldown,
 //! disabling, failover across levels, and the gateway errors.
 
+use std::time::Duration;
+
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_error, eventually, into_json, spawn_app, Backend, TestApp};
+use crate::helpers::{
+    assert_error, eventually, into_json, spawn_app, spawn_app_with, Backend, TestApp,
+};
 use crate::mock_upstream::{start_breaking_upstream, MockUpstream};
 use crate::on_both_backends;
 
@@ -16,6 +20,7 @@ on_both_backends!(
     a_401_from_the_provider_disables_the_key,
     a_403_refusing_the_model_is_the_callers_and_the_key_stays,
     server_errors_fail_over_to_the_users_fallback_level,
+    repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it,
     the_callers_own_errors_come_back_unretried,
     every_key_failing_is_a_gateway_error,
     a_slow_provider_is_a_504,
@@ -347,6 +352,48 @@ async fn server_errors_fail_over_to_the_users_fallback_level(backend: Backend) {
         into_json(app.chat(&plain, hello("m")).await).await,
         502,
         "upstream_error",
+    );
+}
+
+/// Repeated failures open a key's circuit breaker: calls go to the other keys while it is
+/// open, without trying it. When it has rested, one call probes it, and a failed probe opens
+/// it again at once.
+async fn repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[
+            ("SWITCHYARD_UPSTREAM__BREAKER_FAILURES", "2"),
+            ("SWITCHYARD_UPSTREAM__BREAKER_OPEN_SECS", "1"),
+        ],
+    )
+    .await;
+    let mock = MockUpstream::start();
+    for secret in ["r500-a", "ok-b"] {
+        app.add_upstream(upstream(&mock, secret, 1)).await;
+    }
+    let (_, key) = app.user_with_key().await;
+    let calls = |n: usize| {
+        let (app, key) = (&app, &key);
+        async move {
+            for _ in 0..n {
+                let (status, body) = into_json(app.chat(key, hello("m")).await).await;
+                assert_eq!(status, 200, "the healthy key answers: {body}");
+            }
+        }
+    };
+    calls(6).await;
+    assert_eq!(
+        mock.calls_with("r500-a"),
+        2,
+        "open after its second failure"
+    );
+    assert_eq!(mock.calls_with("ok-b"), 6);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    calls(6).await;
+    assert_eq!(
+        mock.calls_with("r500-a"),
+        3,
+        "one probe, open again at its failure"
     );
 }
 
