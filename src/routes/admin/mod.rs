@@ -114,8 +114,28 @@ fn check_admin_token(req: &ServiceRequest) -> Result<(), ApiError> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    #[serde(default, deserialize_with = "blank_as_none")]
     pub limit: Option<i64>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     pub offset: Option<i64>,
+}
+
+/// A query parameter given empty (`?user_id=&limit=`, as forms and URL templates send them)
+/// is read as left out, not refused or matched as an empty string.
+pub fn blank_as_none<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match Option::<String>::deserialize(de)? {
+        Some(text) if !text.trim().is_empty() => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}"))),
+        _ => Ok(None),
+    }
 }
 
 const DEFAULT_LIMIT: i64 = 100;

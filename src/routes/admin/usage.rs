@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use chrono::{NaiveDate, NaiveDateTime};
 use serde::{Deserialize, Serialize};
 
-use super::{parse_time, rfc3339, ListQuery, ListResponse};
+use super::{blank_as_none, parse_time, rfc3339, ListQuery, ListResponse};
 use crate::db::models::LogRow;
 use crate::db::repo;
 use crate::db::repo::logs::LogFilter;
@@ -18,11 +18,17 @@ use crate::state::AppState;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
+    #[serde(default, deserialize_with = "blank_as_none")]
     user_id: Option<String>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     since: Option<String>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     until: Option<String>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     group_by: Option<String>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     limit: Option<i64>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     offset: Option<i64>,
 }
 
@@ -116,9 +122,13 @@ pub async fn summary(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
+    #[serde(default, deserialize_with = "blank_as_none")]
     user_id: Option<String>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     status: Option<i32>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     limit: Option<i64>,
+    #[serde(default, deserialize_with = "blank_as_none")]
     offset: Option<i64>,
 }
 
