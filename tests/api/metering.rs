@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -26,6 +27,7 @@ on_both_backends!(
     the_budget_is_enforced_from_metered_spend,
     metrics_are_exported,
     usage_survives_sigterm_right_after_the_calls,
+    a_stream_in_flight_at_sigterm_is_finished_and_metered,
     usage_survives_a_database_outage,
     pruned_log_entries_keep_their_usage,
     a_retried_batch_is_stored_and_counted_once,
@@ -759,6 +761,44 @@ async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
         (20, 20 * 3_400_000, 20),
         "{log}"
     );
+}
+
+/// SIGTERM while a stream is on its way: the process finishes the stream (within
+/// `server.shutdown_timeout_secs`), meters it, and exits 0.
+async fn a_stream_in_flight_at_sigterm_is_finished_and_metered(backend: Backend) {
+    let (database_url, dir) = fresh_database_url(backend).await;
+    let dir = dir.unwrap_or_else(crate::helpers::tempdir::Dir::new);
+    let token = format!("admin-{}", uuid::Uuid::new_v4().simple());
+    let master_key = switchyard::crypto::MasterKey::generate_base64().unwrap();
+    let env = [
+        ("SWITCHYARD_DATABASE_URL", database_url.as_str()),
+        ("SWITCHYARD_ADMIN_TOKEN", token.as_str()),
+        ("SWITCHYARD_MASTER_KEY", master_key.as_str()),
+        ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "600000"),
+    ];
+    let server = Server::start(dir.path(), &env).await;
+    let app = TestApp::attach(&server.address, &token, &master_key, &database_url);
+    // `drip` streams 50 chunks over 5 s.
+    let (_mock, user_id, key) = setup(&app, "drip-t").await;
+    let mut body = hello("metered-model");
+    body["stream"] = json!(true);
+    let response = app.chat(&key, body).await;
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let mut text = String::from_utf8(chunks.next().await.unwrap().unwrap().to_vec()).unwrap();
+    server.send_sigterm();
+    while let Some(chunk) = chunks.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    assert_eq!(
+        text.matches("\"object\":\"chat.completion.chunk\"").count(),
+        50,
+        "every chunk: {text}"
+    );
+    let (status, log) = server.wait_for_exit();
+    assert!(status.success(), "exit status {status}: {log}");
+    let (requests, _, entries) = stored(&app.db(), &user_id).await;
+    assert_eq!((requests, entries), (1, 1), "{log}");
 }
 
 /// `calls` successful calls while the database is away, which comes back once writes have

@@ -69,9 +69,18 @@ impl Server {
     }
 
     /// Sends SIGTERM and returns the exit status.
-    pub(crate) fn terminate(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) fn terminate(self) -> (std::process::ExitStatus, String) {
+        self.send_sigterm();
+        self.wait_for_exit()
+    }
+
+    pub(crate) fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+
+    /// Waits (30 s at most) for the process to exit: its status and its log.
+    pub(crate) fn wait_for_exit(mut self) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
