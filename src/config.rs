@@ -80,6 +80,8 @@ pub struct UpstreamSettings {
     pub default_cooldown_secs: u64,
     pub breaker_failures: u32,
     pub breaker_open_secs: u64,
+    /// How often keys a provider refused are probed again; 0: never.
+    pub reprobe_interval_secs: u64,
     /// Whether streamed chat and text completions ask the provider for their usage
     /// (`stream_options.include_usage`) when the client did not.
     pub request_stream_usage: bool,

@@ -16,6 +16,7 @@ use tracing_actix_web::TracingLogger;
 use crate::access::Gate;
 use crate::actors::config_sync::{Caches, ConfigSyncActor};
 use crate::actors::key_pool::PoolPolicy;
+use crate::actors::key_prober::KeyProberActor;
 use crate::actors::rate_limiter::{LimiterUpkeep, RateLimiterActor};
 use crate::auth::cache::CacheStats;
 use crate::auth::{AuthCache, Authenticator, SharedCache};
@@ -138,6 +139,15 @@ impl Application {
             Duration::from_millis(settings.cluster.version_check_ms.max(50)),
         )
         .start();
+        if settings.upstream.reprobe_interval_secs > 0 {
+            KeyProberActor::new(
+                db.clone(),
+                secrets.master_key.clone(),
+                config_sync.clone(),
+                Duration::from_secs(settings.upstream.reprobe_interval_secs),
+            )
+            .start();
+        }
         let limiter = Arc::new(
             RateLimiter::new(
                 &settings.redis.url,

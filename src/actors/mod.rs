@@ -2,4 +2,5 @@
 
 pub mod config_sync;
 pub mod key_pool;
+pub mod key_prober;
 pub mod rate_limiter;

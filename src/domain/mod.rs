@@ -187,3 +187,9 @@ pub fn now() -> NaiveDateTime {
         .map(|t| t.naive_utc())
         .unwrap_or(now)
 }
+
+/// The `updated_at` of a new version of a record last stamped `seen`: now, and always after
+/// `seen`, so that a write-if-unchanged never mistakes the new version for the one it read.
+pub fn next_stamp(seen: NaiveDateTime) -> NaiveDateTime {
+    now().max(seen + chrono::Duration::microseconds(1))
+}

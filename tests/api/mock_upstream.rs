@@ -7,6 +7,7 @@
 //! | `r429` | 429 with `Retry-After: 7` |
 //! | `r500` | 500 |
 //! | `r401` | 401 |
+//! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
 //! | `noaccess` | like `ok`, but 403 `model_not_found` for `locked-model` |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
@@ -129,13 +130,21 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    calls.lock().unwrap().push(Received {
-        secret: secret.clone(),
-        path: req.path().to_owned(),
-        body: body.clone(),
-        raw,
-        content_type,
-    });
+    let first_with_secret = {
+        let mut calls = calls.lock().unwrap();
+        calls.push(Received {
+            secret: secret.clone(),
+            path: req.path().to_owned(),
+            body: body.clone(),
+            raw,
+            content_type,
+        });
+        calls.iter().filter(|c| c.secret == secret).count() == 1
+    };
+    if secret.starts_with("once401") && first_with_secret {
+        return HttpResponse::Unauthorized()
+            .json(json!({"error": {"message": "bad key", "code": "invalid_api_key"}}));
+    }
     if req.path().ends_with("/audio/transcriptions") {
         return HttpResponse::Ok().json(
             json!({"text": "hello from the mock", "usage": {"type": "duration", "seconds": 30}}),

@@ -19,6 +19,7 @@ on_both_backends!(
     a_429_cools_the_key_down_and_the_next_key_answers,
     a_401_from_the_provider_disables_the_key,
     a_403_refusing_the_model_is_the_callers_and_the_key_stays,
+    a_refused_key_is_probed_again_and_back_in_service_when_accepted,
     server_errors_fail_over_to_the_users_fallback_level,
     repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it,
     the_callers_own_errors_come_back_unretried,
@@ -319,6 +320,36 @@ async fn a_401_from_the_provider_disables_the_key(backend: Backend) {
 
 /// A 403 that refuses the model asked for (the key's project may not use it) refuses the call,
 /// not the key: passed on as the provider sent it, not retried, and the key serves on.
+/// A key the provider refused is probed again every `upstream.reprobe_interval_secs` and put
+/// back in service once the provider accepts it; a key an admin disabled is left alone.
+async fn a_refused_key_is_probed_again_and_back_in_service_when_accepted(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[("SWITCHYARD_UPSTREAM__REPROBE_INTERVAL_SECS", "1")],
+    )
+    .await;
+    let mock = MockUpstream::start();
+    let refused = app.add_upstream(upstream(&mock, "once401-a", 1)).await;
+    let mut off = upstream(&mock, "r401-off", 1);
+    off["enabled"] = json!(false);
+    app.add_upstream(off).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_eq!(status, 502, "the only key was refused: {body}");
+    key_in_state(&app, &refused, "disabled").await;
+    // The next round's probe (GET /models) is accepted: the key serves again.
+    let view = key_in_state(&app, &refused, "healthy").await;
+    assert_eq!(view["disabled_reason"], json!(null), "{view}");
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(mock.calls().iter().any(|c| c.path.ends_with("/models")));
+    assert_eq!(
+        mock.calls_with("r401-off"),
+        0,
+        "an admin's disable is not probed"
+    );
+}
+
 async fn a_403_refusing_the_model_is_the_callers_and_the_key_stays(backend: Backend) {
     let (app, mock, ids) = setup(backend, &[("noaccess-a", 1), ("noaccess-b", 1)]).await;
     let (_, key) = app.user_with_key().await;

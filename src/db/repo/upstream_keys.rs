@@ -111,6 +111,31 @@ pub async fn update(
     Ok(updated > 0)
 }
 
+/// Lifts a provider's refusal of `id` (and any cooldown), as a new version of the key so that
+/// every pool starts it afresh; only if the key is still the version stamped `seen`, still
+/// enabled and still refused. Says whether it was.
+pub async fn clear_rejection(db: &Db, id: &str, seen: NaiveDateTime) -> Result<bool, DbError> {
+    let stamp = crate::domain::next_stamp(seen);
+    let updated = with_conn!(db, |conn| {
+        diesel::update(
+            upstream_keys::table
+                .find(id)
+                .filter(upstream_keys::updated_at.eq(seen))
+                .filter(upstream_keys::enabled.eq(true))
+                .filter(upstream_keys::disabled_at.is_not_null()),
+        )
+        .set((
+            upstream_keys::disabled_at.eq(None::<NaiveDateTime>),
+            upstream_keys::disabled_reason.eq(None::<String>),
+            upstream_keys::cooldown_until.eq(None::<NaiveDateTime>),
+            upstream_keys::updated_at.eq(stamp),
+        ))
+        .execute(conn)
+        .await?
+    });
+    Ok(updated > 0)
+}
+
 /// Deletes a key.
 pub async fn delete(db: &Db, id: &str) -> Result<(), DbError> {
     let deleted = with_conn!(db, |conn| {

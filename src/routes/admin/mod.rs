@@ -212,12 +212,6 @@ where
     ))
 }
 
-/// The `updated_at` of a change to a record last stamped `seen`: now, and always after `seen`,
-/// so that a write-if-unchanged never mistakes a newer version for the one it read.
-pub fn next_stamp(seen: NaiveDateTime) -> NaiveDateTime {
-    crate::domain::now().max(seen + chrono::Duration::microseconds(1))
-}
-
 /// For PATCH fields that may be set to null: absent is `None`, null is `Some(None)`.
 pub fn double_option<'de, T, D>(de: D) -> Result<Option<Option<T>>, D::Error>
 where

@@ -212,7 +212,7 @@ pub async fn update(
         let mut key = load(&state, &id).await?;
         let seen = key.updated_at;
         let reset_health = apply_update(&state, &body, &mut key)?;
-        key.updated_at = super::next_stamp(seen);
+        key.updated_at = crate::domain::next_stamp(seen);
         let written = repo::upstream_keys::update(&state.db, &key, reset_health, seen).await?;
         Ok(written.then_some(key))
     })

@@ -231,7 +231,7 @@ pub async fn update(
         let mut user = load(&state, &id).await?;
         let seen = user.updated_at;
         fields.clone().apply(&mut user)?;
-        user.updated_at = super::next_stamp(seen);
+        user.updated_at = crate::domain::next_stamp(seen);
         let written = repo::users::update_rules(&state.db, &user, seen)
             .await
             .map_err(name_taken)?;
