@@ -314,13 +314,25 @@ impl RateLimiter {
             );
         }
         let retry_after = (outcome.retry_ms.max(1) as u64).div_ceil(1000);
+        let refused_by = refused_by.unwrap_or_default();
+        // A call estimated above a whole minute's tokens is refused however long it waits:
+        // say what would let it through rather than when to retry.
+        let never_fits = plan
+            .counters
+            .iter()
+            .any(|c| c.quota.tpm.is_some_and(|tpm| plan.tokens > tpm));
+        let message = if never_fits {
+            format!(
+                "rate limit exceeded: {refused_by}, more than a minute allows; lower max_tokens \
+                 or send less input"
+            )
+        } else {
+            format!("rate limit exceeded: {refused_by}; retry in {retry_after} s")
+        };
         let error = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_exceeded",
-            format!(
-                "rate limit exceeded: {}; retry in {retry_after} s",
-                refused_by.unwrap_or_default()
-            ),
+            message,
         )
         .with_header(RETRY_AFTER, HeaderValue::from(retry_after));
         Err(headers.apply_to_error(error))

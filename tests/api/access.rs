@@ -294,6 +294,13 @@ async fn tpm_is_settled_with_the_usage_the_answer_reports(backend: Backend) {
     assert_eq!(refused.status(), 429);
     assert_eq!(header(&refused, "x-ratelimit-remaining-tokens"), Some(0));
     assert!(header(&refused, "retry-after").is_some());
+    // A call that could not fit in a whole minute says how to make it fit.
+    let mut too_large = hello("gpt-4o-mini");
+    too_large["max_tokens"] = json!(5000);
+    let (status, body) = into_json(app.chat(&key, too_large).await).await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("lower max_tokens"), "{message}");
 }
 
 async fn tpm_is_settled_from_a_streamed_usage_chunk(backend: Backend) {
