@@ -36,18 +36,42 @@ pub async fn respond(
             response.insert_header((name.clone(), value.clone()));
         }
     }
-    let is_sse = upstream
+    let content_type = upstream
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let is_sse = content_type.starts_with("text/event-stream");
+    let is_json = content_type.starts_with("application/json");
+    if upstream.status().is_client_error() && !is_json {
+        // An error page from something in front of the provider (a proxy's HTML 404 or 413):
+        // the client gets the contract's JSON error with the same status, never the page.
+        meter.begin(upstream.status().as_u16(), false, false);
+        let error = ApiError::new(
+            upstream.status(),
+            "upstream_error",
+            format!(
+                "the upstream answered {} with {}, not an API error",
+                upstream.status().as_u16(),
+                match content_type.split(';').next().unwrap_or("") {
+                    "" => "no content type".to_owned(),
+                    kind => format!("a {kind} body"),
+                }
+            ),
+        );
+        meter.end(true);
+        meter.refused(&error);
+        return Err(error);
+    }
     if is_sse {
         response.insert_header((CACHE_CONTROL, "no-cache"));
     }
     meter.begin(upstream.status().as_u16(), is_sse, is_text(&upstream));
+    // Only a JSON answer names its model; audio, images and subtitles stream as they come.
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
     match (rename, is_sse) {
-        (Some(model), false) => {
+        (Some(model), false) if is_json => {
             // A whole JSON answer: restore the model name the client asked for.
             let body = match read_whole(upstream, idle, MAX_REWRITE_BODY).await {
                 Ok(body) => body,
@@ -61,7 +85,7 @@ pub async fn respond(
             meter.end(true);
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
-        (None, false) => {
+        (_, false) => {
             // A whole answer of known size: relayed as it arrives, keeping its length so the
             // client gets a plain (not chunked) body.
             let length = upstream
@@ -287,7 +311,9 @@ struct DoneWatcher {
 impl DoneWatcher {
     /// The watcher for a route's streams, when the route's streams have a known last event.
     fn for_path(path: &str) -> Option<Self> {
-        const DONE: &[&[u8]] = &[b"data: [DONE]"];
+        // At the start of a line, with or without the space SSE allows after the colon: the
+        // same text inside a delta's JSON string is not the end.
+        const DONE: &[&[u8]] = &[b"\ndata: [DONE]", b"\ndata:[DONE]"];
         // A response stream ends with one of these events (in its `type`, and its `event:` line).
         const RESPONSE_END: &[&[u8]] = &[
             b"\"response.completed\"",
@@ -303,7 +329,8 @@ impl DoneWatcher {
         };
         Some(DoneWatcher {
             markers,
-            tail: Vec::new(),
+            // The stream's start is a line's start.
+            tail: b"\n".to_vec(),
             seen: false,
         })
     }
@@ -509,6 +536,20 @@ mod tests {
         w.observe(b"leted\",\"response\":{}}\n\n");
         assert!(w.seen);
         assert!(DoneWatcher::for_path("/images/generations").is_none());
+    }
+
+    #[test]
+    fn done_is_a_line_of_its_own_with_or_without_a_space() {
+        let seen = |chunks: &[&[u8]]| {
+            let mut w = DoneWatcher::for_path("/chat/completions").unwrap();
+            chunks.iter().for_each(|c| w.observe(c));
+            w.seen
+        };
+        assert!(seen(&[b"data: [DONE]\n\n"]));
+        assert!(seen(&[b"data: {}\r\n\r\ndata:[DONE]\r\n\r\n"]));
+        assert!(seen(&[b"data: {}\n", b"\ndata:[DO", b"NE]\n\n"]));
+        // The same text inside a delta is content, not the end.
+        assert!(!seen(&[b"data: {\"content\":\"data: [DONE]\"}\n\n"]));
     }
 
     #[test]

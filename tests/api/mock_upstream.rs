@@ -8,6 +8,7 @@
 //! | `r500` | 500 |
 //! | `r401` | 401 |
 //! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
+//! | `html` | 404 with an HTML page, as a proxy in front of a provider answers a wrong path |
 //! | `noaccess` | like `ok`, but 403 `model_not_found` for `locked-model` |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
@@ -141,6 +142,11 @@ async fn handle(
         });
         calls.iter().filter(|c| c.secret == secret).count() == 1
     };
+    if secret.starts_with("html") {
+        return HttpResponse::NotFound()
+            .content_type("text/html; charset=utf-8")
+            .body("<html><body><h1>404 Not Found</h1></body></html>");
+    }
     if secret.starts_with("once401") && first_with_secret {
         return HttpResponse::Unauthorized()
             .json(json!({"error": {"message": "bad key", "code": "invalid_api_key"}}));

@@ -24,6 +24,7 @@ on_both_backends!(
     repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it,
     the_callers_own_errors_come_back_unretried,
     every_key_failing_is_a_gateway_error,
+    an_html_error_page_comes_back_as_a_json_error,
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
@@ -449,6 +450,32 @@ async fn the_callers_own_errors_come_back_unretried(backend: Backend) {
         "round robin reached both keys; the 400 was not retried"
     );
     assert_eq!(mock.calls().len(), 2);
+}
+
+/// An error page from something in front of the provider reaches the client as the
+/// contract's JSON error, with the page's status; the key stays in service.
+async fn an_html_error_page_comes_back_as_a_json_error(backend: Backend) {
+    let (app, mock, ids) = setup(backend, &[("html-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let response = app.chat(&key, hello("m")).await;
+    assert_eq!(response.status(), 404);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
+    let (_, body) = into_json(response).await;
+    assert_eq!(body["error"]["code"], "upstream_error", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("text/html") && !message.contains("<html>"),
+        "{message}"
+    );
+    assert_eq!(mock.calls().len(), 1, "the caller's answer, not retried");
+    assert_eq!(key_view(&app, &ids[0]).await["state"], "healthy");
 }
 
 async fn every_key_failing_is_a_gateway_error(backend: Backend) {
