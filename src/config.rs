@@ -82,6 +82,8 @@ pub struct UpstreamSettings {
     pub breaker_open_secs: u64,
     /// How often keys a provider refused are probed again; 0: never.
     pub reprobe_interval_secs: u64,
+    /// Rest for a key whose account is out of credit (402, or 429 `insufficient_quota`).
+    pub quota_cooldown_secs: u64,
     /// Whether streamed chat and text completions ask the provider for their usage
     /// (`stream_options.include_usage`) when the client did not.
     pub request_stream_usage: bool,

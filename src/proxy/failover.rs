@@ -80,16 +80,34 @@ pub async fn send(
                 Ok(response) => {
                     let status = response.status();
                     // A 401 refuses the key; a 403 may refuse the call instead, and is then
-                    // the caller's answer like any other.
-                    let (response, key_refused) = match status.as_u16() {
-                        401 => (response, true),
-                        403 => match refusal_of_the_call(response, timeout).await {
-                            Ok(response) => (response, false),
-                            Err(response) => (response, true),
-                        },
-                        _ => (response, false),
+                    // the caller's answer like any other. A 402, or a 429 for a quota used
+                    // up, is the key's account out of credit: it rests long, as it will not
+                    // recover in seconds.
+                    let (response, code) = match status.as_u16() {
+                        403 | 429 => read_error_code(response, timeout).await,
+                        _ => (response, ErrorCode::NotRead),
                     };
-                    if status == StatusCode::TOO_MANY_REQUESTS {
+                    let key_refused = match status.as_u16() {
+                        401 => true,
+                        403 => match &code {
+                            ErrorCode::Json(Some(code)) => !CALL_REFUSALS.contains(&code.as_str()),
+                            ErrorCode::Json(None) | ErrorCode::Unreadable => true,
+                            // Not an API error: a page from a firewall or proxy in front of the
+                            // provider, about this call.
+                            ErrorCode::NotJson | ErrorCode::NotRead => false,
+                        },
+                        _ => false,
+                    };
+                    let out_of_credit = status == StatusCode::PAYMENT_REQUIRED
+                        || matches!(&code, ErrorCode::Json(Some(c)) if c == "insufficient_quota");
+                    if out_of_credit {
+                        report(Outcome::RateLimited(Duration::from_secs(
+                            settings.quota_cooldown_secs,
+                        )));
+                        tracing::warn!(upstream_key_id = %key.id, level, status = status.as_u16(), "upstream key out of credit; resting it and trying the next key");
+                        failures.push((key.id.clone(), "out_of_credit"));
+                        last = LastFailure::Upstream;
+                    } else if status == StatusCode::TOO_MANY_REQUESTS {
                         report(Outcome::RateLimited(retry_after(
                             &response,
                             settings.default_cooldown_secs,
@@ -160,18 +178,31 @@ pub async fn send(
     }
 }
 
-/// Error codes of a provider's 403 that refuse the call, not the key: OpenAI answers 403
+/// Error codes of a provider's 403 that refuse the call, not the key (as does a 403 whose body
+/// is not an API error at all: a firewall's or proxy's page about this call): OpenAI answers 403
 /// `model_not_found` when the key's project may not use the model asked for, and
 /// `unsupported_country_region_territory` to every key from where the router runs. Disabling
 /// keys for these would take every key out of service on one caller's request.
 const CALL_REFUSALS: [&str; 2] = ["model_not_found", "unsupported_country_region_territory"];
 
-/// A 403 read to tell whether it refuses the call (`Ok`: the response, its body put back, to
-/// be passed on as the caller's error) or the key (`Err`).
-async fn refusal_of_the_call(
+/// The `error.code` of a provider's error answer, as far as it could be read.
+enum ErrorCode {
+    /// The body was not read (not needed for this status).
+    NotRead,
+    /// The body could not be read in time.
+    Unreadable,
+    /// The body is not an API error in JSON.
+    NotJson,
+    /// An API error, with its code if it has one.
+    Json(Option<String>),
+}
+
+/// Reads a provider's error answer (64 KiB at most) for its `error.code`, and puts the body
+/// back so the answer can still be passed on.
+async fn read_error_code(
     mut response: UpstreamResponse,
     timeout: Duration,
-) -> Result<UpstreamResponse, UpstreamResponse> {
+) -> (UpstreamResponse, ErrorCode) {
     #[derive(serde::Deserialize)]
     struct Refusal {
         error: Detail,
@@ -182,17 +213,14 @@ async fn refusal_of_the_call(
     }
     let body = match tokio::time::timeout(timeout, response.body().limit(64 * 1024)).await {
         Ok(Ok(body)) => body,
-        _ => return Err(response),
+        _ => return (response, ErrorCode::Unreadable),
     };
-    let names_the_call = serde_json::from_slice::<Refusal>(&body)
-        .ok()
-        .and_then(|r| r.error.code)
-        .is_some_and(|code| CALL_REFUSALS.contains(&code.as_str()));
+    let code = match serde_json::from_slice::<Refusal>(&body) {
+        Ok(refusal) => ErrorCode::Json(refusal.error.code),
+        Err(_) => ErrorCode::NotJson,
+    };
     let response: UpstreamResponse = response.map_body(|_, _| actix_web::dev::Payload::from(body));
-    match names_the_call {
-        true => Ok(response),
-        false => Err(response),
-    }
+    (response, code)
 }
 
 /// One attempt with one key.

@@ -9,6 +9,9 @@
 //! | `r401` | 401 |
 //! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
 //! | `html` | 404 with an HTML page, as a proxy in front of a provider answers a wrong path |
+//! | `waf403` | 403 with an HTML page, as a firewall in front of a provider refuses a call |
+//! | `r402` | 402, an account out of credit (as DeepSeek and OpenRouter answer) |
+//! | `quota` | 429 `insufficient_quota`, without `Retry-After` (as OpenAI answers) |
 //! | `noaccess` | like `ok`, but 403 `model_not_found` for `locked-model` |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
@@ -142,6 +145,21 @@ async fn handle(
         });
         calls.iter().filter(|c| c.secret == secret).count() == 1
     };
+    if secret.starts_with("waf403") {
+        return HttpResponse::Forbidden()
+            .content_type("text/html")
+            .body("<html><body>Request blocked</body></html>");
+    }
+    if secret.starts_with("r402") {
+        return HttpResponse::PaymentRequired().json(
+            json!({"error": {"message": "Insufficient Balance", "code": "insufficient_balance"}}),
+        );
+    }
+    if secret.starts_with("quota") {
+        return HttpResponse::TooManyRequests().json(json!({"error": {
+            "message": "You exceeded your current quota", "type": "insufficient_quota",
+            "code": "insufficient_quota"}}));
+    }
     if secret.starts_with("html") {
         return HttpResponse::NotFound()
             .content_type("text/html; charset=utf-8")

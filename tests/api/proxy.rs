@@ -25,6 +25,7 @@ on_both_backends!(
     the_callers_own_errors_come_back_unretried,
     every_key_failing_is_a_gateway_error,
     an_html_error_page_comes_back_as_a_json_error,
+    keys_out_of_credit_rest_and_a_firewall_403_is_the_callers,
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
@@ -475,6 +476,36 @@ async fn an_html_error_page_comes_back_as_a_json_error(backend: Backend) {
         "{message}"
     );
     assert_eq!(mock.calls().len(), 1, "the caller's answer, not retried");
+    assert_eq!(key_view(&app, &ids[0]).await["state"], "healthy");
+}
+
+/// A key whose account is out of credit (402, or 429 `insufficient_quota`) rests for
+/// `upstream.quota_cooldown_secs` and the call goes to the next key; a firewall's 403 page
+/// refuses the call, not the key.
+async fn keys_out_of_credit_rest_and_a_firewall_403_is_the_callers(backend: Backend) {
+    let (app, mock, ids) = setup(backend, &[("r402-a", 1), ("quota-b", 1), ("ok-c", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    for _ in 0..4 {
+        let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(mock.calls_with("r402-a"), 1);
+    assert_eq!(mock.calls_with("quota-b"), 1);
+    for id in &ids[..2] {
+        let view = key_in_state(&app, id, "cooling_down").await;
+        let until =
+            chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap()).unwrap();
+        let rest = until
+            .signed_duration_since(chrono::Utc::now())
+            .num_seconds();
+        assert!(rest > 3000, "rests about an hour: {view}");
+    }
+
+    let (app, mock, ids) = setup(backend, &[("waf403-a", 1), ("ok-b", 2)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_error((status, body), 403, "upstream_error");
+    assert_eq!(mock.calls().len(), 1, "not retried");
     assert_eq!(key_view(&app, &ids[0]).await["state"], "healthy");
 }
 
