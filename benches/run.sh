@@ -41,7 +41,7 @@ need() {
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
-need nginx nginx-light
+need nginx nginx
 need wrk wrk
 need taskset util-linux
 need curl curl

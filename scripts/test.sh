@@ -11,6 +11,8 @@ PG_PORT=5432
 PG_USER=postgres
 PG_PASSWORD=postgres
 REDIS_URL="${SWITCHYARD_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+REDIS_PORT=$(echo "$REDIS_URL" | sed -E 's#^redis://([^/]*@)?[^:/]*:?([0-9]*).*#\2#')
+REDIS_PORT=${REDIS_PORT:-6379}
 
 log() { printf '==> %s\n' "$*"; }
 
@@ -28,7 +30,8 @@ apt_install() {
 
 INSTALLED_POSTGRES=0
 
-pg_url() { echo "postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/${1:-postgres}"; }
+# A developer's own server is used as SWITCHYARD_TEST_PG_URL names it.
+pg_url() { echo "${SWITCHYARD_TEST_PG_URL:-postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/postgres}"; }
 
 pg_ok() { psql "$(pg_url)" -Atqc 'SELECT 1' >/dev/null 2>&1; }
 
@@ -51,7 +54,11 @@ ensure_postgres() {
     log "setting a password for the postgres role"
     as_root runuser -u postgres -- psql -q -c "ALTER USER postgres PASSWORD '$PG_PASSWORD'" >/dev/null
   fi
-  pg_ok || { echo "PostgreSQL is not reachable at $(pg_url | sed 's/:[^:@]*@/:***@/')" >&2; exit 1; }
+  pg_ok || {
+    echo "PostgreSQL at $(pg_url | sed 's/:[^:@]*@/:***@/') is running but refuses the test" \
+      "login: set SWITCHYARD_TEST_PG_URL to a superuser URL of yours" >&2
+    exit 1
+  }
 }
 
 redis_ok() { redis-cli -u "$REDIS_URL" ping 2>/dev/null | grep -q PONG; }
@@ -61,7 +68,8 @@ ensure_redis() {
   command -v redis-cli >/dev/null || apt_install redis-tools
   if ! redis_ok; then
     log "starting Redis"
-    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+    redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \
+      >/dev/null || { echo "cannot start redis-server on port $REDIS_PORT" >&2; exit 1; }
     for _ in $(seq 1 30); do redis_ok && break; sleep 0.5; done
   fi
   redis_ok || { echo "Redis is not reachable at $REDIS_URL" >&2; exit 1; }
@@ -69,20 +77,34 @@ ensure_redis() {
 
 # The official OpenAI Python SDK, for the tests that drive Switchyard through it.
 ensure_openai_sdk() {
-  command -v python3 >/dev/null || apt_install python3 python3-pip
+  command -v python3 >/dev/null || apt_install python3
+  # Debian's python3 comes without pip.
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
   PYLIB="$HOME/.cache/switchyard-pylib"
   if ! PYTHONPATH="$PYLIB" python3 -c 'import openai' 2>/dev/null; then
     log "installing the openai Python SDK into $PYLIB"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$PYLIB" 'openai>=1.40,<3'
+    python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$PYLIB" \
+      'openai>=1.40,<3'
   fi
   export SWITCHYARD_TEST_PYTHONPATH="$PYLIB"
 }
 
 # nginx, the load balancer in front of the multi-replica (fleet) test.
 ensure_nginx() {
-  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx-light
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
 }
 
+# The Rust toolchain comes from rustup (Debian's cargo is too old); crates that build C
+# (SQLite, ring, mimalloc) and the linker need a C compiler.
+ensure_toolchain() {
+  command -v cargo >/dev/null || {
+    echo "cargo not found: install Rust (1.85 or later) with rustup, https://rustup.rs" >&2
+    exit 1
+  }
+  command -v cc >/dev/null || apt_install build-essential
+}
+
+ensure_toolchain
 ensure_postgres
 ensure_redis
 ensure_openai_sdk
@@ -103,7 +125,8 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "deploy/: Kubernetes manifests"
 bash scripts/validate-deploy.sh
 log "cargo test"
-cargo test --all-targets --quiet -- --skip fleet:: 2>&1 | tee "${TMPDIR:-/tmp}/switchyard-test.log"
+# Bounded, so a test that hangs fails the run instead of using up CI's time.
+timeout 60m cargo test --all-targets --quiet -- --skip fleet:: 2>&1 | tee "${TMPDIR:-/tmp}/switchyard-test.log"
 # Three real binaries behind nginx on one PostgreSQL and one Redis; shown with its figures.
 log "fleet: three replicas behind nginx"
-cargo test --quiet --test api -- fleet:: --nocapture 2>&1 | tee -a "${TMPDIR:-/tmp}/switchyard-test.log"
+timeout 20m cargo test --quiet --test api -- fleet:: --nocapture 2>&1 | tee -a "${TMPDIR:-/tmp}/switchyard-test.log"
