@@ -1,7 +1,7 @@
 //! `/admin/users` and the admin token.
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::{assert_error, into_json, spawn_app, Backend};
 use crate::on_both_backends;
@@ -317,17 +317,7 @@ async fn concurrent_patches_of_different_fields_all_land(backend: Backend) {
             json!({"spend_limit_usd": 5.0}),
             json!({"fallback_levels": [4]}),
         ];
-        let patches = changes
-            .iter()
-            .map(|change| app.admin_json(Method::PATCH, &path, Some(change.clone())));
-        for (status, body) in futures_util::future::join_all(patches).await {
-            assert_eq!(status, 200, "{body}");
-        }
-        let (_, user) = app.admin_json(Method::GET, &path, None).await;
-        for change in &changes {
-            let (field, value) = change.as_object().unwrap().iter().next().unwrap();
-            assert_eq!(&user[field], value, "{field} in {user}");
-        }
+        patch_at_once_and_check(&app, &path, &changes).await;
     }
 
     let key = app
@@ -340,16 +330,22 @@ async fn concurrent_patches_of_different_fields_all_land(backend: Backend) {
         json!({"level": 2}),
         json!({"models": ["gpt-4o*"]}),
     ];
+    patch_at_once_and_check(&app, &path, &changes).await;
+}
+
+/// Sends every one-field PATCH in `changes` to `path` at once, then checks that each field
+/// holds its new value.
+async fn patch_at_once_and_check(app: &crate::helpers::TestApp, path: &str, changes: &[Value]) {
     let patches = changes
         .iter()
-        .map(|change| app.admin_json(Method::PATCH, &path, Some(change.clone())));
+        .map(|change| app.admin_json(Method::PATCH, path, Some(change.clone())));
     for (status, body) in futures_util::future::join_all(patches).await {
         assert_eq!(status, 200, "{body}");
     }
-    let (_, key) = app.admin_json(Method::GET, &path, None).await;
-    for change in &changes {
+    let (_, record) = app.admin_json(Method::GET, path, None).await;
+    for change in changes {
         let (field, value) = change.as_object().unwrap().iter().next().unwrap();
-        assert_eq!(&key[field], value, "{field} in {key}");
+        assert_eq!(&record[field], value, "{field} in {record}");
     }
 }
 

@@ -734,12 +734,15 @@ async fn stored(db: &switchyard::db::Db, user_id: &str) -> (i64, i64, usize) {
     )
 }
 
-async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
+/// The real binary on a fresh database, writing no metering on a timer (only the shutdown
+/// flush can store calls), and the app attached to it. The directory holds its files.
+async fn binary_metering_only_at_exit(
+    backend: Backend,
+) -> (Server, TestApp, crate::helpers::tempdir::Dir) {
     let (database_url, dir) = fresh_database_url(backend).await;
     let dir = dir.unwrap_or_else(crate::helpers::tempdir::Dir::new);
     let token = format!("admin-{}", uuid::Uuid::new_v4().simple());
     let master_key = switchyard::crypto::MasterKey::generate_base64().unwrap();
-    // Nothing is written on a timer: only the shutdown flush can store these calls.
     let env = [
         ("SWITCHYARD_DATABASE_URL", database_url.as_str()),
         ("SWITCHYARD_ADMIN_TOKEN", token.as_str()),
@@ -748,6 +751,11 @@ async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
     ];
     let server = Server::start(dir.path(), &env).await;
     let app = TestApp::attach(&server.address, &token, &master_key, &database_url);
+    (server, app, dir)
+}
+
+async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
+    let (server, app, _dir) = binary_metering_only_at_exit(backend).await;
     let (_mock, user_id, key) = setup(&app, "usage-t").await;
     let calls = (0..20).map(|_| app.chat(&key, hello("metered-model")));
     for response in futures_util::future::join_all(calls).await {
@@ -766,18 +774,7 @@ async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
 /// SIGTERM while a stream is on its way: the process finishes the stream (within
 /// `server.shutdown_timeout_secs`), meters it, and exits 0.
 async fn a_stream_in_flight_at_sigterm_is_finished_and_metered(backend: Backend) {
-    let (database_url, dir) = fresh_database_url(backend).await;
-    let dir = dir.unwrap_or_else(crate::helpers::tempdir::Dir::new);
-    let token = format!("admin-{}", uuid::Uuid::new_v4().simple());
-    let master_key = switchyard::crypto::MasterKey::generate_base64().unwrap();
-    let env = [
-        ("SWITCHYARD_DATABASE_URL", database_url.as_str()),
-        ("SWITCHYARD_ADMIN_TOKEN", token.as_str()),
-        ("SWITCHYARD_MASTER_KEY", master_key.as_str()),
-        ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "600000"),
-    ];
-    let server = Server::start(dir.path(), &env).await;
-    let app = TestApp::attach(&server.address, &token, &master_key, &database_url);
+    let (server, app, _dir) = binary_metering_only_at_exit(backend).await;
     // `drip` streams 50 chunks over 5 s.
     let (_mock, user_id, key) = setup(&app, "drip-t").await;
     let mut body = hello("metered-model");
