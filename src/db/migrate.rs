@@ -20,8 +20,18 @@ const MIGRATION_LOCK_ID: i64 = 0x5357_4954_4348_5944;
 pub fn run_pending(url: &str) -> anyhow::Result<usize> {
     match DatabaseKind::from_url(url)? {
         DatabaseKind::Postgres => {
-            let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(url)
+            // diesel's harness is synchronous: the wrapper blocks on this runtime's handle,
+            // whose worker thread drives the connection (TLS or not, as the URL asks).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("starting the migrations' runtime")?;
+            let _entered = runtime.enter();
+            let conn = runtime
+                .block_on(super::pg_tls::establish(url))
                 .context("connecting to PostgreSQL")?;
+            let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
             diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))
                 .execute(&mut conn)
                 .context("taking the migration lock")?;

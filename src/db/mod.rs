@@ -2,6 +2,7 @@
 
 pub mod migrate;
 pub mod models;
+pub mod pg_tls;
 pub mod repo;
 pub mod schema;
 mod sqlite_writer;
@@ -143,6 +144,10 @@ impl Db {
                 // A checkout must not cost a round trip; a dead connection surfaces as an error
                 // on first use and is dropped by the pool.
                 config.recycling_method = RecyclingMethod::Fast;
+                config.custom_setup = Box::new(|url: &str| {
+                    let url = url.to_owned();
+                    async move { pg_tls::establish(&url).await }.boxed()
+                });
                 let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
                     settings.url.clone(),
                     config,

@@ -166,6 +166,13 @@ pub async fn spawn_app_with(backend: Backend, extra: &[(&str, &str)]) -> TestApp
     app
 }
 
+/// The application on the database at `database_url` (already created), with new secrets.
+pub async fn spawn_app_at(database_url: &str) -> TestApp {
+    let admin_token = format!("test-admin-{}", uuid::Uuid::new_v4().simple());
+    let master_key = MasterKey::generate_base64().unwrap();
+    start(database_url, &admin_token, &master_key, &[]).await
+}
+
 /// Another instance of `app` (a replica): same database and secrets, its own port.
 pub async fn spawn_replica(app: &TestApp, extra: &[(&str, &str)]) -> TestApp {
     start(&app.database_url, &app.admin_token, &app.master_key, extra).await

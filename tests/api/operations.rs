@@ -11,7 +11,7 @@ use switchyard::crypto::MasterKey;
 
 use crate::helpers::{
     binary, eventually, free_port, fresh_database_url, into_json, pg_admin_url, spawn_app,
-    spawn_mock_provider, tempdir, Backend, Outage,
+    spawn_app_at, spawn_mock_provider, tempdir, Backend, Outage,
 };
 use crate::on_both_backends;
 
@@ -298,6 +298,46 @@ async fn replicas_migrating_one_postgres_at_once_do_not_race() {
         1,
         "exactly one replica migrated"
     );
+}
+
+/// `sslmode=require` in the database URL: the migrations, the pool and metering's pool all
+/// connect over TLS (the test server has Debian's self-signed certificate). `verify-full`
+/// refuses that certificate, which no trusted root signed.
+#[actix_web::test]
+async fn postgres_is_reached_over_tls_when_the_url_asks() {
+    let (url, _) = fresh_database_url(Backend::Postgres).await;
+    let app = spawn_app_at(&format!("{url}?sslmode=require")).await;
+    let user = app.create_user(json!({"name": "over-tls"})).await;
+    let (_, key) = app
+        .create_key(user["id"].as_str().unwrap(), json!({}))
+        .await;
+    let (status, _) = app.call_with_key(&key).await;
+    assert_eq!(status, 200, "a call authenticated from the database");
+    let database = url.rsplit_once('/').unwrap().1.to_owned();
+    let (client, connection) = tokio_postgres::connect(&pg_admin_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    actix_web::rt::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
+            &[&database],
+        )
+        .await
+        .unwrap();
+    let (encrypted, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        all > 0 && encrypted == all,
+        "{encrypted} of {all} connections encrypted"
+    );
+
+    let refused = switchyard::db::pg_tls::establish(&format!("{url}?sslmode=verify-full")).await;
+    let error = refused
+        .err()
+        .expect("an untrusted certificate is refused")
+        .to_string();
+    assert!(error.contains("certificate"), "{error}");
 }
 
 #[actix_web::test]
