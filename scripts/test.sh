@@ -66,6 +66,8 @@ redis_ok() { redis-cli -u "$REDIS_URL" ping 2>/dev/null | grep -q PONG; }
 ensure_redis() {
   command -v redis-server >/dev/null || apt_install redis-server
   command -v redis-cli >/dev/null || apt_install redis-tools
+  # The Redis-over-TLS test makes its own certificate.
+  command -v openssl >/dev/null || apt_install openssl
   if ! redis_ok; then
     log "starting Redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no \

@@ -26,6 +26,7 @@ on_both_backends!(
     upstream_key_cooldowns_and_refusals_are_shared,
     a_key_verified_on_one_replica_is_trusted_by_another,
     a_shared_entry_a_replica_could_not_drop_is_dropped_once_it_can,
+    redis_is_reached_over_tls_with_a_rediss_url,
 );
 
 fn hello() -> Value {
@@ -88,6 +89,55 @@ impl OwnRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
+        Self::wait_listening(port, child)
+    }
+
+    /// A server that speaks only TLS on `port`, with a self-signed certificate made in `dir`
+    /// (clients are not asked for certificates).
+    pub(crate) fn start_tls(port: u16, dir: &std::path::Path) -> Self {
+        let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl is installed");
+        assert!(made.success(), "openssl made no certificate");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        Self::wait_listening(port, child)
+    }
+
+    fn wait_listening(port: u16, child: Child) -> Self {
         let redis = OwnRedis {
             port,
             child: Some(child),
@@ -570,4 +620,33 @@ async fn a_shared_entry_a_replica_could_not_drop_is_dropped_once_it_can(backend:
     })
     .await;
     assert_eq!(refused["error"]["code"], "invalid_api_key");
+}
+
+/// A `rediss://` URL: limits, the shared caches and the announcements all go to Redis over
+/// TLS (`#insecure` takes the test server's self-signed certificate as it comes).
+async fn redis_is_reached_over_tls_with_a_rediss_url(backend: Backend) {
+    let dir = crate::helpers::tempdir::Dir::new();
+    let redis = OwnRedis::start_tls(free_port(), dir.path());
+    let url = format!("rediss://127.0.0.1:{}/#insecure", redis.port);
+    let app = spawn_app_with(backend, &[("SWITCHYARD_REDIS_URL", url.as_str())]).await;
+    assert_eq!(redis_status(&app).await, (200, "ok".to_owned()));
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let key = user_key(&app, json!({"rpm": 1})).await;
+    assert_eq!(app.chat(&key, hello()).await.status(), 200);
+    assert_error(
+        into_json(app.chat(&key, hello()).await).await,
+        429,
+        "rate_limit_exceeded",
+    );
+    // The window is in Redis, read back over TLS.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let windows: Vec<String> = redis::cmd("KEYS")
+        .arg("*rl:*")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(!windows.is_empty(), "no rate window in Redis");
 }
