@@ -28,6 +28,7 @@ use crate::limits::redis_store::RedisLink;
 use crate::limits::{self, RateLimiter};
 use crate::metering::metrics::Metrics;
 use crate::metering::Metering;
+use crate::proxy::affinity::ResponseAffinity;
 use crate::proxy::{Proxy, Worker};
 use crate::routes;
 use crate::routing::{KeyPools, ModelMapper};
@@ -175,6 +176,7 @@ impl Application {
             limiter: limiter.clone(),
             recorder: metering.recorder.clone(),
             spend: metering.spend.clone(),
+            affinity: Arc::new(ResponseAffinity::new(shared_cache.clone())),
         });
         let gate = web::Data::new(Gate::new(settings.trusted_proxies()?));
         let connect_timeout = Duration::from_secs(settings.upstream.connect_timeout_secs);

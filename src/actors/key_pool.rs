@@ -56,6 +56,8 @@ pub struct Lease {
     pub provider: Provider,
     pub model: String,
     pub exclude: Vec<String>,
+    /// A key to hand out before any other when it can serve (it holds what the call follows).
+    pub prefer: Option<String>,
 }
 
 /// How an attempt with a key ended.
@@ -103,6 +105,15 @@ struct Slot {
 }
 
 impl Slot {
+    fn leased(&self) -> LeasedKey {
+        LeasedKey {
+            id: self.key.id.clone(),
+            provider: self.key.provider,
+            base_url: self.key.base_url.clone(),
+            authorization: self.key.authorization.clone(),
+        }
+    }
+
     fn can_serve(&self, msg: &Lease, now: Instant) -> bool {
         let key = &self.key;
         key.enabled
@@ -175,6 +186,16 @@ impl KeyPoolActor {
     /// richest is picked and pays back the total, which spreads picks evenly by weight.
     fn lease(&mut self, msg: &Lease) -> Option<LeasedKey> {
         let now = Instant::now();
+        if let Some(preferred) = &msg.prefer {
+            // Outside the round robin: the turn of the other keys is not taken.
+            let slot = self
+                .slots
+                .iter()
+                .find(|s| &s.key.id == preferred && s.can_serve(msg, now));
+            if let Some(slot) = slot {
+                return Some(slot.leased());
+            }
+        }
         let mut total = 0;
         let mut best: Option<usize> = None;
         for i in 0..self.slots.len() {
@@ -190,12 +211,7 @@ impl KeyPoolActor {
         }
         let slot = &mut self.slots[best?];
         slot.current -= total;
-        Some(LeasedKey {
-            id: slot.key.id.clone(),
-            provider: slot.key.provider,
-            base_url: slot.key.base_url.clone(),
-            authorization: slot.key.authorization.clone(),
-        })
+        Some(slot.leased())
     }
 
     fn report(&mut self, msg: Report) {

@@ -38,6 +38,8 @@ const TAG_LEN: usize = 32;
 pub enum Kind {
     Key,
     User,
+    /// The upstream key that created a stored response (`/v1/responses`).
+    Response,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
         match self {
             Kind::Key => "key",
             Kind::User => "user",
+            Kind::Response => "response",
         }
     }
 }
@@ -70,6 +73,7 @@ struct Inner {
     skip_until_ms: AtomicI64,
     keys: LayerStats,
     users: LayerStats,
+    responses: LayerStats,
 }
 
 impl SharedCache {
@@ -102,6 +106,7 @@ impl SharedCache {
                 skip_until_ms: AtomicI64::new(0),
                 keys: stats("user_keys"),
                 users: stats("users"),
+                responses: stats("response_keys"),
             }),
         }))
     }
@@ -134,6 +139,16 @@ impl SharedCache {
     /// Shares a user this replica read (in the background).
     pub fn remember_user(self: &Arc<Self>, user: &User) {
         self.put(Kind::User, &user.id, user);
+    }
+
+    /// The upstream key that created the stored response `response_id`, if a replica shared it.
+    pub async fn response_key(&self, response_id: &str) -> Option<String> {
+        self.get(Kind::Response, response_id).await
+    }
+
+    /// Shares which upstream key created a stored response (in the background).
+    pub fn remember_response_key(self: &Arc<Self>, response_id: &str, key_id: &str) {
+        self.put(Kind::Response, response_id, &key_id);
     }
 
     /// How long an entry lives: the longest a stale one could be read.
@@ -186,6 +201,7 @@ impl SharedCache {
         let stats = match kind {
             Kind::Key => &inner.keys,
             Kind::User => &inner.users,
+            Kind::Response => &inner.responses,
         };
         let command = redis::cmd("GET").arg(inner.key(kind, id)).to_owned();
         let found = match inner.run::<Option<Vec<u8>>>(command).await {

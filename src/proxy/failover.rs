@@ -67,6 +67,7 @@ pub async fn send(
                 provider: Provider::OpenAi,
                 model: call.upstream_model().to_owned(),
                 exclude: tried.clone(),
+                prefer: call.pinned_key.clone(),
             };
             let Ok(Some(key)) = pool.send(lease).await else {
                 continue 'levels;

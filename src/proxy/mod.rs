@@ -1,6 +1,7 @@
 //! The data plane: OpenAI-compatible calls forwarded to a leased upstream key, with retry and
 //! failover, streamed back as they arrive.
 
+pub mod affinity;
 pub mod failover;
 pub mod multipart;
 pub mod relay;
@@ -42,6 +43,8 @@ pub struct Proxy {
     pub recorder: Arc<Recorder>,
     /// Users' spend, for the budget check.
     pub spend: Arc<SpendBook>,
+    /// Which key created each stored response, for follow-ups that name one.
+    pub affinity: Arc<affinity::ResponseAffinity>,
 }
 
 /// What each worker thread has of its own: its view of the key pools, its HTTP client (awc
@@ -75,6 +78,8 @@ pub struct Call {
     /// Switchyard asked the provider for a stream's usage on its own: the usage event is
     /// removed from what the client receives.
     pub hide_usage: bool,
+    /// The key to try first: the one that created the stored response this call follows up.
+    pub pinned_key: Option<String>,
 }
 
 impl Call {
@@ -90,14 +95,15 @@ impl Call {
 }
 
 /// Reads a JSON call body: an object with a string `model`. The body goes upstream byte for
-/// byte unless a mapping changes the model or a stream's usage must be asked for.
+/// byte unless a mapping changes the model or a stream's usage must be asked for. Also returns
+/// the `previous_response_id` a responses call follows up, if any.
 fn parse_json_call(
     req: &HttpRequest,
     endpoint: Endpoint,
     body: Bytes,
     principal: &Principal,
     proxy: &Proxy,
-) -> Result<Call, ApiError> {
+) -> Result<(Call, Option<String>), ApiError> {
     // Only what routing needs is read: the rest is skipped without being built.
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
@@ -107,6 +113,8 @@ fn parse_json_call(
         stream: Option<bool>,
         #[serde(default)]
         stream_options: Option<StreamOptions>,
+        #[serde(borrow, default)]
+        previous_response_id: Option<std::borrow::Cow<'a, str>>,
     }
     #[derive(serde::Deserialize)]
     struct StreamOptions {
@@ -121,6 +129,10 @@ fn parse_json_call(
     let model = match peek.model {
         Some(m) if !m.is_empty() => m.into_owned(),
         _ => return Err(ApiError::invalid("request body must have a string `model`")),
+    };
+    let previous_response = match endpoint {
+        Endpoint::Responses => peek.previous_response_id.map(|id| id.into_owned()),
+        _ => None,
     };
     let stream = peek.stream.unwrap_or(false);
     let hide_usage = stream
@@ -160,7 +172,7 @@ fn parse_json_call(
             Bytes::from(serde_json::to_vec(&object).map_err(ApiError::internal)?)
         }
     };
-    Ok(Call {
+    let call = Call {
         path: upstream_path(req.match_info().as_str()),
         model,
         mapped,
@@ -168,7 +180,9 @@ fn parse_json_call(
         stream,
         content_type: Some("application/json".into()),
         hide_usage,
-    })
+        pinned_key: None,
+    };
+    Ok((call, previous_response))
 }
 
 /// The member that asks for a stream's usage, spliced in as the body's first member.
@@ -199,8 +213,12 @@ pub async fn forward_json(
     worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
     let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
-    let call = parse_json_call(&req, meter.endpoint(), body, &principal, &proxy)
-        .map_err(|e| refuse(&mut meter, e))?;
+    let (mut call, previous_response) =
+        parse_json_call(&req, meter.endpoint(), body, &principal, &proxy)
+            .map_err(|e| refuse(&mut meter, e))?;
+    if let Some(id) = previous_response {
+        call.pinned_key = proxy.affinity.key_for(&id).await;
+    }
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }
 
@@ -236,6 +254,7 @@ pub async fn forward_multipart(
         stream: form.stream,
         content_type: Some(content_type),
         hide_usage: false,
+        pinned_key: None,
     };
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }
@@ -322,6 +341,16 @@ async fn send_and_relay(
     let mut levels = Vec::with_capacity(1 + principal.user.fallback_levels.len());
     levels.push(principal.user.level);
     levels.extend(principal.user.fallback_levels.iter().copied());
+    // A follow-up goes first to the level of the key that holds what it follows.
+    if let Some(level) = call
+        .pinned_key
+        .as_deref()
+        .and_then(|k| proxy.pools.level_of(k))
+    {
+        if let Some(at) = levels.iter().position(|l| *l == level) {
+            levels[..=at].rotate_right(1);
+        }
+    }
     // Boxed: the failover's state (awc's request futures and their timers) is the largest part
     // of a call's future, which actix moves whole more than once before it first runs.
     let answered = Box::pin(failover::send(
@@ -349,5 +378,13 @@ async fn send_and_relay(
     meter.attempts(answered.attempts, answered_by, answered.failures);
     let response = answered.result.map_err(|e| refuse(&mut meter, e))?;
     let idle = Duration::from_secs(proxy.settings.idle_timeout_secs);
-    relay::respond(response, call, idle, meter).await
+    // A stored response's id is noted with the key that created it.
+    let note_id = match (&answered.key_id, call.path.as_str()) {
+        (Some(key), "/responses") if response.status().is_success() => Some(relay::NoteId {
+            affinity: proxy.affinity.clone(),
+            key_id: key.clone(),
+        }),
+        _ => None,
+    };
+    relay::respond(response, call, idle, meter, note_id).await
 }

@@ -3,6 +3,7 @@
 //! client did not ask for it, and an error event (never a normal end) when a stream breaks.
 //! Every chunk is shown to the call's meter as the provider sent it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header::{HeaderName, CACHE_CONTROL, CONTENT_TYPE};
@@ -11,6 +12,7 @@ use actix_web::HttpResponse;
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
+use super::affinity::{first_id, ResponseAffinity, ID_WITHIN};
 use super::failover::UpstreamResponse;
 use super::Call;
 use crate::error::ApiError;
@@ -23,12 +25,55 @@ const MAX_REWRITE_BODY: usize = 64 * 1024 * 1024;
 /// describe the upstream key, not the caller's call.
 const PASSED_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, CACHE_CONTROL];
 
-/// Builds the client's response from the upstream's.
+/// Where the id of a stored response goes: noted with the key that created it.
+pub struct NoteId {
+    pub affinity: Arc<ResponseAffinity>,
+    pub key_id: String,
+}
+
+impl NoteId {
+    fn note(&self, id: &str) {
+        self.affinity.remember(id, &self.key_id);
+    }
+}
+
+/// Looks for a stored response's id in the first [`ID_WITHIN`] bytes of its answer.
+struct IdWatch {
+    note: NoteId,
+    start: Vec<u8>,
+}
+
+impl IdWatch {
+    /// Takes a chunk; says whether the watch is over (the id noted, or not in the start).
+    fn observe(&mut self, chunk: &[u8]) -> bool {
+        // The id is nearly always in the first chunk: found there without a copy.
+        let text = if self.start.is_empty() {
+            chunk
+        } else {
+            let room = ID_WITHIN.saturating_sub(self.start.len());
+            self.start
+                .extend_from_slice(&chunk[..chunk.len().min(room)]);
+            &self.start
+        };
+        if let Some(id) = first_id(text) {
+            self.note.note(id);
+            return true;
+        }
+        if self.start.is_empty() {
+            self.start
+                .extend_from_slice(&chunk[..chunk.len().min(ID_WITHIN)]);
+        }
+        self.start.len() >= ID_WITHIN
+    }
+}
+
+/// Builds the client's response from the upstream's; `note_id` notes a stored response's id.
 pub async fn respond(
     upstream: UpstreamResponse,
     call: &Call,
     idle: Duration,
     mut meter: CallMeter,
+    note_id: Option<NoteId>,
 ) -> Result<HttpResponse, ApiError> {
     let mut response = HttpResponse::build(upstream.status());
     for name in &PASSED_HEADERS {
@@ -83,6 +128,9 @@ pub async fn respond(
             };
             meter.push(&body);
             meter.end(true);
+            if let Some(id) = note_id.as_ref().and_then(|_| first_id(&body)) {
+                note_id.as_ref().expect("checked").note(id);
+            }
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
         (_, false) => {
@@ -93,7 +141,11 @@ pub async fn respond(
                 .get(actix_web::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let body = relay_stream(upstream, idle, None, None, meter);
+            let watch = note_id.map(|note| IdWatch {
+                note,
+                start: Vec::new(),
+            });
+            let body = relay_stream(upstream, idle, None, None, watch, meter);
             Ok(match length {
                 Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
                 None => response.streaming(body),
@@ -108,7 +160,12 @@ pub async fn respond(
             // event never came is the tell: `data: [DONE]` for chat and text completions, the
             // final `response.*` event for responses.
             let done = DoneWatcher::for_path(&call.path);
-            Ok(response.streaming(relay_stream(upstream, idle, Some(framing), done, meter)))
+            let watch = note_id.map(|note| IdWatch {
+                note,
+                start: Vec::new(),
+            });
+            let body = relay_stream(upstream, idle, Some(framing), done, watch, meter);
+            Ok(response.streaming(body))
         }
     }
 }
@@ -171,6 +228,7 @@ fn relay_stream<S>(
     idle: Duration,
     framing: Option<EventFraming>,
     done: Option<DoneWatcher>,
+    watch: Option<IdWatch>,
     meter: CallMeter,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
 where
@@ -180,6 +238,7 @@ where
         upstream: S,
         framing: Option<EventFraming>,
         done: Option<DoneWatcher>,
+        watch: Option<IdWatch>,
         // Dropped with the stream: when it ends, breaks, or the client goes away.
         meter: CallMeter,
         finished: bool,
@@ -189,6 +248,7 @@ where
         upstream,
         framing,
         done,
+        watch,
         meter,
         finished: false,
     };
@@ -201,6 +261,9 @@ where
                 Ok(Some(Ok(chunk))) => {
                     if let Some(done) = &mut st.done {
                         done.observe(&chunk);
+                    }
+                    if st.watch.as_mut().is_some_and(|w| w.observe(&chunk)) {
+                        st.watch = None;
                     }
                     st.meter.push(&chunk);
                     let out = match &mut st.framing {

@@ -151,15 +151,18 @@ impl KeyPools {
 
     /// Another replica saw `key_id` rate-limited or refused: this replica's pools rest it too.
     pub fn heard(&self, key_id: &str, outcome: Outcome) {
-        let level = self
-            .keys
+        if let Some(level) = self.level_of(key_id) {
+            self.tell_workers(level, key_id, outcome);
+        }
+    }
+
+    /// The level of the key `key_id`, if it is loaded.
+    pub fn level_of(&self, key_id: &str) -> Option<i32> {
+        self.keys
             .read()
             .iter()
             .find(|(_, keys)| keys.iter().any(|k| k.id == key_id))
-            .map(|(level, _)| *level);
-        if let Some(level) = level {
-            self.tell_workers(level, key_id, outcome);
-        }
+            .map(|(level, _)| *level)
     }
 
     fn tell_workers(&self, level: i32, key_id: &str, outcome: Outcome) {

@@ -9,6 +9,7 @@
 //! | `r401` | 401 |
 //! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
 //! | `html` | 404 with an HTML page, as a proxy in front of a provider answers a wrong path |
+//! | `store` | `/responses` answers (JSON or stream) with ids `resp_<secret>_<n>`, and 400 `previous_response_not_found` for a `previous_response_id` another secret created (as OpenAI keeps responses per project) |
 //! | `waf403` | 403 with an HTML page, as a firewall in front of a provider refuses a call |
 //! | `r402` | 402, an account out of credit (as DeepSeek and OpenRouter answer) |
 //! | `quota` | 429 `insufficient_quota`, without `Retry-After` (as OpenAI answers) |
@@ -134,7 +135,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let first_with_secret = {
+    let (first_with_secret, call_number) = {
         let mut calls = calls.lock().unwrap();
         calls.push(Received {
             secret: secret.clone(),
@@ -143,7 +144,8 @@ async fn handle(
             raw,
             content_type,
         });
-        calls.iter().filter(|c| c.secret == secret).count() == 1
+        let first = calls.iter().filter(|c| c.secret == secret).count() == 1;
+        (first, calls.len())
     };
     if secret.starts_with("waf403") {
         return HttpResponse::Forbidden()
@@ -246,10 +248,33 @@ async fn handle(
             .content_type("text/event-stream")
             .streaming(body);
     }
+    let stored = secret.starts_with("store");
+    let response_id = match stored {
+        true => format!("resp_{secret}_{call_number}"),
+        false => "resp-mock".to_owned(),
+    };
+    if stored && req.path().ends_with("/responses") {
+        if let Some(previous) = body["previous_response_id"].as_str() {
+            if !previous.starts_with(&format!("resp_{secret}_")) {
+                return HttpResponse::BadRequest().json(json!({"error": {
+                    "message": format!("Previous response with id '{previous}' not found."),
+                    "type": "invalid_request_error", "param": "previous_response_id",
+                    "code": "previous_response_not_found"}}));
+            }
+        }
+        if !stream {
+            return HttpResponse::Ok().json(json!({
+                "id": response_id, "object": "response", "model": model, "status": "completed",
+                "output": [{"id": "msg_1", "type": "message", "role": "assistant",
+                            "content": [{"type": "output_text", "text": "Hello"}]}],
+                "usage": {"input_tokens": 9, "output_tokens": 2, "total_tokens": 11},
+            }));
+        }
+    }
     if req.path().ends_with("/responses") && stream {
         // A Responses API stream: events named by type, the model inside each `response`.
         let response = |status: &str| {
-            json!({"id": "resp-mock", "object": "response", "model": model, "status": status,
+            json!({"id": response_id, "object": "response", "model": model, "status": status,
                    "error": null})
         };
         let mut completed = response("completed");

@@ -7,7 +7,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, eventually, into_json, spawn_app, spawn_app_with, Backend, TestApp,
+    assert_error, eventually, into_json, spawn_app, spawn_app_with, spawn_replica, Backend,
+    SharedRedis, TestApp,
 };
 use crate::mock_upstream::{start_breaking_upstream, MockUpstream};
 use crate::on_both_backends;
@@ -26,6 +27,7 @@ on_both_backends!(
     every_key_failing_is_a_gateway_error,
     an_html_error_page_comes_back_as_a_json_error,
     keys_out_of_credit_rest_and_a_firewall_403_is_the_callers,
+    a_responses_follow_up_goes_to_the_key_that_stored_its_response,
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
@@ -507,6 +509,72 @@ async fn keys_out_of_credit_rest_and_a_firewall_403_is_the_callers(backend: Back
     assert_error((status, body), 403, "upstream_error");
     assert_eq!(mock.calls().len(), 1, "not retried");
     assert_eq!(key_view(&app, &ids[0]).await["state"], "healthy");
+}
+
+/// A `/v1/responses` follow-up (`previous_response_id`) goes to the key that created the
+/// response it names, as OpenAI answers it only through a key of the same project; round robin
+/// would send every other one elsewhere. With Redis, another replica knows it too.
+async fn a_responses_follow_up_goes_to_the_key_that_stored_its_response(backend: Backend) {
+    let redis = SharedRedis::new();
+    let app = spawn_app_with(backend, &redis.env()).await;
+    let mock = MockUpstream::start();
+    for secret in ["store-a", "store-b"] {
+        app.add_upstream(upstream(&mock, secret, 1)).await;
+    }
+    let (_, key) = app.user_with_key().await;
+    let respond = |app: &TestApp, body: Value| {
+        let request = app
+            .http
+            .post(format!("{}/v1/responses", app.address))
+            .bearer_auth(&key)
+            .json(&body)
+            .send();
+        async move { into_json(request.await.unwrap()).await }
+    };
+    let (status, first) = respond(&app, json!({"model": "m", "input": "hi"})).await;
+    assert_eq!(status, 200, "{first}");
+    let mut previous = first["id"].as_str().unwrap().to_owned();
+    for turn in 0..4 {
+        let body = json!({"model": "m", "input": "more", "previous_response_id": previous});
+        let (status, answer) = respond(&app, body).await;
+        assert_eq!(status, 200, "turn {turn}: {answer}");
+        previous = answer["id"].as_str().unwrap().to_owned();
+    }
+    // A streamed response's id is noted from its first event.
+    let body = json!({"model": "m", "input": "hi", "stream": true});
+    let streamed = app
+        .http
+        .post(format!("{}/v1/responses", app.address))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let created = streamed
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("data: ")
+                .filter(|d| d.contains("response.created"))
+        })
+        .unwrap();
+    let created: Value = serde_json::from_str(created).unwrap();
+    let streamed_id = created["response"]["id"].as_str().unwrap().to_owned();
+    for _ in 0..2 {
+        let body = json!({"model": "m", "input": "more", "previous_response_id": streamed_id});
+        let (status, answer) = respond(&app, body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    // Another replica learns it through Redis (shared in the background).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let replica = spawn_replica(&app, &redis.env()).await;
+    for _ in 0..2 {
+        let body = json!({"model": "m", "input": "more", "previous_response_id": previous});
+        let (status, answer) = respond(&replica, body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
 }
 
 async fn every_key_failing_is_a_gateway_error(backend: Backend) {
