@@ -85,10 +85,9 @@ pub async fn respond(
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let is_sse = content_type.starts_with("text/event-stream");
-    let is_json = content_type.starts_with("application/json");
+        .unwrap_or("");
+    let is_sse = has_prefix(content_type, "text/event-stream");
+    let is_json = has_prefix(content_type, "application/json");
     if upstream.status().is_client_error() && !is_json {
         // An error page from something in front of the provider (a proxy's HTML 404 or 413):
         // the client gets the contract's JSON error with the same status, never the page.
@@ -99,9 +98,9 @@ pub async fn respond(
             format!(
                 "the upstream answered {} with {}, not an API error",
                 upstream.status().as_u16(),
-                match content_type.split(';').next().unwrap_or("") {
+                match content_type.split(';').next().unwrap_or("").trim() {
                     "" => "no content type".to_owned(),
-                    kind => format!("a {kind} body"),
+                    kind => format!("a {} body", kind.to_ascii_lowercase()),
                 }
             ),
         );
@@ -215,10 +214,15 @@ fn is_text(upstream: &UpstreamResponse) -> bool {
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|v| {
-            let v = v.to_ascii_lowercase();
-            v.starts_with("application/json") || v.starts_with("text/")
-        })
+        .is_none_or(|v| has_prefix(v, "application/json") || has_prefix(v, "text/"))
+}
+
+/// Whether a header value starts with `prefix`, in any case (media types are not case
+/// sensitive), without a lowercased copy on every call.
+fn has_prefix(value: &str, prefix: &str) -> bool {
+    value
+        .get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
 }
 
 /// The upstream body as a stream for the client, with an idle timeout between chunks. An event
