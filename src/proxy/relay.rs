@@ -90,20 +90,37 @@ pub async fn respond(
     let is_json = has_prefix(content_type, "application/json");
     if upstream.status().is_client_error() && !is_json {
         // An error page from something in front of the provider (a proxy's HTML 404 or 413):
-        // the client gets the contract's JSON error with the same status, never the page.
-        meter.begin(upstream.status().as_u16(), false, false);
-        let error = ApiError::new(
-            upstream.status(),
-            "upstream_error",
-            format!(
-                "the upstream answered {} with {}, not an API error",
-                upstream.status().as_u16(),
-                match content_type.split(';').next().unwrap_or("").trim() {
-                    "" => "no content type".to_owned(),
-                    kind => format!("a {} body", kind.to_ascii_lowercase()),
-                }
+        // the client gets the contract's JSON error with the same status, never the page. A
+        // plain-text error keeps its words (the start of them).
+        let status = upstream.status();
+        meter.begin(status.as_u16(), false, false);
+        let kind = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let said = match kind.as_str() {
+            "text/plain" => read_whole(upstream, idle, 64 * 1024)
+                .await
+                .ok()
+                .map(|body| plain_words(&body)),
+            _ => None,
+        };
+        let message = match (kind.as_str(), said) {
+            (_, Some(words)) if !words.is_empty() => {
+                format!("the upstream answered {}: {words}", status.as_u16())
+            }
+            ("", _) => format!(
+                "the upstream answered {} with no content type, not an API error",
+                status.as_u16()
             ),
-        );
+            (kind, _) => format!(
+                "the upstream answered {} with a {kind} body, not an API error",
+                status.as_u16()
+            ),
+        };
+        let error = ApiError::new(status, "upstream_error", message);
         meter.end(true);
         meter.refused(&error);
         return Err(error);
@@ -215,6 +232,19 @@ fn is_text(upstream: &UpstreamResponse) -> bool {
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_none_or(|v| has_prefix(v, "application/json") || has_prefix(v, "text/"))
+}
+
+/// The start of a plain-text error: its first 300 characters, on one line, without control
+/// characters.
+fn plain_words(body: &[u8]) -> String {
+    String::from_utf8_lossy(body)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect()
 }
 
 /// Whether a header value starts with `prefix`, in any case (media types are not case

@@ -9,6 +9,7 @@
 //! | `r401` | 401 |
 //! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
 //! | `html` | 404 with an HTML page, as a proxy in front of a provider answers a wrong path |
+//! | `plain` | 422 with a plain-text error, as some self-hosted servers answer |
 //! | `store` | `/responses` answers (JSON or stream) with ids `resp_<secret>_<n>`, and 400 `previous_response_not_found` for a `previous_response_id` another secret created (as OpenAI keeps responses per project) |
 //! | `waf403` | 403 with an HTML page, as a firewall in front of a provider refuses a call |
 //! | `r402` | 402, an account out of credit (as DeepSeek and OpenRouter answer) |
@@ -45,6 +46,8 @@ pub struct Received {
     pub body: Value,
     pub raw: Bytes,
     pub content_type: String,
+    /// `X-Client-Request-Id`, as the router sent it.
+    pub client_request_id: Option<String>,
 }
 
 /// A running mock provider.
@@ -143,6 +146,11 @@ async fn handle(
             body: body.clone(),
             raw,
             content_type,
+            client_request_id: req
+                .headers()
+                .get("x-client-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
         });
         let first = calls.iter().filter(|c| c.secret == secret).count() == 1;
         (first, calls.len())
@@ -161,6 +169,11 @@ async fn handle(
         return HttpResponse::TooManyRequests().json(json!({"error": {
             "message": "You exceeded your current quota", "type": "insufficient_quota",
             "code": "insufficient_quota"}}));
+    }
+    if secret.starts_with("plain") {
+        return HttpResponse::UnprocessableEntity()
+            .content_type("text/plain")
+            .body("model 'm' does not support\n  tools");
     }
     if secret.starts_with("html") {
         return HttpResponse::NotFound()

@@ -25,7 +25,7 @@ on_both_backends!(
     repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it,
     the_callers_own_errors_come_back_unretried,
     every_key_failing_is_a_gateway_error,
-    an_html_error_page_comes_back_as_a_json_error,
+    an_error_that_is_not_json_comes_back_as_a_json_error,
     keys_out_of_credit_rest_and_a_firewall_403_is_the_callers,
     a_responses_follow_up_goes_to_the_key_that_stored_its_response,
     a_slow_provider_is_a_504,
@@ -215,12 +215,22 @@ fn hello(model: &str) -> Value {
 async fn a_chat_completion_is_forwarded_and_answered(backend: Backend) {
     let (app, mock, _) = setup(backend, &[("ok-a", 1)]).await;
     let (_, key) = app.user_with_key().await;
-    let (status, body) = into_json(app.chat(&key, hello("gpt-4o-mini")).await).await;
+    let response = app.chat(&key, hello("gpt-4o-mini")).await;
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = into_json(response).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model"], "gpt-4o-mini");
     assert_eq!(body["choices"][0]["message"]["content"], "Hello");
     let calls = mock.calls();
     assert_eq!(calls.len(), 1);
+    // The provider can trace the call by the id the client got.
+    assert_eq!(
+        calls[0].client_request_id.as_deref(),
+        Some(request_id.as_str())
+    );
     assert_eq!(calls[0].path, "/v1/chat/completions");
     assert_eq!(
         calls[0].secret, "ok-a",
@@ -457,7 +467,7 @@ async fn the_callers_own_errors_come_back_unretried(backend: Backend) {
 
 /// An error page from something in front of the provider reaches the client as the
 /// contract's JSON error, with the page's status; the key stays in service.
-async fn an_html_error_page_comes_back_as_a_json_error(backend: Backend) {
+async fn an_error_that_is_not_json_comes_back_as_a_json_error(backend: Backend) {
     let (app, mock, ids) = setup(backend, &[("html-a", 1)]).await;
     let (_, key) = app.user_with_key().await;
     let response = app.chat(&key, hello("m")).await;
@@ -479,6 +489,15 @@ async fn an_html_error_page_comes_back_as_a_json_error(backend: Backend) {
     );
     assert_eq!(mock.calls().len(), 1, "the caller's answer, not retried");
     assert_eq!(key_view(&app, &ids[0]).await["state"], "healthy");
+    // A plain-text error keeps its words.
+    let (app, _mock, _) = setup(backend, &[("plain-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "the upstream answered 422: model 'm' does not support tools"
+    );
 }
 
 /// A key whose account is out of credit (402, or 429 `insufficient_quota`) rests for
