@@ -177,6 +177,7 @@ impl Application {
             recorder: metering.recorder.clone(),
             spend: metering.spend.clone(),
             affinity: Arc::new(ResponseAffinity::new(shared_cache.clone())),
+            catalog: Arc::default(),
         });
         let gate = web::Data::new(Gate::new(settings.trusted_proxies()?));
         let connect_timeout = Duration::from_secs(settings.upstream.connect_timeout_secs);

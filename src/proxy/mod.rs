@@ -46,6 +46,8 @@ pub struct Proxy {
     pub spend: Arc<SpendBook>,
     /// Which key created each stored response, for follow-ups that name one.
     pub affinity: Arc<affinity::ResponseAffinity>,
+    /// The models keys without a `models` list serve, as their providers list them.
+    pub catalog: Arc<crate::routing::catalog::ModelCatalog>,
 }
 
 /// What each worker thread has of its own: its view of the key pools, its HTTP client (awc

@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use actix_web::{web, HttpResponse};
+use futures_util::future::join_all;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde_json::json;
 
@@ -10,15 +11,20 @@ use crate::auth::Principal;
 use crate::db::repo;
 use crate::domain::Provider;
 use crate::error::ApiError;
+use crate::proxy::{Proxy, Worker};
+use crate::routing::catalog::ListedKey;
 use crate::state::AppState;
 
-/// Named models come from the model lists of the upstream keys that may serve the caller (its
-/// levels, in service, OpenAI-compatible), from mappings (globs name no single model, so they
-/// are left out), and from the price table where such a key may serve the model; all filtered
-/// by the caller's `allowed_models`.
+/// Named models come from the upstream keys that may serve the caller (its levels, in service,
+/// OpenAI-compatible): a key's `models` list, or for a key without one the models its provider
+/// lists (`GET /models`, fetched and kept a while), or failing that every priced model; from the
+/// price table where a key's globs match; and from mappings (globs name no single model, so
+/// they are left out). All filtered by the caller's `allowed_models`.
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
+    proxy: web::Data<Proxy>,
+    worker: web::Data<Worker>,
     req: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     crate::access::admit_endpoint(&principal, req.match_info().as_str())?;
@@ -30,11 +36,32 @@ pub async fn list(
         .filter(|k| k.enabled && k.disabled_at.is_none() && k.provider == Provider::OpenAi)
         .filter(|k| k.level == user.level || user.fallback_levels.contains(&k.level))
         .collect();
-    let servable: Vec<GlobSet> = keys.iter().map(|k| globs(&k.models)).collect();
+    let listed = join_all(keys.iter().filter(|k| k.models.is_empty()).map(|key| {
+        let (catalog, client, master_key) = (&proxy.catalog, &worker.client, &state.master_key);
+        async move {
+            let secret = master_key.decrypt(&key.id, &key.secret_enc).ok()?;
+            let listed = ListedKey {
+                id: &key.id,
+                version: key.updated_at,
+                base_url: &key.base_url,
+                secret: &secret,
+            };
+            catalog.models_of(client, listed).await
+        }
+    }))
+    .await;
+    // A key without a list whose provider did not list its models may serve any priced one.
+    let any_priced = listed.iter().any(Option::is_none);
+    names.extend(listed.into_iter().flatten().flatten());
+    let servable: Vec<GlobSet> = keys
+        .iter()
+        .filter(|k| !k.models.is_empty())
+        .map(|k| globs(&k.models))
+        .collect();
     for price in repo::prices::all(&state.db).await? {
         // `model:quality:size` entries price variants of one image model.
         let model = price.model;
-        if !model.contains(':') && servable.iter().any(|g| g.is_empty() || g.is_match(&model)) {
+        if !model.contains(':') && (any_priced || servable.iter().any(|g| g.is_match(&model))) {
             names.insert(model);
         }
     }

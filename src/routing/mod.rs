@@ -1,5 +1,6 @@
 //! Where a call goes: model mapping and the key pools of each level.
 
+pub mod catalog;
 pub mod mapping;
 pub mod pools;
 

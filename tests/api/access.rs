@@ -17,6 +17,7 @@ on_both_backends!(
     a_trusted_proxy_names_the_client,
     suspended_over_budget_and_acl_refusals_have_their_codes,
     the_models_list_shows_only_allowed_models,
+    a_key_without_models_lists_what_its_provider_serves,
     rpm_refuses_with_retry_after_and_the_headers_count_down,
     model_limits_apply_only_to_their_models,
     tpm_is_settled_with_the_usage_the_answer_reports,
@@ -218,6 +219,39 @@ async fn the_models_list_shows_only_allowed_models(backend: Backend) {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["gpt-4o", "gpt-4o-mini"]);
+}
+
+/// A key without a `models` list adds the models its provider lists (`GET /models`, asked
+/// once and kept), not every priced one; a provider that does not list them leaves the priced
+/// models.
+async fn a_key_without_models_lists_what_its_provider_serves(backend: Backend) {
+    let (app, mock) = app_with_upstream(backend, "lists-a").await;
+    let (_, key) = user(&app, json!({})).await;
+    let ids = |body: Value| -> Vec<String> {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for _ in 0..2 {
+        let (status, body) = app.call_with_key(&key).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(ids(body), ["llama-3-8b", "qwen2"]);
+    }
+    let listings = mock
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/models"))
+        .count();
+    assert_eq!(listings, 1, "the list is kept");
+    // A key whose provider gives no list may serve any priced model.
+    add_mock(&app, "ok-b").await;
+    let (_, body) = app.call_with_key(&key).await;
+    let listed = ids(body);
+    assert!(listed.iter().any(|m| m == "qwen2"), "{listed:?}");
+    assert!(listed.iter().any(|m| m == "gpt-4o"), "{listed:?}");
 }
 
 async fn rpm_refuses_with_retry_after_and_the_headers_count_down(backend: Backend) {

@@ -10,6 +10,7 @@
 //! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
 //! | `html` | 404 with an HTML page, as a proxy in front of a provider answers a wrong path |
 //! | `plain` | 422 with a plain-text error, as some self-hosted servers answer |
+//! | `lists` | like `ok`, and `GET /models` lists `llama-3-8b` and `qwen2` (others answer it like `ok`, with no list) |
 //! | `store` | `/responses` answers (JSON or stream) with ids `resp_<secret>_<n>`, and 400 `previous_response_not_found` for a `previous_response_id` another secret created (as OpenAI keeps responses per project) |
 //! | `waf403` | 403 with an HTML page, as a firewall in front of a provider refuses a call |
 //! | `r402` | 402, an account out of credit (as DeepSeek and OpenRouter answer) |
@@ -169,6 +170,10 @@ async fn handle(
         return HttpResponse::TooManyRequests().json(json!({"error": {
             "message": "You exceeded your current quota", "type": "insufficient_quota",
             "code": "insufficient_quota"}}));
+    }
+    if secret.starts_with("lists") && req.path().ends_with("/models") {
+        return HttpResponse::Ok().json(json!({"object": "list", "data": [
+            {"id": "llama-3-8b", "object": "model"}, {"id": "qwen2", "object": "model"}]}));
     }
     if secret.starts_with("plain") {
         return HttpResponse::UnprocessableEntity()
