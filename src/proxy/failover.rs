@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use actix_web::http::StatusCode;
 use awc::error::SendRequestError;
 
@@ -224,8 +224,6 @@ async fn read_error_code(
     (response, code)
 }
 
-static CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-client-request-id");
-
 /// One attempt with one key.
 async fn attempt(
     client: &awc::Client,
@@ -243,9 +241,6 @@ async fn attempt(
     }
     if call.stream {
         request = request.insert_header((ACCEPT, HeaderValue::from_static("text/event-stream")));
-    }
-    if let Some(id) = &call.request_id {
-        request = request.insert_header((CLIENT_REQUEST_ID.clone(), id.clone()));
     }
     request.send_body(call.body.clone()).await
 }

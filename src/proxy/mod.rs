@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::header::HeaderValue;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde_json::{Map, Value};
@@ -83,9 +82,6 @@ pub struct Call {
     pub hide_usage: bool,
     /// The key to try first: the one that created the stored response this call follows up.
     pub pinned_key: Option<String>,
-    /// This call's request id, sent upstream as `X-Client-Request-Id` (OpenAI's header for
-    /// tracing a call across both sides).
-    pub request_id: Option<HeaderValue>,
 }
 
 impl Call {
@@ -187,7 +183,6 @@ fn parse_json_call(
         content_type: Some("application/json".into()),
         hide_usage,
         pinned_key: None,
-        request_id: request_id_header(req),
     };
     Ok((call, previous_response))
 }
@@ -199,12 +194,6 @@ const INCLUDE_USAGE: &[u8] = br#""stream_options":{"include_usage":true},"#;
 fn refuse(meter: &mut CallMeter, error: ApiError) -> ApiError {
     meter.refused(&error);
     error
-}
-
-/// The request id as a header value.
-fn request_id_header(req: &HttpRequest) -> Option<HeaderValue> {
-    let id = telemetry::request_id_of(req)?;
-    HeaderValue::from_str(id.as_str()).ok()
 }
 
 /// `/v1/chat/completions` → `/chat/completions`: provider base URLs end with their version.
@@ -268,7 +257,6 @@ pub async fn forward_multipart(
         content_type: Some(content_type),
         hide_usage: false,
         pinned_key: None,
-        request_id: request_id_header(&req),
     };
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }

@@ -47,8 +47,6 @@ pub struct Received {
     pub body: Value,
     pub raw: Bytes,
     pub content_type: String,
-    /// `X-Client-Request-Id`, as the router sent it.
-    pub client_request_id: Option<String>,
 }
 
 /// A running mock provider.
@@ -147,11 +145,6 @@ async fn handle(
             body: body.clone(),
             raw,
             content_type,
-            client_request_id: req
-                .headers()
-                .get("x-client-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
         });
         let first = calls.iter().filter(|c| c.secret == secret).count() == 1;
         (first, calls.len())
