@@ -44,6 +44,13 @@ struct IdWatch {
 }
 
 impl IdWatch {
+    fn new(note: NoteId) -> Self {
+        IdWatch {
+            note,
+            start: Vec::new(),
+        }
+    }
+
     /// Takes a chunk; says whether the watch is over (the id noted, or not in the start).
     fn observe(&mut self, chunk: &[u8]) -> bool {
         // The id is nearly always in the first chunk: found there without a copy.
@@ -144,8 +151,8 @@ pub async fn respond(
             };
             meter.push(&body);
             meter.end(true);
-            if let Some(id) = note_id.as_ref().and_then(|_| first_id(&body)) {
-                note_id.as_ref().expect("checked").note(id);
+            if let (Some(note), Some(id)) = (&note_id, first_id(&body)) {
+                note.note(id);
             }
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
@@ -157,10 +164,7 @@ pub async fn respond(
                 .get(actix_web::http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let watch = note_id.map(|note| IdWatch {
-                note,
-                start: Vec::new(),
-            });
+            let watch = note_id.map(IdWatch::new);
             let body = relay_stream(upstream, idle, None, None, watch, meter);
             Ok(match length {
                 Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
@@ -176,10 +180,7 @@ pub async fn respond(
             // event never came is the tell: `data: [DONE]` for chat and text completions, the
             // final `response.*` event for responses.
             let done = DoneWatcher::for_path(&call.path);
-            let watch = note_id.map(|note| IdWatch {
-                note,
-                start: Vec::new(),
-            });
+            let watch = note_id.map(IdWatch::new);
             let body = relay_stream(upstream, idle, Some(framing), done, watch, meter);
             Ok(response.streaming(body))
         }

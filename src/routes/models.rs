@@ -38,16 +38,13 @@ pub async fn list(
         .collect();
     let listed = join_all(keys.iter().filter(|k| k.models.is_empty()).map(|key| {
         let (catalog, client, master_key) = (&proxy.catalog, &worker.client, &state.master_key);
-        async move {
-            let secret = master_key.decrypt(&key.id, &key.secret_enc).ok()?;
-            let listed = ListedKey {
-                id: &key.id,
-                version: key.updated_at,
-                base_url: &key.base_url,
-                secret: &secret,
-            };
-            catalog.models_of(client, listed).await
-        }
+        let listed = ListedKey {
+            id: &key.id,
+            version: key.updated_at,
+            base_url: &key.base_url,
+            secret: || master_key.decrypt(&key.id, &key.secret_enc).ok(),
+        };
+        catalog.models_of(client, listed)
     }))
     .await;
     // A key without a list whose provider did not list its models may serve any priced one.

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use chrono::NaiveDateTime;
 use parking_lot::Mutex;
 
+use crate::domain::Provider;
+use crate::upstream::probe::models_request;
+
 /// How long a fetched list is used before it is fetched again.
 const FRESH: Duration = Duration::from_secs(600);
 /// How long a failed fetch is remembered, so a provider that does not list is not asked on
@@ -32,18 +35,22 @@ struct Listed {
     at: Instant,
 }
 
-/// An upstream key as the catalog needs it.
-pub struct ListedKey<'a> {
+/// An upstream key as the catalog needs it; its secret is read only when the list is fetched.
+pub struct ListedKey<'a, S: FnOnce() -> Option<String>> {
     pub id: &'a str,
     pub version: NaiveDateTime,
     pub base_url: &'a str,
-    pub secret: &'a str,
+    pub secret: S,
 }
 
 impl ModelCatalog {
     /// The models `key`'s provider lists, fetched now unless known; `None` when it does not
     /// list them (an error, or not OpenAI's list format).
-    pub async fn models_of(&self, client: &awc::Client, key: ListedKey<'_>) -> Option<Vec<String>> {
+    pub async fn models_of<S: FnOnce() -> Option<String>>(
+        &self,
+        client: &awc::Client,
+        key: ListedKey<'_, S>,
+    ) -> Option<Vec<String>> {
         let entry = (key.id.to_owned(), key.version);
         if let Some(listed) = self.lists.lock().get(&entry) {
             let ttl = if listed.models.is_some() {
@@ -55,7 +62,10 @@ impl ModelCatalog {
                 return listed.models.clone();
             }
         }
-        let models = fetch(client, key.base_url, key.secret).await;
+        let models = match (key.secret)() {
+            Some(secret) => fetch(client, key.base_url, &secret).await,
+            None => None,
+        };
         let mut lists = self.lists.lock();
         // Versions of a key other than this one are stale.
         lists.retain(|(id, version), _| id != key.id || *version == key.version);
@@ -79,11 +89,8 @@ async fn fetch(client: &awc::Client, base_url: &str, secret: &str) -> Option<Vec
     struct Model {
         id: String,
     }
-    let url = format!("{}/models", base_url.trim_end_matches('/'));
-    let mut response = client
-        .get(url)
+    let mut response = models_request(client, Provider::OpenAi, base_url, secret)
         .timeout(FETCH_TIMEOUT)
-        .bearer_auth(secret)
         .send()
         .await
         .ok()

@@ -17,6 +17,25 @@ pub enum ProbeOutcome {
 /// How long one probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `GET {base_url}/models` authenticated as `provider` wants: the cheapest authenticated call
+/// a provider answers, used to probe a key and to read the models it serves.
+pub fn models_request(
+    client: &awc::Client,
+    provider: Provider,
+    base_url: &str,
+    secret: &str,
+) -> awc::ClientRequest {
+    let url = format!("{}/models", base_url.trim_end_matches('/'));
+    let request = client.get(url);
+    match provider {
+        Provider::OpenAi => request.bearer_auth(secret),
+        Provider::Anthropic => request
+            .insert_header(("x-api-key", secret))
+            .insert_header(("anthropic-version", "2023-06-01")),
+        Provider::Gemini => request.insert_header(("x-goog-api-key", secret)),
+    }
+}
+
 /// Asks the provider whether it accepts `secret`.
 pub async fn probe(
     client: &awc::Client,
@@ -24,16 +43,10 @@ pub async fn probe(
     base_url: &str,
     secret: &str,
 ) -> ProbeOutcome {
-    let url = format!("{}/models", base_url.trim_end_matches('/'));
-    let request = client.get(url);
-    let request = match provider {
-        Provider::OpenAi => request.bearer_auth(secret),
-        Provider::Anthropic => request
-            .insert_header(("x-api-key", secret))
-            .insert_header(("anthropic-version", "2023-06-01")),
-        Provider::Gemini => request.insert_header(("x-goog-api-key", secret)),
-    };
-    match request.send().await {
+    match models_request(client, provider, base_url, secret)
+        .send()
+        .await
+    {
         Ok(response) => {
             let status = response.status();
             if status.is_success() || status.as_u16() == 429 {

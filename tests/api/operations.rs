@@ -332,12 +332,19 @@ async fn postgres_is_reached_over_tls_when_the_url_asks() {
         "{encrypted} of {all} connections encrypted"
     );
 
-    let refused = switchyard::db::pg_tls::establish(&format!("{url}?sslmode=verify-full")).await;
-    let error = refused
-        .err()
-        .expect("an untrusted certificate is refused")
-        .to_string();
-    assert!(error.contains("certificate"), "{error}");
+    // The binary refuses to start, saying why (and not with the URL's password).
+    let dir = tempdir::Dir::new();
+    let master_key = MasterKey::generate_base64().unwrap();
+    let verify = format!("{url}?sslmode=verify-full");
+    let text = fails_to_start(
+        dir.path(),
+        &[
+            ("SWITCHYARD_DATABASE_URL", verify.as_str()),
+            ("SWITCHYARD_MASTER_KEY", master_key.as_str()),
+        ],
+    );
+    assert!(text.contains("certificate"), "{text}");
+    assert!(!text.contains("postgres:postgres@"), "{text}");
 }
 
 #[actix_web::test]
