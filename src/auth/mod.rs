@@ -11,7 +11,6 @@ use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use subtle::ConstantTimeEq;
-use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
 use crate::access::rules::AccessRules;
@@ -236,8 +235,8 @@ impl FromRequest for Principal {
                 crate::telemetry::record(
                     &span,
                     [
-                        ("user_id", &display(&principal.user.id)),
-                        ("key_id", &display(&principal.key_id)),
+                        ("user_id", &principal.user.id.as_str()),
+                        ("key_id", &principal.key_id.as_str()),
                     ],
                 );
             }

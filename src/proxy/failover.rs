@@ -2,10 +2,11 @@
 //! provider answers, the attempts run out or the deadline passes. Nothing has reached the
 //! client yet, so every failure here is invisible to it.
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use actix_web::http::StatusCode;
+use actix_web::http::{StatusCode, Uri};
 use awc::error::SendRequestError;
 
 use super::{Call, Proxy};
@@ -231,9 +232,12 @@ async fn attempt(
     call: &Call,
     timeout: Duration,
 ) -> Result<UpstreamResponse, SendRequestError> {
-    let url = format!("{}{}", key.base_url, call.path);
-    let mut request = client
-        .post(url)
+    let request = match upstream_uri(&key.base_url, &call.path) {
+        Some(uri) => client.post(uri),
+        // Not a valid URL: awc reports it as the attempt's error.
+        None => client.post(format!("{}{}", key.base_url, call.path)),
+    };
+    let mut request = request
         .timeout(timeout)
         .insert_header((AUTHORIZATION, key.authorization.clone()));
     if let Some(content_type) = &call.content_type {
@@ -244,6 +248,35 @@ async fn attempt(
     }
     request.send_body(call.body.clone()).await
 }
+
+/// A key's base URL joined with a call's path, parsed once per thread: the same few URLs are
+/// built on every call, and formatting and parsing one cost more than the rest of preparing the
+/// request. At most [`MOST_URIS`] are kept (then the table starts again); `None` when the two do
+/// not make a valid URL.
+fn upstream_uri(base_url: &str, path: &str) -> Option<Uri> {
+    type Paths = foldhash::HashMap<Box<str>, Uri>;
+    thread_local! {
+        static PARSED: RefCell<(usize, foldhash::HashMap<Box<str>, Paths>)> = RefCell::default();
+    }
+    PARSED.with_borrow_mut(|(count, parsed)| {
+        if let Some(uri) = parsed.get(base_url).and_then(|paths| paths.get(path)) {
+            return Some(uri.clone());
+        }
+        let uri = Uri::try_from(format!("{base_url}{path}")).ok()?;
+        if *count >= MOST_URIS {
+            parsed.clear();
+            *count = 0;
+        }
+        *count += 1;
+        parsed
+            .entry(base_url.into())
+            .or_default()
+            .insert(path.into(), uri.clone());
+        Some(uri)
+    })
+}
+
+const MOST_URIS: usize = 1024;
 
 /// The rest a 429 asks for: `Retry-After` as seconds or as an HTTP date, else the configured
 /// default (at most an hour, so a silly header cannot bench a key for good).
@@ -275,6 +308,17 @@ fn retry_after_secs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_uris_are_joined_parsed_and_kept() {
+        let uri = upstream_uri("http://127.0.0.1:9/v1", "/chat/completions").unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:9/v1/chat/completions");
+        let again = upstream_uri("http://127.0.0.1:9/v1", "/chat/completions").unwrap();
+        assert_eq!(again, uri);
+        let other = upstream_uri("http://127.0.0.1:9/v1", "/embeddings").unwrap();
+        assert_eq!(other.path(), "/v1/embeddings");
+        assert!(upstream_uri("not a url", "/chat/completions").is_none());
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {

@@ -13,7 +13,6 @@ use std::time::Duration;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde_json::{Map, Value};
-use tracing::field::display;
 use tracing_actix_web::RootSpan;
 
 use actix::Addr;
@@ -369,7 +368,7 @@ async fn send_and_relay(
                 span,
                 [
                     ("attempts", &answered.attempts),
-                    ("upstream_key_id", &display(key)),
+                    ("upstream_key_id", &key.as_str()),
                     ("level", &answered.level),
                 ],
             ),
