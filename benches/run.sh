@@ -17,7 +17,8 @@
 # the per-thread profiles for callgrind_annotate. BENCH_SYSCALLS=1 prints the system calls and
 # context switches per request of nginx and of the router during the closed-loop runs.
 # BENCH_SCHED=file records the scheduler during the router's sequential run; BENCH_KEEP=1 keeps
-# the work directory (the router's database and log).
+# the work directory (the router's database and log). BENCH_BINARY=path measures that build of
+# the router instead of building this checkout (to compare two builds in turns).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,9 +50,13 @@ INSTRUCTIONS="${BENCH_INSTRUCTIONS:-}"
 [ -z "$INSTRUCTIONS" ] || need callgrind_control valgrind
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs" >&2; exit 1; }
 
-echo "building the release binary..."
-cargo build --release --quiet
-BIN="$CARGO_TARGET_DIR/release/switchyard"
+if [ -n "${BENCH_BINARY:-}" ]; then
+  BIN="$(realpath "$BENCH_BINARY")"
+else
+  echo "building the release binary..."
+  cargo build --release --quiet
+  BIN="$CARGO_TARGET_DIR/release/switchyard"
+fi
 
 # shellcheck source=benches/common.sh
 . benches/common.sh
@@ -147,8 +152,8 @@ run() { # name port pids...
   fi
   # BENCH_SYSCALLS=1 counts the proxy's system calls and context switches over the same run.
   if [ -n "${BENCH_SYSCALLS:-}" ] && [ $# -gt 0 ]; then
-    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(echo "$@" | tr ' ' ',')" \
-      -o "$WORK/$name.stat" -- sleep "$DURATION" 2>/dev/null &
+    perf stat -x, -e 'raw_syscalls:sys_enter,context-switches,page-faults,syscalls:sys_enter_*' \
+      -p "$(echo "$@" | tr ' ' ',')" -o "$WORK/$name.stat" -- sleep "$DURATION" 2>/dev/null &
     STAT_PID=$!
   fi
   out=$(taskset -c 0 wrk -t1 -c64 -d"${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions")
@@ -162,7 +167,11 @@ run() { # name port pids...
     SYS[$name]=$(awk -v t="$sys" -v n="$requests" -v hz="$hz" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }')
     if [ -n "${BENCH_SYSCALLS:-}" ]; then
       wait "$STAT_PID"
-      awk -F, -v n="$requests" -v who="$name" '$3 ~ /sys_enter|context-switches/ { printf "%s: %.2f %s per request\n", who, $1 / n, $3 }' "$WORK/$name.stat" >&2
+      # The totals, then each system call made at least once in a hundred requests.
+      awk -F, -v n="$requests" -v who="$name" '
+        $3 ~ /^(raw_syscalls:sys_enter|context-switches|page-faults)$/ { printf "%s: %.2f %s per request\n", who, $1 / n, $3 }
+        $3 ~ /^syscalls:sys_enter_/ && $1 / n >= 0.01 { sub(/^syscalls:sys_enter_/, "", $3); calls = calls sprintf(" %s %.3f", $3, $1 / n) }
+        END { if (calls != "") printf "%s: per request:%s\n", who, calls }' "$WORK/$name.stat" >&2
     fi
   else
     CPU[$name]="-" SYS[$name]="-"
