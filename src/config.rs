@@ -35,6 +35,8 @@ pub struct ServerSettings {
     pub workers: usize,
     pub max_body_bytes: usize,
     pub shutdown_timeout_secs: u64,
+    /// Seconds an idle client connection is kept open.
+    pub keep_alive_secs: u64,
     /// Proxies whose `X-Forwarded-For` is believed: CIDRs, as a TOML array or a comma-separated
     /// string (`SWITCHYARD_SERVER__TRUSTED_PROXIES=10.0.0.0/8,127.0.0.1`).
     #[serde(deserialize_with = "list_or_csv")]
@@ -310,6 +312,7 @@ mod tests {
     fn defaults_load_without_any_file_or_variable() {
         let s = Settings::load_from(None, env(&[])).unwrap();
         assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.server.keep_alive_secs, 75, "longer than a proxy's 60 s");
         assert_eq!(
             s.database_kind().unwrap(),
             DatabaseKind::Sqlite("switchyard.db".into())

@@ -235,6 +235,7 @@ impl Application {
         // Signals are ours (see `run_until_stopped`): actix-server would stop the whole actix
         // system after draining, before metering could write what the last calls used.
         .disable_signals()
+        .keep_alive(Duration::from_secs(settings.server.keep_alive_secs))
         .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);

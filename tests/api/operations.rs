@@ -216,6 +216,70 @@ async fn sigterm_stops_the_server_with_exit_code_zero() {
     assert!(log.contains("switchyard stopped"), "{log}");
 }
 
+/// An idle client connection stays open for `server.keep_alive_secs`, then is closed. The
+/// default (75 s) outlasts the idle timeout of the proxies usually in front (60 s), which would
+/// otherwise reuse a connection the router is closing and answer that POST with a 502.
+#[actix_web::test]
+async fn idle_connections_are_kept_open_for_the_configured_time() {
+    use std::io::{Read, Write};
+
+    /// Sends `GET /healthz` on `stream` and reads the answer's head and body.
+    fn exchange(stream: &mut std::net::TcpStream) -> String {
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: switchyard\r\n\r\n")
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buffer = [0; 4096];
+        loop {
+            let n = stream.read(&mut buffer).unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buffer[..n]);
+            let text = String::from_utf8_lossy(&answer).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                if body.len() >= length {
+                    return text;
+                }
+            }
+        }
+    }
+
+    let dir = tempdir::Dir::new();
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("SWITCHYARD_ADMIN_TOKEN", "t-keep-alive"),
+            ("SWITCHYARD_SERVER__KEEP_ALIVE_SECS", "2"),
+        ],
+    )
+    .await;
+    let address = server.address.trim_start_matches("http://").to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert!(exchange(&mut stream).starts_with("HTTP/1.1 200"));
+        std::thread::sleep(Duration::from_secs(1));
+        let again = exchange(&mut stream);
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+        // Past the keep-alive, the router closes the connection on its own.
+        std::thread::sleep(Duration::from_millis(3500));
+        let mut buffer = [0; 64];
+        let closed = match stream.read(&mut buffer) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(closed, "still open past the keep-alive");
+    })
+    .await
+    .unwrap();
+}
+
 #[actix_web::test]
 async fn postgres_without_a_master_key_refuses_to_start() {
     let dir = tempdir::Dir::new();
