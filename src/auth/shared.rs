@@ -30,6 +30,11 @@ const TOMBSTONE_VALUE: &str = "-";
 /// After a failed command, Redis is skipped for this long: a miss then costs the database read
 /// alone instead of a Redis timeout as well.
 const BACKOFF_MS: i64 = 1_000;
+/// How long the key that created a stored response is remembered in Redis. The pairing never
+/// goes stale (a response stays in its project), so it is not bound by the auth entries' ttl: a
+/// conversation picked up a day later on another replica still reaches its key. A day of ids
+/// at a few hundred bytes each.
+const RESPONSE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Length of the signature (HMAC-SHA-256) that opens every entry.
 const TAG_LEN: usize = 32;
 
@@ -226,12 +231,16 @@ impl SharedCache {
             return;
         }
         let entry = inner.seal(kind, id, value);
+        let ttl = match kind {
+            Kind::Key | Kind::User => inner.ttl,
+            Kind::Response => RESPONSE_TTL,
+        };
         let command = redis::cmd("SET")
             .arg(inner.key(kind, id))
             .arg(entry)
             .arg("NX")
             .arg("PX")
-            .arg(inner.ttl.as_millis() as u64)
+            .arg(ttl.as_millis() as u64)
             .to_owned();
         let this = self.clone();
         actix::spawn(async move {

@@ -79,7 +79,10 @@ pub struct Call {
     /// Switchyard asked the provider for a stream's usage on its own: the usage event is
     /// removed from what the client receives.
     pub hide_usage: bool,
-    /// The key to try first: the one that created the stored response this call follows up.
+    /// The stored response a `/v1/responses` call follows up (`previous_response_id`).
+    pub previous_response: Option<String>,
+    /// The key to try first: the one that created that response (looked up once the call is
+    /// admitted).
     pub pinned_key: Option<String>,
 }
 
@@ -96,15 +99,15 @@ impl Call {
 }
 
 /// Reads a JSON call body: an object with a string `model`. The body goes upstream byte for
-/// byte unless a mapping changes the model or a stream's usage must be asked for. Also returns
-/// the `previous_response_id` a responses call follows up, if any.
+/// byte unless a mapping changes the model or a stream's usage must be asked for. A responses
+/// call's `previous_response_id` is noted.
 fn parse_json_call(
     req: &HttpRequest,
     endpoint: Endpoint,
     body: Bytes,
     principal: &Principal,
     proxy: &Proxy,
-) -> Result<(Call, Option<String>), ApiError> {
+) -> Result<Call, ApiError> {
     // Only what routing needs is read: the rest is skipped without being built.
     #[derive(serde::Deserialize)]
     struct Peek<'a> {
@@ -181,9 +184,10 @@ fn parse_json_call(
         stream,
         content_type: Some("application/json".into()),
         hide_usage,
+        previous_response,
         pinned_key: None,
     };
-    Ok((call, previous_response))
+    Ok(call)
 }
 
 /// The member that asks for a stream's usage, spliced in as the body's first member.
@@ -214,12 +218,8 @@ pub async fn forward_json(
     worker: web::Data<Worker>,
 ) -> Result<HttpResponse, ApiError> {
     let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
-    let (mut call, previous_response) =
-        parse_json_call(&req, meter.endpoint(), body, &principal, &proxy)
-            .map_err(|e| refuse(&mut meter, e))?;
-    if let Some(id) = previous_response {
-        call.pinned_key = proxy.affinity.key_for(&id).await;
-    }
+    let call = parse_json_call(&req, meter.endpoint(), body, &principal, &proxy)
+        .map_err(|e| refuse(&mut meter, e))?;
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }
 
@@ -255,6 +255,7 @@ pub async fn forward_multipart(
         stream: form.stream,
         content_type: Some(content_type),
         hide_usage: false,
+        previous_response: None,
         pinned_key: None,
     };
     forward(&req, call, &principal, &proxy, &worker, meter).await
@@ -264,7 +265,7 @@ pub async fn forward_multipart(
 /// answer with the caller's rate-limit headers.
 async fn forward(
     req: &HttpRequest,
-    call: Call,
+    mut call: Call,
     principal: &Principal,
     proxy: &Proxy,
     worker: &Worker,
@@ -272,8 +273,8 @@ async fn forward(
 ) -> Result<HttpResponse, ApiError> {
     let span = req.extensions().get::<RootSpan>().cloned();
     if let Some(span) = &span {
-        // The model comes from the client: recorded quoted and escaped. The mapped one only
-        // when it differs.
+        // The model comes from the client: written escaped (quoted unless it is one word). The
+        // mapped one only when it differs.
         match &call.mapped {
             Some(mapped) => telemetry::record(
                 span,
@@ -306,6 +307,10 @@ async fn forward(
     // Token limits are settled with the usage the answer reports, after it is relayed.
     if let Some(ticket) = ticket.filter(|t| !t.token_keys.is_empty()) {
         meter.settle_with(ticket, worker.settler.clone());
+    }
+    // Only an admitted follow-up looks up (maybe in Redis) the key holding what it follows.
+    if let Some(id) = &call.previous_response {
+        call.pinned_key = proxy.affinity.key_for(id).await;
     }
     let result = send_and_relay(span, &call, principal, proxy, worker, meter).await;
     match (result, headers) {
@@ -380,8 +385,8 @@ async fn send_and_relay(
     let response = answered.result.map_err(|e| refuse(&mut meter, e))?;
     let idle = Duration::from_secs(proxy.settings.idle_timeout_secs);
     // A stored response's id is noted with the key that created it.
-    let note_id = match (&answered.key_id, call.path.as_str()) {
-        (Some(key), "/responses") if response.status().is_success() => Some(relay::NoteId {
+    let note_id = match (&answered.key_id, meter.endpoint()) {
+        (Some(key), Endpoint::Responses) if response.status().is_success() => Some(relay::NoteId {
             affinity: proxy.affinity.clone(),
             key_id: key.clone(),
         }),

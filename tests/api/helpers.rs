@@ -225,6 +225,17 @@ impl SharedRedis {
             ("SWITCHYARD_REDIS__KEY_PREFIX", self.prefix.as_str()),
         ]
     }
+
+    /// Milliseconds the entry `key` (after the prefix) has left: negative when there is none.
+    pub async fn ttl_ms(&self, key: &str) -> i64 {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("PTTL")
+            .arg(format!("{}{key}", self.prefix))
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    }
 }
 
 impl TestApp {

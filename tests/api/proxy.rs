@@ -584,6 +584,9 @@ async fn a_responses_follow_up_goes_to_the_key_that_stored_its_response(backend:
         let (status, answer) = respond(&replica, body).await;
         assert_eq!(status, 200, "{answer}");
     }
+    // The pairing is kept in Redis for a day, not the auth entries' 600 s.
+    let ttl = redis.ttl_ms(&format!("auth:response:{previous}")).await;
+    assert!(ttl > 23 * 3600 * 1000, "{ttl} ms left");
 }
 
 async fn every_key_failing_is_a_gateway_error(backend: Backend) {

@@ -11,30 +11,42 @@ use crate::domain::Price;
 use crate::with_conn;
 
 /// Creates or replaces the price of `price.model`; says whether it was created.
+///
+/// Replace first, else create: each step alone is atomic, and whichever succeeds is what is
+/// stored, even with a `DELETE` of the same price in between (a transaction would not stop that
+/// under PostgreSQL's read committed). A create that loses to another one's is tried again.
 pub async fn upsert(db: &Db, price: &Price) -> Result<bool, DbError> {
     let row = PriceRow::from(price);
     with_conn!(db, |conn| {
-        let created = diesel::insert_into(prices::table)
-            .values(&row)
-            .on_conflict_do_nothing()
-            .execute(conn)
-            .await?;
-        if created > 0 {
-            return Ok(true);
+        for _ in 0..8 {
+            let replaced = diesel::update(prices::table.find(&row.model))
+                .set((
+                    prices::input_per_mtok_nanos.eq(row.input_per_mtok_nanos),
+                    prices::output_per_mtok_nanos.eq(row.output_per_mtok_nanos),
+                    prices::cached_input_per_mtok_nanos.eq(row.cached_input_per_mtok_nanos),
+                    prices::reasoning_per_mtok_nanos.eq(row.reasoning_per_mtok_nanos),
+                    prices::per_image_nanos.eq(row.per_image_nanos),
+                    prices::per_audio_second_nanos.eq(row.per_audio_second_nanos),
+                    prices::updated_at.eq(row.updated_at),
+                ))
+                .execute(conn)
+                .await?;
+            if replaced > 0 {
+                return Ok(false);
+            }
+            let created = diesel::insert_into(prices::table)
+                .values(&row)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+            if created > 0 {
+                return Ok(true);
+            }
         }
-        diesel::update(prices::table.find(&row.model))
-            .set((
-                prices::input_per_mtok_nanos.eq(row.input_per_mtok_nanos),
-                prices::output_per_mtok_nanos.eq(row.output_per_mtok_nanos),
-                prices::cached_input_per_mtok_nanos.eq(row.cached_input_per_mtok_nanos),
-                prices::reasoning_per_mtok_nanos.eq(row.reasoning_per_mtok_nanos),
-                prices::per_image_nanos.eq(row.per_image_nanos),
-                prices::per_audio_second_nanos.eq(row.per_audio_second_nanos),
-                prices::updated_at.eq(row.updated_at),
-            ))
-            .execute(conn)
-            .await?;
-        Ok(false)
+        Err(DbError::Conflict(format!(
+            "the price of {} kept changing; try again",
+            row.model
+        )))
     })
 }
 
