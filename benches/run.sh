@@ -16,7 +16,10 @@
 # else the machine is doing. Kernel time (sockets) is not counted. BENCH_CALLGRIND_DIR=dir keeps
 # the per-thread profiles for callgrind_annotate. BENCH_SYSCALLS=1 prints the system calls and
 # context switches per request of nginx and of the router during the closed-loop runs.
-# BENCH_SCHED=file records the scheduler during the router's sequential run; BENCH_KEEP=1 keeps
+# BENCH_PERF=file records a profile of the router (and file.nginx of nginx) over the closed-loop
+# runs; BENCH_PERF_GRAPH=dwarf unwinds call graphs through code without frame pointers.
+# BENCH_SCHED=file records the scheduler during the router's sequential run and counts the HTTP
+# worker's waits for its CPU (behind the router's own threads, or anything else); BENCH_KEEP=1 keeps
 # the work directory (the router's database and log). BENCH_BINARY=path measures that build of
 # the router instead of building this checkout (to compare two builds in turns).
 set -euo pipefail
@@ -146,9 +149,13 @@ run() { # name port pids...
   P99[$name]=$(to_us "$(echo "$out" | awk '$1 == "99%" {print $2}')")
   local before after
   [ $# -gt 0 ] && before=$(cpu_ticks "$@")
-  # BENCH_PERF=FILE profiles the router during its closed-loop run (perf record, call graphs).
-  if [ -n "${BENCH_PERF:-}" ] && [ "$name" = switchyard ]; then
-    perf record -q -F 1999 -g -p "$1" -o "$BENCH_PERF" -- sleep "$DURATION" 2>/dev/null &
+  # BENCH_PERF=FILE profiles the router during its closed-loop run (perf record, call graphs;
+  # BENCH_PERF_GRAPH=dwarf unwinds them from the stack, through code without frame pointers).
+  # nginx's own profile goes beside it, in FILE.nginx, to compare the two hops' kernel work.
+  if [ -n "${BENCH_PERF:-}" ] && [ $# -gt 0 ]; then
+    local profile="$BENCH_PERF"; [ "$name" = switchyard ] || profile="$BENCH_PERF.$name"
+    perf record -q -F 1999 --call-graph="${BENCH_PERF_GRAPH:-fp}" -p "$(echo "$@" | tr ' ' ',')" \
+      -o "$profile" -- sleep "$DURATION" 2>/dev/null &
   fi
   # BENCH_SYSCALLS=1 counts the proxy's system calls and context switches over the same run.
   if [ -n "${BENCH_SYSCALLS:-}" ] && [ $# -gt 0 ]; then
@@ -210,3 +217,24 @@ echo "added latency: p50 $(added "${P50[switchyard]}" "${P50[direct]}") µs (tar
 echo "streaming time to first byte (median of 200): direct ${TTFB_DIRECT} µs, switchyard ${TTFB_SY} µs, added $((TTFB_SY - TTFB_DIRECT)) µs (target <= 500)"
 echo "resident memory after ${MORE} more calls (over 1,000,000 in all): $((RSS_KB / 1024)) MiB now, $((HWM_KB / 1024)) MiB peak (target < 100)"
 echo "metering: ${DROPPED} records dropped (0 = every call metered)"
+
+# The router's HTTP worker waiting for its CPU during the sequential run, by who held the CPU.
+if [ -n "${BENCH_SCHED:-}" ]; then
+  perf sched timehist -i "$BENCH_SCHED" 2>/dev/null | awk -v pid="$SY_PID" '
+    $2 == "[0001]" && NF >= 6 {
+      # time cpu task... wait delay run: the task name may hold spaces.
+      task = $3; for (i = 4; i <= NF - 3; i++) task = task " " $i
+      n++; who[n] = task; delay[n] = $(NF - 1); ran[task] += $NF
+    }
+    END {
+      for (t in ran) if (t ~ ("/" pid "]$") && ran[t] > most) { most = ran[t]; worker = t }
+      for (i = 2; i <= n; i++) {
+        if (who[i] != worker) continue
+        wakes++
+        if (delay[i] <= 0.1) continue
+        late++
+        if (who[i - 1] ~ ("/" pid "]$")) { own++; own_ms += delay[i] } else { other++; other_ms += delay[i] }
+      }
+      printf "worker waits for its CPU over 100 µs (sequential run): %d of %d runs; %d (%.1f ms in all) behind the router'"'"'s own background threads, %d (%.1f ms) behind other tasks or an idle vCPU\n", late, wakes, own, own_ms, other, other_ms
+    }'
+fi

@@ -17,6 +17,7 @@ pub mod pacing;
 pub mod proxy;
 pub mod routes;
 pub mod routing;
+pub mod sched;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

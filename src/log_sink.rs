@@ -60,6 +60,7 @@ pub fn batched_stdout() -> (BatchedStdout, FlushGuard) {
 }
 
 fn write_out(shared: &Shared) {
+    crate::sched::yield_to_request_path();
     let mut spare = Vec::with_capacity(HIGH_WATER);
     let mut stdout = std::io::stdout();
     loop {

@@ -200,6 +200,7 @@ impl Application {
         let max_body = settings.server.max_body_bytes;
         let mut server = HttpServer::new(move || {
             // This closure runs once on each worker thread: per-thread state starts here.
+            crate::sched::favour_request_path();
             let redis = Rc::new(RedisLink::default());
             let worker = web::Data::new(Worker {
                 pools: proxy.pools.register_worker(),

@@ -82,6 +82,9 @@ impl Metering {
             metrics: metrics.clone(),
         };
         let arbiter = Arbiter::new();
+        // First on its thread: the SQLite writes run on threads this one starts, which inherit
+        // its lower priority.
+        arbiter.spawn_fn(crate::sched::yield_to_request_path);
         if let Some(retention) = LogRetention::new(db, settings.metering.log_retention_days) {
             LogRetention::start_in_arbiter(&arbiter.handle(), move |_| retention);
         }
