@@ -761,8 +761,9 @@ async fn background_threads_yield_the_core_to_the_http_worker() {
 /// A thread's slice in nanoseconds as `sched_getattr` reports it (0 before Linux 6.12).
 #[cfg(target_os = "linux")]
 fn slice_of(tid: i32) -> Option<u64> {
-    let mut attr = [0u64; 7]; // struct sched_attr, first version: 48 bytes
-                              // SAFETY: the buffer is 56 bytes, more than the 48 asked for.
+    // struct sched_attr, first version: 48 bytes, read into 56.
+    let mut attr = [0u64; 7];
+    // SAFETY: the buffer is larger than the 48 bytes asked for.
     let result =
         unsafe { libc::syscall(libc::SYS_sched_getattr, tid, attr.as_mut_ptr(), 48u32, 0u32) };
     // size, policy | flags | nice, priority | runtime (the slice) | ...
