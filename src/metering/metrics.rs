@@ -2,9 +2,10 @@
 //! from each call's record, off the request path; the request path itself only bumps cache
 //! counters (one relaxed atomic add each).
 
+use foldhash::HashMap;
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::usage::Usage;
@@ -33,7 +34,55 @@ pub struct Metrics {
     cache_hit_ratio: GaugeVec,
     /// The (cache, layer) pairs whose hit ratio is exported.
     cache_layers: parking_lot::Mutex<Vec<(String, String)>>,
-    models: parking_lot::Mutex<foldhash::HashSet<String>>,
+    /// The per-call series, looked up once each. `with_label_values` hashes every label value
+    /// with SipHash and takes the vector's lock on each use, about nine times a call; a handle
+    /// is an atomic add.
+    series: parking_lot::Mutex<Series>,
+}
+
+/// Handles of the series every call touches, by their labels.
+#[derive(Default)]
+struct Series {
+    /// By model label: at most [`MAX_MODEL_LABELS`] names, then `other`.
+    models: HashMap<String, ModelSeries>,
+    /// Latency and time to first byte, by route.
+    routes: HashMap<&'static str, (Histogram, Histogram)>,
+    /// By upstream key id, then outcome.
+    attempts: HashMap<String, HashMap<&'static str, IntCounter>>,
+}
+
+struct ModelSeries {
+    /// The model label: the name, or `other`.
+    label: String,
+    /// By route and status.
+    calls: HashMap<(&'static str, u16), IntCounter>,
+    /// Prompt, completion, reasoning and cached tokens, in [`TOKEN_KINDS`]' order.
+    tokens: [Option<IntCounter>; 4],
+    cost: Option<Counter>,
+}
+
+const TOKEN_KINDS: [&str; 4] = ["prompt", "completion", "reasoning", "cached"];
+
+impl Series {
+    /// The series of `model`: labelled with its name while the set of names is small, else
+    /// `other`, so a client inventing model names cannot grow the metrics without bound.
+    fn model(&mut self, model: &str) -> &mut ModelSeries {
+        let name = if self.models.contains_key(model) || self.models.len() < MAX_MODEL_LABELS {
+            model
+        } else {
+            "other"
+        };
+        if !self.models.contains_key(name) {
+            let series = ModelSeries {
+                label: name.to_owned(),
+                calls: HashMap::default(),
+                tokens: Default::default(),
+                cost: None,
+            };
+            self.models.insert(name.to_owned(), series);
+        }
+        self.models.get_mut(name).expect("inserted above")
+    }
 }
 
 impl Metrics {
@@ -130,7 +179,7 @@ impl Metrics {
             cache,
             cache_hit_ratio,
             cache_layers: Default::default(),
-            models: Default::default(),
+            series: Default::default(),
         })
     }
 
@@ -165,62 +214,74 @@ impl Metrics {
         }
     }
 
-    /// A model name as a label value: itself while the set of names is small, else `other`.
-    fn model_label<'a>(&self, model: &'a str) -> &'a str {
-        let mut models = self.models.lock();
-        if models.contains(model) {
-            return model;
-        }
-        if models.len() < MAX_MODEL_LABELS {
-            models.insert(model.to_owned());
-            return model;
-        }
-        "other"
-    }
-
     /// One finished call.
     pub fn call(
         &self,
-        route: &str,
+        route: &'static str,
         model: Option<&str>,
         status: u16,
         latency_secs: f64,
         ttfb_secs: Option<f64>,
     ) {
-        let model = model.map_or("", |m| self.model_label(m));
-        self.calls
-            .with_label_values(&[route, model, itoa::Buffer::new().format(status)])
-            .inc();
-        self.latency
-            .with_label_values(&[route])
-            .observe(latency_secs);
-        if let Some(ttfb) = ttfb_secs {
-            self.ttfb.with_label_values(&[route]).observe(ttfb);
+        let mut series = self.series.lock();
+        let (latency, ttfb) = series.routes.entry(route).or_insert_with(|| {
+            (
+                self.latency.with_label_values(&[route]),
+                self.ttfb.with_label_values(&[route]),
+            )
+        });
+        latency.observe(latency_secs);
+        if let Some(secs) = ttfb_secs {
+            ttfb.observe(secs);
         }
+        let model = series.model(model.unwrap_or(""));
+        let label = &model.label;
+        model
+            .calls
+            .entry((route, status))
+            .or_insert_with(|| {
+                let status = itoa::Buffer::new().format(status).to_owned();
+                self.calls.with_label_values(&[route, label, &status])
+            })
+            .inc();
     }
 
     /// One attempt on an upstream key.
-    pub fn attempt(&self, key_id: &str, outcome: &str) {
-        self.attempts.with_label_values(&[key_id, outcome]).inc();
+    pub fn attempt(&self, key_id: &str, outcome: &'static str) {
+        let mut series = self.series.lock();
+        let by_outcome = match series.attempts.get_mut(key_id) {
+            Some(by_outcome) => by_outcome,
+            None => series.attempts.entry(key_id.to_owned()).or_default(),
+        };
+        by_outcome
+            .entry(outcome)
+            .or_insert_with(|| self.attempts.with_label_values(&[key_id, outcome]))
+            .inc();
     }
 
     /// What a call used and cost, by the model that served it.
     pub fn usage(&self, model: &str, usage: &Usage, cost_usd: f64) {
-        let model = self.model_label(model);
-        for (kind, n) in [
-            ("prompt", usage.prompt_tokens),
-            ("completion", usage.completion_tokens),
-            ("reasoning", usage.reasoning_tokens),
-            ("cached", usage.cached_tokens),
-        ] {
+        let mut series = self.series.lock();
+        let model = series.model(model);
+        let label = &model.label;
+        let counts = [
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.reasoning_tokens,
+            usage.cached_tokens,
+        ];
+        for ((kind, n), handle) in TOKEN_KINDS.iter().zip(counts).zip(&mut model.tokens) {
             if n > 0 {
-                self.tokens
-                    .with_label_values(&[model, kind])
+                handle
+                    .get_or_insert_with(|| self.tokens.with_label_values(&[label.as_str(), kind]))
                     .inc_by(n as u64);
             }
         }
         if cost_usd > 0.0 {
-            self.cost.with_label_values(&[model]).inc_by(cost_usd);
+            model
+                .cost
+                .get_or_insert_with(|| self.cost.with_label_values(&[label]))
+                .inc_by(cost_usd);
         }
     }
 
@@ -245,5 +306,74 @@ impl Metrics {
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, starts: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(starts))
+    }
+
+    #[test]
+    fn handles_found_once_keep_counting_under_their_labels() {
+        let metrics = Metrics::new().unwrap();
+        let usage = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 5,
+            ..Usage::default()
+        };
+        for _ in 0..3 {
+            metrics.call("chat", Some("gpt-4o"), 200, 0.01, Some(0.005));
+            metrics.attempt("upk_1", "answered");
+            metrics.usage("gpt-4o", &usage, 0.25);
+        }
+        metrics.call("chat", Some("gpt-4o"), 429, 0.01, None);
+        let text = metrics.render();
+        let calls = r#"switchyard_calls_total{model="gpt-4o",route="chat",status="#;
+        assert_eq!(
+            line(&text, &format!("{calls}\"200\"}}")).unwrap(),
+            format!("{calls}\"200\"}} 3")
+        );
+        assert_eq!(
+            line(&text, &format!("{calls}\"429\"}}")).unwrap(),
+            format!("{calls}\"429\"}} 1")
+        );
+        let attempts =
+            r#"switchyard_upstream_attempts_total{outcome="answered",upstream_key_id="upk_1"}"#;
+        assert_eq!(line(&text, attempts).unwrap(), format!("{attempts} 3"));
+        let prompt = r#"switchyard_tokens_total{kind="prompt",model="gpt-4o"}"#;
+        assert_eq!(line(&text, prompt).unwrap(), format!("{prompt} 30"));
+        let completion = r#"switchyard_tokens_total{kind="completion",model="gpt-4o"}"#;
+        assert_eq!(line(&text, completion).unwrap(), format!("{completion} 15"));
+        assert!(line(&text, r#"switchyard_tokens_total{kind="reasoning""#).is_none());
+        let cost = r#"switchyard_cost_usd_total{model="gpt-4o"}"#;
+        assert_eq!(line(&text, cost).unwrap(), format!("{cost} 0.75"));
+        let latency = r#"switchyard_call_duration_seconds_count{route="chat"}"#;
+        assert_eq!(line(&text, latency).unwrap(), format!("{latency} 4"));
+        let ttfb = r#"switchyard_time_to_first_byte_seconds_count{route="chat"}"#;
+        assert_eq!(line(&text, ttfb).unwrap(), format!("{ttfb} 3"));
+    }
+
+    #[test]
+    fn model_names_past_the_bound_are_counted_as_other() {
+        let metrics = Metrics::new().unwrap();
+        for i in 0..MAX_MODEL_LABELS + 10 {
+            metrics.call("chat", Some(&format!("m{i}")), 200, 0.01, None);
+        }
+        // A name seen before the bound keeps its own label.
+        metrics.call("chat", Some("m0"), 200, 0.01, None);
+        let text = metrics.render();
+        let other = r#"switchyard_calls_total{model="other",route="chat",status="200"}"#;
+        assert_eq!(line(&text, other).unwrap(), format!("{other} 10"));
+        let m0 = r#"switchyard_calls_total{model="m0",route="chat",status="200"}"#;
+        assert_eq!(line(&text, m0).unwrap(), format!("{m0} 2"));
+        let labelled = text
+            .lines()
+            .filter(|l| l.starts_with("switchyard_calls_total{"))
+            .count();
+        assert_eq!(labelled, MAX_MODEL_LABELS + 1);
     }
 }

@@ -34,12 +34,14 @@ pub struct KeyPools {
 /// One worker thread's pool actors, one per level, running on that worker's arbiter.
 pub struct WorkerPools {
     arbiter: ArbiterHandle,
-    pools: RwLock<HashMap<i32, Addr<KeyPoolActor>>>,
+    /// Behind an `Arc` because a call takes its level's address twice (to lease, to report):
+    /// cloning an actix `Addr` allocates a sender's own two cells, an `Arc` only counts.
+    pools: RwLock<HashMap<i32, Arc<Addr<KeyPoolActor>>>>,
 }
 
 impl WorkerPools {
     /// This worker's pool of `level`, if that level has ever had keys.
-    pub fn pool(&self, level: i32) -> Option<Addr<KeyPoolActor>> {
+    pub fn pool(&self, level: i32) -> Option<Arc<Addr<KeyPoolActor>>> {
         self.pools.read().get(&level).cloned()
     }
 
@@ -58,7 +60,7 @@ impl WorkerPools {
                     let addr = KeyPoolActor::start_in_arbiter(&self.arbiter, move |_| {
                         KeyPoolActor::new(level, keys, policy)
                     });
-                    pools.insert(level, addr);
+                    pools.insert(level, Arc::new(addr));
                 }
             }
         }
