@@ -67,12 +67,13 @@ impl Series {
     /// The series of `model`: labelled with its name while the set of names is small, else
     /// `other`, so a client inventing model names cannot grow the metrics without bound.
     fn model(&mut self, model: &str) -> &mut ModelSeries {
-        let name = if self.models.contains_key(model) || self.models.len() < MAX_MODEL_LABELS {
+        let known = self.models.contains_key(model);
+        let name = if known || self.models.len() < MAX_MODEL_LABELS {
             model
         } else {
             "other"
         };
-        if !self.models.contains_key(name) {
+        if !known && !self.models.contains_key(name) {
             let series = ModelSeries {
                 label: name.to_owned(),
                 calls: HashMap::default(),
