@@ -3,7 +3,8 @@
 # directly and against nginx as a plain keep-alive reverse proxy, measured in one run.
 #
 #   CPU 0: the mock provider (nginx returning a fixed chat completion) and the load generator (wrk)
-#   CPU 1: the proxy under test (nginx proxy_pass, then Switchyard with one worker)
+#   CPU 1: the proxy under test: nginx proxy_pass, the stack's floor (actix-web and awc alone,
+#          benches/floor_proxy.rs), then Switchyard with one worker
 #
 # Reports sequential latency (1 connection, p50/p99 added over direct), closed-loop throughput
 # (64 connections), CPU time per request of the proxy process, streaming time to first byte,
@@ -29,7 +30,7 @@ DURATION="${1:-10}"
 TOTAL_CALLS="${BENCH_TOTAL_CALLS:-1000000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
 WORK="$(mktemp -d)"
-MOCK_PORT=18181 NGINX_PORT=18182 SY_PORT=18183
+MOCK_PORT=18181 NGINX_PORT=18182 SY_PORT=18183 FLOOR_PORT=18184
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -53,11 +54,16 @@ INSTRUCTIONS="${BENCH_INSTRUCTIONS:-}"
 [ -z "$INSTRUCTIONS" ] || need callgrind_control valgrind
 [ "$(nproc)" -ge 2 ] || { echo "needs 2 CPUs" >&2; exit 1; }
 
+# The stack's floor (benches/floor_proxy.rs: actix-web and awc with nothing else) is measured
+# beside nginx: what Switchyard spends over it is its own work, what it spends over nginx the
+# stack's.
+FLOOR="$CARGO_TARGET_DIR/release/examples/floor_proxy"
 if [ -n "${BENCH_BINARY:-}" ]; then
   BIN="$(realpath "$BENCH_BINARY")"
+  [ -x "$FLOOR" ] || { echo "building the floor proxy..."; cargo build --release --quiet --example floor_proxy; }
 else
-  echo "building the release binary..."
-  cargo build --release --quiet
+  echo "building the release binaries..."
+  cargo build --release --quiet --bin switchyard --example floor_proxy
   BIN="$CARGO_TARGET_DIR/release/switchyard"
 fi
 
@@ -73,6 +79,11 @@ nginx_conf proxy "$NGINX_PORT" "
 
 taskset -c 0 nginx -c "$WORK/mock.conf" -p "$WORK"
 taskset -c 1 nginx -c "$WORK/proxy.conf" -p "$WORK"
+if [ -z "$INSTRUCTIONS" ]; then
+  taskset -c 1 "$FLOOR" "127.0.0.1:$FLOOR_PORT" "http://127.0.0.1:$MOCK_PORT" > "$WORK/floor.log" 2>&1 &
+  FLOOR_PID=$!
+  PIDS+=("$FLOOR_PID")
+fi
 
 # Switchyard: one worker on CPU 1, SQLite, logging at info to a file, a user key, one upstream.
 ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM"
@@ -94,7 +105,7 @@ USER_KEY=$(bench_user "$SY_PORT" "$ADMIN_TOKEN" "$MOCK_PORT" "${BENCH_LIMITS:-}"
 write_wrk_script "$WORK/post.lua" "$USER_KEY"
 
 # Warm up every path (connection pools, caches, argon2 on the first key check).
-for port in $MOCK_PORT $NGINX_PORT $SY_PORT; do
+for port in $MOCK_PORT $NGINX_PORT ${FLOOR_PID:+$FLOOR_PORT} $SY_PORT; do
   taskset -c 0 wrk -t1 -c8 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
 done
 curl -sf "http://127.0.0.1:$SY_PORT/v1/chat/completions" -H "Authorization: Bearer $USER_KEY" \
@@ -188,6 +199,7 @@ run() { # name port pids...
 echo "measuring (${DURATION}s per run)..."
 run direct "$MOCK_PORT"
 run nginx "$NGINX_PORT" $(nginx_pids proxy)
+run floor "$FLOOR_PORT" "$FLOOR_PID"
 run switchyard "$SY_PORT" "$SY_PID"
 
 TTFB_DIRECT=$(ttfb "$MOCK_PORT" "x-none: 1")
@@ -207,12 +219,13 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a - b }'; }
 echo
 echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s (64 conn) | CPU µs/req | of it in the kernel |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
-for name in direct nginx switchyard; do
+for name in direct nginx floor switchyard; do
   printf '| %s | %.0f | %.0f | %s | %s | %.0f | %s | %s |\n' "$name" "${P50[$name]}" "${P99[$name]}" \
     "$(added "${P50[$name]}" "${P50[direct]}")" "$(added "${P99[$name]}" "${P99[direct]}")" "${RPS[$name]}" "${CPU[$name]}" "${SYS[$name]}"
 done
 echo
 echo "switchyard / nginx: throughput $(ratio "${RPS[switchyard]}" "${RPS[nginx]}")x (target >= 0.70), CPU per request $(ratio "${CPU[switchyard]}" "${CPU[nginx]}")x (target <= 2)"
+echo "the stack's floor (actix-web + awc alone) / nginx: throughput $(ratio "${RPS[floor]}" "${RPS[nginx]}")x, CPU per request $(ratio "${CPU[floor]}" "${CPU[nginx]}")x; switchyard / floor: CPU per request $(ratio "${CPU[switchyard]}" "${CPU[floor]}")x"
 echo "added latency: p50 $(added "${P50[switchyard]}" "${P50[direct]}") µs (target <= 100), p99 $(added "${P99[switchyard]}" "${P99[direct]}") µs (target <= 300)"
 echo "streaming time to first byte (median of 200): direct ${TTFB_DIRECT} µs, switchyard ${TTFB_SY} µs, added $((TTFB_SY - TTFB_DIRECT)) µs (target <= 500)"
 echo "resident memory after ${MORE} more calls (over 1,000,000 in all): $((RSS_KB / 1024)) MiB now, $((HWM_KB / 1024)) MiB peak (target < 100)"
