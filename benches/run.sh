@@ -196,11 +196,31 @@ run() { # name port pids...
   fi
 }
 
-echo "measuring (${DURATION}s per run)..."
-run direct "$MOCK_PORT"
-run nginx "$NGINX_PORT" $(nginx_pids proxy)
-run floor "$FLOOR_PORT" "$FLOOR_PID"
-run switchyard "$SY_PORT" "$SY_PID"
+# BENCH_ROUNDS=N measures every path N times in turn and reports each figure's median: on a
+# shared VM two runs of the same build differ by up to a third, and paths measured in turns
+# share whatever the machine was doing.
+ROUNDS="${BENCH_ROUNDS:-1}"
+declare -A ALL_P50 ALL_P99 ALL_RPS ALL_CPU ALL_SYS
+median() { tr ' ' '\n' <<< "$1" | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { if (a[1] == "-") print "-"; else if (NR % 2) print a[(NR + 1) / 2]; else printf "%.1f", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+PATHS="direct nginx floor switchyard"
+CPU_RATIOS=""
+echo "measuring (${DURATION}s per run, ${ROUNDS} round(s))..."
+for round in $(seq 1 "$ROUNDS"); do
+  run direct "$MOCK_PORT"
+  run nginx "$NGINX_PORT" $(nginx_pids proxy)
+  run floor "$FLOOR_PORT" "$FLOOR_PID"
+  run switchyard "$SY_PORT" "$SY_PID"
+  for name in $PATHS; do
+    ALL_P50[$name]+="${P50[$name]} " ALL_P99[$name]+="${P99[$name]} " ALL_RPS[$name]+="${RPS[$name]} "
+    ALL_CPU[$name]+="${CPU[$name]} " ALL_SYS[$name]+="${SYS[$name]} "
+  done
+  CPU_RATIOS+="$(awk -v a="${CPU[switchyard]}" -v b="${CPU[nginx]}" 'BEGIN { printf "%.2f", a / b }') "
+done
+for name in $PATHS; do
+  P50[$name]=$(median "${ALL_P50[$name]}") P99[$name]=$(median "${ALL_P99[$name]}")
+  RPS[$name]=$(median "${ALL_RPS[$name]}") CPU[$name]=$(median "${ALL_CPU[$name]}")
+  SYS[$name]=$(median "${ALL_SYS[$name]}")
+done
 
 TTFB_DIRECT=$(ttfb "$MOCK_PORT" "x-none: 1")
 TTFB_SY=$(ttfb "$SY_PORT" "Authorization: Bearer $USER_KEY")
@@ -219,11 +239,14 @@ added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a - b }'; }
 echo
 echo "| path | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s (64 conn) | CPU µs/req | of it in the kernel |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
-for name in direct nginx floor switchyard; do
+for name in $PATHS; do
   printf '| %s | %.0f | %.0f | %s | %s | %.0f | %s | %s |\n' "$name" "${P50[$name]}" "${P99[$name]}" \
     "$(added "${P50[$name]}" "${P50[direct]}")" "$(added "${P99[$name]}" "${P99[direct]}")" "${RPS[$name]}" "${CPU[$name]}" "${SYS[$name]}"
 done
 echo
+if [ "$ROUNDS" -gt 1 ]; then
+  echo "(medians of $ROUNDS rounds; switchyard / nginx CPU per request in each round: $CPU_RATIOS)"
+fi
 echo "switchyard / nginx: throughput $(ratio "${RPS[switchyard]}" "${RPS[nginx]}")x (target >= 0.70), CPU per request $(ratio "${CPU[switchyard]}" "${CPU[nginx]}")x (target <= 2)"
 echo "the stack's floor (actix-web + awc alone) / nginx: throughput $(ratio "${RPS[floor]}" "${RPS[nginx]}")x, CPU per request $(ratio "${CPU[floor]}" "${CPU[nginx]}")x; switchyard / floor: CPU per request $(ratio "${CPU[switchyard]}" "${CPU[floor]}")x"
 echo "added latency: p50 $(added "${P50[switchyard]}" "${P50[direct]}") µs (target <= 100), p99 $(added "${P99[switchyard]}" "${P99[direct]}") µs (target <= 300)"
