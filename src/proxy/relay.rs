@@ -21,6 +21,10 @@ use crate::metering::meter::CallMeter;
 /// Largest non-streamed body read whole to restore a mapped model name.
 const MAX_REWRITE_BODY: usize = 64 * 1024 * 1024;
 
+/// Non-streamed answers of up to this declared length are read whole before the response goes
+/// out; larger ones (images, audio) are relayed as they arrive.
+const WHOLE_BODY_BYTES: u64 = 64 * 1024;
+
 /// Response headers passed on from the provider; the rest (its rate limits, cookies, ids)
 /// describe the upstream key, not the caller's call.
 const PASSED_HEADERS: [HeaderName; 2] = [CONTENT_TYPE, CACHE_CONTROL];
@@ -138,32 +142,33 @@ pub async fn respond(
     meter.begin(upstream.status().as_u16(), is_sse, is_text(&upstream));
     // Only a JSON answer names its model; audio, images and subtitles stream as they come.
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
+    let length = upstream
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     match (rename, is_sse) {
         (Some(model), false) if is_json => {
             // A whole JSON answer: restore the model name the client asked for.
-            let body = match read_whole(upstream, idle, MAX_REWRITE_BODY).await {
-                Ok(body) => body,
-                Err(error) => {
-                    meter.end(false);
-                    meter.refused(&error);
-                    return Err(error);
-                }
-            };
-            meter.push(&body);
-            meter.end(true);
-            if let (Some(note), Some(id)) = (&note_id, first_id(&body)) {
-                note.note(id);
-            }
+            let body = read_answer(upstream, idle, MAX_REWRITE_BODY, &mut meter, &note_id).await?;
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
+        (_, false) if length.is_some_and(|length| length <= WHOLE_BODY_BYTES) => {
+            // A small answer of known size nearly always arrives with its head: read at once
+            // and sent with its length, it costs less than relaying chunk by chunk.
+            let body = read_answer(
+                upstream,
+                idle,
+                WHOLE_BODY_BYTES as usize,
+                &mut meter,
+                &note_id,
+            )
+            .await?;
+            Ok(response.body(body))
+        }
         (_, false) => {
-            // A whole answer of known size: relayed as it arrives, keeping its length so the
+            // A larger answer of known size: relayed as it arrives, keeping its length so the
             // client gets a plain (not chunked) body.
-            let length = upstream
-                .headers()
-                .get(actix_web::http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
             let watch = note_id.map(IdWatch::new);
             let body = relay_stream(upstream, idle, None, None, watch, meter);
             Ok(match length {
@@ -187,6 +192,31 @@ pub async fn respond(
     }
 }
 
+/// Reads a whole non-streamed answer for the client, showing it to the meter and noting a stored
+/// response's id; a body that breaks, stalls or outgrows `limit` ends the call with its error.
+async fn read_answer(
+    upstream: UpstreamResponse,
+    idle: Duration,
+    limit: usize,
+    meter: &mut CallMeter,
+    note_id: &Option<NoteId>,
+) -> Result<Bytes, ApiError> {
+    let body = match read_whole(upstream, idle, limit).await {
+        Ok(body) => body,
+        Err(error) => {
+            meter.end(false);
+            meter.refused(&error);
+            return Err(error);
+        }
+    };
+    meter.push(&body);
+    meter.end(true);
+    if let (Some(note), Some(id)) = (note_id, first_id(&body)) {
+        note.note(id);
+    }
+    Ok(body)
+}
+
 /// Reads a whole upstream body of at most `limit` bytes, waiting at most `idle` for each chunk
 /// (awc's response timeout ends with the head: a provider that stalls mid-body would otherwise
 /// hold the call forever).
@@ -202,15 +232,27 @@ where
             format!("reading the upstream answer failed: {why}"),
         )
     };
+    // A body that comes in one chunk, as most do, is kept as it came, without a copy.
+    let mut first: Option<Bytes> = None;
     let mut body = BytesMut::new();
     loop {
         match tokio::time::timeout(idle, upstream.next()).await {
-            Ok(Some(Ok(chunk))) if body.len() + chunk.len() > limit => {
-                return Err(failed("it is larger than the router rewrites"));
+            Ok(Some(Ok(chunk))) => {
+                let so_far = first.as_ref().map_or(body.len(), Bytes::len);
+                if so_far + chunk.len() > limit {
+                    return Err(failed("it is larger than the router rewrites"));
+                }
+                match first.take() {
+                    None if body.is_empty() => first = Some(chunk),
+                    None => body.extend_from_slice(&chunk),
+                    Some(held) => {
+                        body.extend_from_slice(&held);
+                        body.extend_from_slice(&chunk);
+                    }
+                }
             }
-            Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
             Ok(Some(Err(_))) => return Err(failed("the connection broke")),
-            Ok(None) => return Ok(body.freeze()),
+            Ok(None) => return Ok(first.unwrap_or_else(|| body.freeze())),
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,

@@ -21,6 +21,7 @@
 //! | `cut` | like `ok`, but a `/responses` stream ends before its `response.completed` |
 //! | `long` | like `ok`, but a `/responses` stream of 5 MiB, and a 100 KiB last event |
 //! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
+//! | `stall-sized` | as `stall`, a JSON answer declaring a `content-length` of 200 |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
 //! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
@@ -336,9 +337,13 @@ async fn handle(
             Ok::<_, std::io::Error>(Bytes::new())
         });
         let body = stream::once(async move { Ok(Bytes::from(sent)) }).chain(silence);
-        return HttpResponse::Ok()
-            .content_type(content_type)
-            .streaming(body);
+        let mut response = HttpResponse::Ok();
+        response.content_type(content_type);
+        // `stall-sized…`: the answer declares its length (200 bytes) and sends 25 of them.
+        if secret.starts_with("stall-sized") && !stream {
+            return response.body(actix_web::body::SizedStream::new(200, body));
+        }
+        return response.streaming(body);
     }
     if secret.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;

@@ -31,6 +31,7 @@ on_both_backends!(
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
+    a_small_answer_that_stalls_is_a_504_not_a_cut_body,
     a_responses_stream_shows_the_asked_model_and_a_cut_one_ends_with_an_error,
     keys_serve_only_the_models_they_list,
     weights_share_the_calls,
@@ -672,6 +673,28 @@ async fn a_provider_stalling_mid_answer_ends_the_call_cleanly(backend: Backend) 
             .unwrap_or_else(|e| panic!("{e}: {text}"));
         assert_eq!(error["error"]["code"], "upstream_error");
     }
+}
+
+/// A non-streamed answer of small declared length is read whole before the client's response
+/// starts: one that stalls half way is a clean 504 `upstream_timeout` (not a body cut short
+/// after a 200), and its log entry says so.
+async fn a_small_answer_that_stalls_is_a_504_not_a_cut_body(backend: Backend) {
+    let (app, _mock, _) = setup(backend, &[("stall-sized-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let started = std::time::Instant::now();
+    let stalled = into_json(app.chat(&key, hello("gpt-4o-mini")).await).await;
+    assert_error(stalled, 504, "upstream_timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let entry = eventually(30, || async {
+        let (_, body) = app.admin_json(Method::GET, "/admin/logs", None).await;
+        match body["data"].as_array().and_then(|d| d.first()) {
+            Some(entry) => Ok(entry.clone()),
+            None => Err(format!("no log entry yet: {body}")),
+        }
+    })
+    .await;
+    assert_eq!(entry["status"], 504, "{entry}");
+    assert_eq!(entry["error_code"], "upstream_timeout", "{entry}");
 }
 
 /// A Responses API stream: the model the client asked for is restored in the `response` of
