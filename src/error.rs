@@ -120,7 +120,7 @@ impl ApiError {
     /// The OpenAI error `type` that goes with the status.
     fn kind(&self) -> &'static str {
         match self.status.as_u16() {
-            400 | 404 | 409 | 413 | 422 => "invalid_request_error",
+            400 | 404 | 405 | 409 | 413 | 422 => "invalid_request_error",
             401 => "authentication_error",
             402 => "insufficient_quota",
             403 => "permission_error",
@@ -171,6 +171,9 @@ impl From<DbError> for ApiError {
                 ApiError::not_found("a referenced record does not exist")
             }
             DbError::Unavailable(cause) => ApiError::unavailable(cause),
+            DbError::InvalidValue(_) => {
+                ApiError::invalid("text must not contain the NUL character (\\u0000)")
+            }
             other => ApiError::internal(other),
         }
     }

@@ -58,6 +58,10 @@ pub enum DbError {
     /// A stored value could not be read back (corrupt JSON, unknown enum value).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// The database refused a value given to it: text holding a NUL character, which
+    /// PostgreSQL cannot store (SQLite can).
+    #[error("the database refused a value: {0}")]
+    InvalidValue(String),
 }
 
 impl From<diesel::result::Error> for DbError {
@@ -70,6 +74,10 @@ impl From<diesel::result::Error> for DbError {
             }
             Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info) => {
                 DbError::MissingReference(info.message().to_owned())
+            }
+            // SQLSTATE 22021, which diesel does not name: PostgreSQL's text holds no NUL.
+            Error::DatabaseError(_, info) if info.message().ends_with("0x00") => {
+                DbError::InvalidValue(info.message().to_owned())
             }
             other => DbError::Query(other),
         }

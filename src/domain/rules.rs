@@ -32,9 +32,18 @@ pub fn check_model_glob(pattern: &str) -> Result<(), String> {
     if pattern.is_empty() || pattern.len() > 256 {
         return Err("model globs must be 1 to 256 characters".into());
     }
+    if has_control(pattern) {
+        return Err("model globs must not contain control characters".into());
+    }
     globset::Glob::new(pattern)
         .map(|_| ())
         .map_err(|e| format!("`{pattern}` is not a valid glob: {}", e.kind()))
+}
+
+/// Whether a name holds a control character: none belongs in a name, and PostgreSQL cannot
+/// store a NUL.
+pub fn has_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
 }
 
 /// Checks a path glob such as `/v1/chat/*`.

@@ -192,8 +192,8 @@ impl UsageAccountant {
             user_id: Some(record.user_id),
             key_id: Some(record.key_id),
             route: record.route.to_owned(),
-            model: record.model,
-            upstream_model: record.upstream_model,
+            model: storable(record.model),
+            upstream_model: storable(record.upstream_model),
             upstream_key_id: record.upstream_key_id,
             level: record.level,
             status: i32::from(record.status),
@@ -347,5 +347,33 @@ impl Handler<Flush> for UsageAccountant {
                 report
             },
         )))
+    }
+}
+
+/// Text PostgreSQL can store. The data plane refuses control characters in a model name, but a
+/// NUL slipping through would have the database refuse its batch, and every batch behind it,
+/// for as long as the router runs: it becomes U+FFFD instead.
+fn storable(text: Option<String>) -> Option<String> {
+    text.map(|t| {
+        if t.contains('\0') {
+            t.replace('\0', "\u{FFFD}")
+        } else {
+            t
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storable;
+
+    #[test]
+    fn a_nul_in_logged_text_is_replaced_so_postgresql_takes_the_row() {
+        assert_eq!(
+            storable(Some("gpt\0x".into())).as_deref(),
+            Some("gpt\u{FFFD}x")
+        );
+        assert_eq!(storable(Some("gpt-4o".into())).as_deref(), Some("gpt-4o"));
+        assert_eq!(storable(None), None);
     }
 }

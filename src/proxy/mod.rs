@@ -98,6 +98,17 @@ impl Call {
     }
 }
 
+/// A model name routing, logs and metrics can take: no control characters (none belongs in a
+/// name, and PostgreSQL cannot store a NUL, which would hold up the call's log row).
+pub(crate) fn check_model_name(model: &str) -> Result<(), ApiError> {
+    if crate::domain::rules::has_control(model) {
+        return Err(ApiError::invalid(
+            "`model` must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a JSON call body: an object with a string `model`. The body goes upstream byte for
 /// byte unless a mapping changes the model or a stream's usage must be asked for. A responses
 /// call's `previous_response_id` is noted.
@@ -134,6 +145,7 @@ fn parse_json_call(
         Some(m) if !m.is_empty() => m.into_owned(),
         _ => return Err(ApiError::invalid("request body must have a string `model`")),
     };
+    check_model_name(&model)?;
     let previous_response = match endpoint {
         Endpoint::Responses => peek.previous_response_id.map(|id| id.into_owned()),
         _ => None,

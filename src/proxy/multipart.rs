@@ -56,6 +56,7 @@ pub async fn read_form(content_type: &str, body: Bytes) -> Result<Form, ApiError
     let model = text("model")
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::invalid("the form must have a `model` field"))?;
+    super::check_model_name(&model)?;
     let stream = text("stream").is_some_and(|s| s == "true");
     Ok(Form {
         body,

@@ -48,6 +48,36 @@ pub fn json_error(err: JsonPayloadError, _: &HttpRequest) -> actix_web::Error {
     api.into()
 }
 
+/// A JSON request body that must be an object. serde takes an array for a struct too, its
+/// items read as the fields in order (`["alice","suspended",3]` would make a user): an admin
+/// body is refused unless it names its fields.
+pub struct JsonObject<T>(pub T);
+
+impl<T> JsonObject<T> {
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonObject<T> {
+    type Error = actix_web::Error;
+    type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        // Content type, size limit and syntax errors as every JSON body has them.
+        let body = web::Json::<serde_json::Value>::from_request(req, payload);
+        Box::pin(async move {
+            let web::Json(value) = body.await?;
+            if !value.is_object() {
+                return Err(ApiError::invalid("request body must be a JSON object").into());
+            }
+            T::deserialize(value)
+                .map(JsonObject)
+                .map_err(|e| ApiError::invalid(describe_json_error(&e)).into())
+        })
+    }
+}
+
 /// A JSON error for the client, without the values it quotes: serde repeats a mistyped string
 /// (`invalid type: string "..."`), and that string may be a secret put in the wrong field.
 /// Field and variant names the API defines are kept, as they tell the caller what to fix.

@@ -18,8 +18,9 @@ use crate::state::AppState;
 /// Named models come from the upstream keys that may serve the caller (its levels, in service,
 /// OpenAI-compatible): a key's `models` list, or for a key without one the models its provider
 /// lists (`GET /models`, fetched and kept a while), or failing that every priced model; from the
-/// price table where a key's globs match; and from mappings (globs name no single model, so
-/// they are left out). All filtered by the caller's `allowed_models`.
+/// price table where a key's globs match; and from mappings whose target one of those keys
+/// serves (globs name no single model, so they are left out). All filtered by the caller's
+/// `allowed_models`.
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
@@ -62,14 +63,34 @@ pub async fn list(
             names.insert(model);
         }
     }
-    for mapping in repo::mappings::all(&state.db).await? {
-        if mapping.user_id.is_none() || mapping.user_id.as_deref() == Some(&principal.user.id) {
-            names.insert(mapping.from);
-            names.insert(mapping.to);
-        }
-    }
+    // A key without a `models` list takes any model in routing.
+    let serves_any = keys.iter().any(|k| k.models.is_empty());
     for key in keys {
         names.extend(key.models);
+    }
+    // A mapped name is listed when a key that may serve the caller serves what routing maps it
+    // to for this caller (the caller's own mapping wins, an exact name over a glob).
+    let serves = |model: &str| {
+        serves_any || names.contains(model) || servable.iter().any(|g| g.is_match(model))
+    };
+    let mut reachable = Vec::new();
+    for mapping in repo::mappings::all(&state.db).await? {
+        let visible = mapping
+            .user_id
+            .as_deref()
+            .is_none_or(|owner| owner == user.id);
+        if !visible || is_glob(&mapping.from) {
+            continue;
+        }
+        if let Some(to) = proxy.mapper.resolve(&user.id, &mapping.from) {
+            if serves(&to) {
+                reachable.push((mapping.from, to.to_string()));
+            }
+        }
+    }
+    for (from, to) in reachable {
+        names.insert(from);
+        names.insert(to);
     }
     let data: Vec<_> = names
         .into_iter()

@@ -209,7 +209,20 @@ async fn the_models_list_shows_only_allowed_models(backend: Backend) {
         .admin_json(Method::PATCH, &path, Some(json!({"enabled": false})))
         .await;
     assert_eq!(patched.0, 200, "{}", patched.1);
-    let (_, key) = user(&app, json!({"allowed_models": ["gpt-4o*"]})).await;
+    let (user_id, key) = user(&app, json!({"allowed_models": ["gpt-4o*"]})).await;
+    // A mapped name is listed when a key that may serve the caller serves its target, the
+    // caller's own mapping standing in for the system-wide one.
+    for mapping in [
+        json!({"from": "gpt-4o-fast", "to": "gpt-4o-mini"}),
+        json!({"from": "gpt-4o-ghost", "to": "gpt-4o-far"}),
+        json!({"from": "gpt-4o-best", "to": "gpt-4o-far"}),
+        json!({"from": "gpt-4o-best", "to": "o3", "user_id": user_id}),
+    ] {
+        let (status, body) = app
+            .admin_json(Method::POST, "/admin/model-mappings", Some(mapping))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
     let (status, body) = app.call_with_key(&key).await;
     assert_eq!(status, 200, "{body}");
     let ids: Vec<&str> = body["data"]
@@ -218,7 +231,7 @@ async fn the_models_list_shows_only_allowed_models(backend: Backend) {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["gpt-4o", "gpt-4o-mini"]);
+    assert_eq!(ids, ["gpt-4o", "gpt-4o-best", "gpt-4o-fast", "gpt-4o-mini"]);
 }
 
 /// A key without a `models` list adds the models its provider lists (`GET /models`, asked

@@ -91,6 +91,10 @@ async fn bad_mappings_are_refused(backend: Backend) {
         json!({"from": "a", "to": "b*"}),
         json!({"from": "a"}),
         json!({"from": "a", "to": "b", "extra": 1}),
+        // No name holds a control character (and PostgreSQL cannot store a NUL).
+        json!({"from": "a\u{0}", "to": "b"}),
+        json!({"from": "a", "to": "b\u{0}"}),
+        json!(["a", "b", null]),
     ] {
         let result = app
             .admin_json(Method::POST, "/admin/model-mappings", Some(body.clone()))
@@ -184,6 +188,14 @@ async fn bad_prices_are_refused(backend: Backend) {
         assert_eq!(result.0, 400, "{body}: {}", result.1);
         assert_error(result, 400, "invalid_request");
     }
+    let nul_name = app
+        .admin_json(
+            Method::PUT,
+            "/admin/prices/gpt%00x",
+            Some(json!({"input_per_mtok": 1, "output_per_mtok": 1})),
+        )
+        .await;
+    assert_error(nul_name, 400, "invalid_request");
     // Nothing was written.
     let price = listed_price(&app, "gpt-4o").await.unwrap();
     assert_eq!(price["input_per_mtok"], json!(2.5));

@@ -109,6 +109,8 @@ async fn bad_upstream_key_input_is_refused_with_400(backend: Backend) {
         json!({"provider": "openai", "secret": "s-123456789", "weight": 0}),
         json!({"provider": "openai", "secret": "s-123456789", "models": ["gpt-["]}),
         json!({"provider": "openai", "secret": "s-123456789", "state": "healthy"}),
+        // Fields by position: serde would take them, the API names its fields.
+        json!(["openai", null, "s-123456789"]),
     ];
     for body in cases {
         let result = app

@@ -97,6 +97,8 @@ async fn bad_key_input_is_refused_with_400(backend: Backend) {
         json!({"expires_at": "2000-01-01T00:00:00Z"}),
         json!({"name": 5}),
         json!({"scopes": ["all"]}),
+        json!(["laptop"]),
+        json!({"name": "nul\u{0}"}),
     ] {
         let result = app
             .admin_json(Method::POST, &path, Some(body.clone()))

@@ -150,6 +150,8 @@ async fn bad_user_input_is_refused_with_400(backend: Backend) {
         json!({"name": "x", "spent_usd": 5}),
         json!({"name": "x", "unknown_field": true}),
         json!("just a string"),
+        json!({"name": "nul\u{0}name"}),
+        json!(["by-position", "suspended", 3]),
     ];
     for body in cases {
         let result = app
@@ -174,6 +176,14 @@ async fn bad_user_input_is_refused_with_400(backend: Backend) {
         .await
         .unwrap();
     assert_error(into_json(wrong_type).await, 400, "invalid_request");
+    // An id no record has: 404, or on PostgreSQL, which cannot even compare a NUL, 400.
+    let nul_id = app
+        .admin_json(Method::GET, "/admin/users/usr%00x", None)
+        .await;
+    match backend {
+        Backend::Sqlite => assert_error(nul_id, 404, "not_found"),
+        Backend::Postgres => assert_error(nul_id, 400, "invalid_request"),
+    }
     // Nothing was stored, and a good request still works.
     let (_, list) = app.admin_json(Method::GET, "/admin/users", None).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 0);

@@ -789,6 +789,9 @@ async fn bad_call_bodies_are_refused_with_400(backend: Backend) {
         "{\"messages\": []}",
         "{\"model\": 5}",
         "{\"model\": \"\"}",
+        // Control characters: no name holds one, and PostgreSQL cannot store a NUL.
+        "{\"model\": \"gpt\\u0000x\"}",
+        "{\"model\": \"gpt\\nx\"}",
     ] {
         let response = app
             .http
@@ -810,6 +813,29 @@ async fn bad_call_bodies_are_refused_with_400(backend: Backend) {
         .await
         .unwrap();
     assert_error(into_json(response).await, 401, "invalid_api_key");
+    // A known path with the wrong method: the contract's JSON, typed as the caller's error.
+    let response = app
+        .http
+        .post(format!("{}/v1/models", app.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = into_json(response).await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert_eq!(mock.calls().len(), 0);
+    // The router goes on serving, and metering goes on writing: the refused calls held
+    // nothing up.
     assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
+    eventually(30, || async {
+        let (_, body) = app.admin_json(Method::GET, "/admin/logs", None).await;
+        let served = body["data"].as_array().into_iter().flatten();
+        match served.filter(|e| e["status"] == 200).count() {
+            1 => Ok(()),
+            _ => Err(format!("the served call is not logged yet: {body}")),
+        }
+    })
+    .await;
 }

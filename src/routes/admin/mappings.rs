@@ -8,6 +8,7 @@ use crate::actors::config_sync::Entity;
 use crate::db::{repo, DbError};
 use crate::domain::{ids, now, rules, ModelMapping};
 use crate::error::ApiError;
+use crate::routes::JsonObject;
 use crate::state::AppState;
 
 /// `POST /admin/model-mappings` body.
@@ -46,16 +47,20 @@ impl From<&ModelMapping> for MappingView {
 /// `POST /admin/model-mappings`.
 pub async fn create(
     state: web::Data<AppState>,
-    body: web::Json<CreateMapping>,
+    body: JsonObject<CreateMapping>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     // Trimmed as `to` is: a name asked for never has surrounding spaces to match.
     let from = body.from.trim();
     check(rules::check_model_glob(from))?;
     let to = body.to.trim();
-    if to.is_empty() || to.len() > 256 || to.contains(['*', '?', '[', '{']) {
+    if to.is_empty()
+        || to.len() > 256
+        || to.contains(['*', '?', '[', '{'])
+        || rules::has_control(to)
+    {
         return Err(ApiError::invalid(
-            "to must be a model name (1 to 256 characters, no glob)",
+            "to must be a model name (1 to 256 characters, no glob or control characters)",
         ));
     }
     if let Some(user_id) = body.user_id.as_deref() {

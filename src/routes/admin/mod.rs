@@ -228,8 +228,11 @@ pub fn check(result: Result<(), String>) -> Result<(), ApiError> {
 
 /// Reads a JSON body that may be left out entirely (an empty body means all defaults).
 pub fn optional_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Ok(T::default()),
+        // An array would be read as the fields in order (see `JsonObject`).
+        Some(b'{') => {}
+        Some(_) => return Err(ApiError::invalid("request body must be a JSON object")),
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))

@@ -7,9 +7,10 @@ use super::{rfc3339, ListQuery, ListResponse};
 use crate::actors::config_sync::Entity;
 use crate::db::repo;
 use crate::domain::money::nanos_to_usd;
-use crate::domain::Price;
+use crate::domain::{rules, Price};
 use crate::error::ApiError;
 use crate::metering::prices::PriceInUsd;
+use crate::routes::JsonObject;
 use crate::state::AppState;
 
 /// A price as the admin API shows it, in USD.
@@ -46,11 +47,13 @@ impl From<&Price> for PriceView {
 pub async fn put(
     state: web::Data<AppState>,
     model: web::Path<String>,
-    body: web::Json<PriceInUsd>,
+    body: JsonObject<PriceInUsd>,
 ) -> Result<HttpResponse, ApiError> {
     let model = model.into_inner();
-    if model.trim().is_empty() || model.len() > 256 {
-        return Err(ApiError::invalid("model must be 1 to 256 characters"));
+    if model.trim().is_empty() || model.len() > 256 || rules::has_control(&model) {
+        return Err(ApiError::invalid(
+            "model must be 1 to 256 characters, without control characters",
+        ));
     }
     let price = body
         .into_inner()

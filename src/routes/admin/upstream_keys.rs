@@ -11,6 +11,7 @@ use crate::db::{repo, DbError};
 use crate::domain::rules;
 use crate::domain::{ids, now, Provider, UpstreamKey, UpstreamKeyState};
 use crate::error::ApiError;
+use crate::routes::JsonObject;
 use crate::state::AppState;
 use crate::upstream::{client, probe};
 
@@ -161,7 +162,7 @@ fn new_key(
 /// `POST /admin/upstream-keys`.
 pub async fn create(
     state: web::Data<AppState>,
-    body: web::Json<CreateUpstreamKey>,
+    body: JsonObject<CreateUpstreamKey>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let secret = check_secret(&body.secret)?;
@@ -205,7 +206,7 @@ pub async fn get(
 pub async fn update(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    body: web::Json<UpdateUpstreamKey>,
+    body: JsonObject<UpdateUpstreamKey>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let key = super::patch_until_written(|| async {
@@ -291,7 +292,7 @@ struct Rejected {
 /// accepts, skipping secrets already present for the same provider and base URL.
 pub async fn discover(
     state: web::Data<AppState>,
-    body: web::Json<Discover>,
+    body: JsonObject<Discover>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let base_url = base_url_or_default(body.provider, body.base_url.as_deref())?;

@@ -7,7 +7,7 @@ use super::{optional_json, parse_time, rfc3339, users, ListQuery, ListResponse};
 use crate::actors::config_sync::Entity;
 use crate::crypto;
 use crate::db::{repo, DbError};
-use crate::domain::{api_key, now, UserKey};
+use crate::domain::{api_key, now, rules, UserKey};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -81,8 +81,14 @@ pub async fn create(
     if expires_at.is_some_and(|t| t <= created_at) {
         return Err(ApiError::invalid("expires_at must be in the future"));
     }
-    if body.name.as_ref().is_some_and(|n| n.len() > 200) {
-        return Err(ApiError::invalid("name must be at most 200 characters"));
+    if body
+        .name
+        .as_ref()
+        .is_some_and(|n| n.len() > 200 || rules::has_control(n))
+    {
+        return Err(ApiError::invalid(
+            "name must be at most 200 characters, without control characters",
+        ));
     }
     let generated = api_key::generate().map_err(ApiError::internal)?;
     let secret = generated.secret.clone();

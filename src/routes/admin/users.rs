@@ -12,6 +12,7 @@ use crate::domain::money::{nanos_to_usd, usd_to_nanos};
 use crate::domain::rules::{self, ModelLimit};
 use crate::domain::{ids, now, User, UserStatus};
 use crate::error::ApiError;
+use crate::routes::JsonObject;
 use crate::state::AppState;
 
 /// The fields of a user an admin may write. On create only `name` is required; on PATCH every
@@ -84,8 +85,10 @@ impl UserFields {
     fn apply(self, user: &mut User) -> Result<(), ApiError> {
         if let Some(name) = self.name {
             let name = name.trim().to_owned();
-            if name.is_empty() || name.len() > 200 {
-                return Err(ApiError::invalid("name must be 1 to 200 characters"));
+            if name.is_empty() || name.len() > 200 || rules::has_control(&name) {
+                return Err(ApiError::invalid(
+                    "name must be 1 to 200 characters, without control characters",
+                ));
             }
             user.name = name;
         }
@@ -168,7 +171,7 @@ fn name_taken(err: DbError) -> ApiError {
 /// `POST /admin/users`.
 pub async fn create(
     state: web::Data<AppState>,
-    body: web::Json<UserFields>,
+    body: JsonObject<UserFields>,
 ) -> Result<HttpResponse, ApiError> {
     let fields = body.into_inner();
     if fields.name.is_none() {
@@ -224,7 +227,7 @@ pub async fn get(
 pub async fn update(
     state: web::Data<AppState>,
     id: web::Path<String>,
-    body: web::Json<UserFields>,
+    body: JsonObject<UserFields>,
 ) -> Result<HttpResponse, ApiError> {
     let fields = body.into_inner();
     let user = super::patch_until_written(|| async {
