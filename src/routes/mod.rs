@@ -19,6 +19,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/readyz").get(health::readyz))
         .service(web::resource("/metrics").get(health::metrics))
         .service(web::resource("/v1/models").get(models::list))
+        .service(web::resource("/v1/models/{model:.+}").get(models::retrieve))
         .service(web::resource("/v1/chat/completions").post(proxy::forward_json))
         .service(web::resource("/v1/completions").post(proxy::forward_json))
         .service(web::resource("/v1/embeddings").post(proxy::forward_json))

@@ -29,6 +29,50 @@ pub async fn list(
     req: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     crate::access::admit_endpoint(&principal, req.match_info().as_str())?;
+    let data: Vec<_> = usable(&principal, &state, &proxy, &worker)
+        .await?
+        .into_iter()
+        .map(model_object)
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+/// `GET /v1/models/{model}` (the SDKs' `models.retrieve`): one model of the list, or 404
+/// `model_not_found` for a model the caller may not use or no key of its levels serves.
+pub async fn retrieve(
+    principal: Principal,
+    state: web::Data<AppState>,
+    proxy: web::Data<Proxy>,
+    worker: web::Data<Worker>,
+    req: actix_web::HttpRequest,
+    model: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    crate::access::admit_endpoint(&principal, req.match_info().as_str())?;
+    let model = model.into_inner();
+    if usable(&principal, &state, &proxy, &worker)
+        .await?
+        .contains(&model)
+    {
+        return Ok(HttpResponse::Ok().json(model_object(model)));
+    }
+    Err(ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "model_not_found",
+        "no such model for this key",
+    ))
+}
+
+fn model_object(id: String) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"})
+}
+
+/// The model names the caller may use, as the list shows them.
+async fn usable(
+    principal: &Principal,
+    state: &AppState,
+    proxy: &Proxy,
+    worker: &Worker,
+) -> Result<BTreeSet<String>, ApiError> {
     let mut names = BTreeSet::new();
     let user = &principal.user;
     let keys: Vec<_> = repo::upstream_keys::all(&state.db)
@@ -92,13 +136,11 @@ pub async fn list(
         names.insert(from);
         names.insert(to);
     }
-    let data: Vec<_> = names
+    Ok(names
         .into_iter()
         .filter(|name| !is_glob(name))
         .filter(|name| principal.rules.allows_model(name))
-        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"}))
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+        .collect())
 }
 
 /// A key's model globs (an invalid one, refused when the key was saved, matches nothing).

@@ -232,6 +232,21 @@ async fn the_models_list_shows_only_allowed_models(backend: Backend) {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["gpt-4o", "gpt-4o-best", "gpt-4o-fast", "gpt-4o-mini"]);
+    // One model, as the SDKs' `models.retrieve` asks: only those of the list.
+    let retrieve = |model: &'static str| {
+        let request = app
+            .http
+            .get(format!("{}/v1/models/{model}", app.address))
+            .bearer_auth(&key);
+        async move { into_json(request.send().await.unwrap()).await }
+    };
+    let (status, body) = retrieve("gpt-4o-fast").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], "gpt-4o-fast");
+    assert_eq!(body["object"], "model");
+    for hidden in ["gpt-4o-ghost", "gpt-4o-far", "o3", "org/none"] {
+        assert_error(retrieve(hidden).await, 404, "model_not_found");
+    }
 }
 
 /// A key without a `models` list adds the models its provider lists (`GET /models`, asked
