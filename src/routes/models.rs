@@ -15,12 +15,7 @@ use crate::proxy::{Proxy, Worker};
 use crate::routing::catalog::ListedKey;
 use crate::state::AppState;
 
-/// Named models come from the upstream keys that may serve the caller (its levels, in service,
-/// OpenAI-compatible): a key's `models` list, or for a key without one the models its provider
-/// lists (`GET /models`, fetched and kept a while), or failing that every priced model; from the
-/// price table where a key's globs match; and from mappings whose target one of those keys
-/// serves (globs name no single model, so they are left out). All filtered by the caller's
-/// `allowed_models`.
+/// `GET /v1/models`: the models the caller may use (see [`usable`]).
 pub async fn list(
     principal: Principal,
     state: web::Data<AppState>,
@@ -66,7 +61,12 @@ fn model_object(id: String) -> serde_json::Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"})
 }
 
-/// The model names the caller may use, as the list shows them.
+/// Named models come from the upstream keys that may serve the caller (its levels, in service,
+/// OpenAI-compatible): a key's `models` list, or for a key without one the models its provider
+/// lists (`GET /models`, fetched and kept a while), or failing that every priced model; from the
+/// price table where a key's globs match; and from mappings whose target one of those keys
+/// serves (globs name no single model, so they are left out). All filtered by the caller's
+/// `allowed_models`.
 async fn usable(
     principal: &Principal,
     state: &AppState,
