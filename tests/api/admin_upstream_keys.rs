@@ -132,6 +132,9 @@ async fn bad_upstream_key_input_is_refused_with_400(backend: Backend) {
         json!({"base_url": "https://user:pw@host/v1"}),
         json!({"provider": "openai"}),
         json!({"weight": "heavy"}),
+        // Fields with no null: a null would otherwise read as left out, and change nothing.
+        json!({"models": null}),
+        json!({"enabled": null}),
     ] {
         let result = app
             .admin_json(Method::PATCH, &path, Some(body.clone()))

@@ -231,6 +231,11 @@ async fn patch_changes_only_the_given_fields_and_null_clears(backend: Backend) {
         .admin_json(Method::PATCH, &path, Some(json!({"fallback_levels": [3]})))
         .await;
     assert_error(bad_fallback, 400, "invalid_request");
+    // Only the nullable fields take null: a list is cleared with [], not null.
+    for body in [json!({"ip_allowlist": null}), json!({"name": null})] {
+        let refused = app.admin_json(Method::PATCH, &path, Some(body)).await;
+        assert_error(refused, 400, "invalid_request");
+    }
     let (_, after) = app.admin_json(Method::GET, &path, None).await;
     assert_eq!(after, cleared);
 }

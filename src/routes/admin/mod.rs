@@ -221,6 +221,23 @@ where
     Option::<T>::deserialize(de).map(Some)
 }
 
+/// For fields that may be left out but have no null: absent is `None`, null is refused, where
+/// it would otherwise read as absent and a PATCH meant to clear a list would answer 200 and
+/// change nothing (an empty list clears one).
+pub fn not_null<'de, T, D>(de: D) -> Result<Option<T>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+{
+    match Option::<T>::deserialize(de)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::custom(
+            "a field that cannot be null was given as null: leave it out to keep its value \
+             (an empty list clears a list)",
+        )),
+    }
+}
+
 /// Answers 400 with `message` when `check` failed.
 pub fn check(result: Result<(), String>) -> Result<(), ApiError> {
     result.map_err(ApiError::invalid)

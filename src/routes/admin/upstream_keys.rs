@@ -4,7 +4,7 @@ use actix_web::{web, HttpResponse};
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use super::{check, rfc3339, ListQuery, ListResponse};
+use super::{check, not_null, rfc3339, ListQuery, ListResponse};
 use crate::actors::config_sync::Entity;
 use crate::crypto;
 use crate::db::{repo, DbError};
@@ -32,11 +32,17 @@ pub struct CreateUpstreamKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUpstreamKey {
+    #[serde(default, deserialize_with = "not_null")]
     base_url: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     secret: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     level: Option<i32>,
+    #[serde(default, deserialize_with = "not_null")]
     models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     weight: Option<i32>,
+    #[serde(default, deserialize_with = "not_null")]
     enabled: Option<bool>,
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::{check, double_option, rfc3339, ListQuery, ListResponse};
+use super::{check, double_option, not_null, rfc3339, ListQuery, ListResponse};
 use crate::actors::config_sync::Entity;
 use crate::db::{repo, DbError};
 use crate::domain::money::{nanos_to_usd, usd_to_nanos};
@@ -20,12 +20,19 @@ use crate::state::AppState;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserFields {
+    #[serde(default, deserialize_with = "not_null")]
     name: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
     status: Option<UserStatus>,
+    #[serde(default, deserialize_with = "not_null")]
     level: Option<i32>,
+    #[serde(default, deserialize_with = "not_null")]
     fallback_levels: Option<Vec<i32>>,
+    #[serde(default, deserialize_with = "not_null")]
     ip_allowlist: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     allowed_models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "not_null")]
     allowed_endpoints: Option<Vec<String>>,
     #[serde(default, deserialize_with = "double_option")]
     spend_limit_usd: Option<Option<f64>>,
@@ -33,6 +40,7 @@ pub struct UserFields {
     rpm: Option<Option<i64>>,
     #[serde(default, deserialize_with = "double_option")]
     tpm: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "not_null")]
     model_limits: Option<BTreeMap<String, ModelLimit>>,
 }
 
