@@ -64,6 +64,23 @@ pub enum DbError {
     InvalidValue(String),
 }
 
+impl DbError {
+    /// The database answered and refused what it was given (a value it cannot store, a
+    /// constraint): sending the same again fails the same way, unlike a lost connection or a
+    /// busy lock, which a retry outlasts.
+    pub fn is_refusal(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as Kind, Error};
+        match self {
+            DbError::InvalidValue(_) | DbError::Conflict(_) | DbError::MissingReference(_) => true,
+            DbError::Query(Error::DatabaseError(kind, _)) => {
+                matches!(kind, Kind::CheckViolation | Kind::NotNullViolation)
+            }
+            DbError::Query(Error::SerializationError(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<diesel::result::Error> for DbError {
     fn from(err: diesel::result::Error) -> Self {
         use diesel::result::{DatabaseErrorKind, Error};

@@ -244,6 +244,14 @@ impl UsageAccountant {
                     actor.buffer.written();
                     actor.confirm(&[written], ctx);
                 }
+                Err((error, batch)) if error.is_refusal() => {
+                    let lost = actor.buffer.refused(batch, &error);
+                    for row in &lost {
+                        tracing::error!(request_id = %row.id, error = %error, "the database refused this call's log row: dropped and counted");
+                    }
+                    actor.forget(&lost);
+                    actor.ledger.metrics.dropped("writes", lost.len() as u64);
+                }
                 Err((error, batch)) => {
                     let lost = actor.buffer.failed(batch, &error);
                     actor.forget(&lost);

@@ -24,6 +24,9 @@ pub struct BatchBuffer<T> {
     retry_at: Option<Instant>,
     /// Dropped since the last report.
     dropped: u64,
+    /// Rows at the front to write one at a time: a batch the database refused is retried
+    /// row by row, so that only the rows it refuses are set aside.
+    one_by_one: usize,
 }
 
 impl<T> BatchBuffer<T> {
@@ -37,6 +40,7 @@ impl<T> BatchBuffer<T> {
             last_write: Instant::now(),
             retry_at: None,
             dropped: 0,
+            one_by_one: 0,
         }
     }
 
@@ -77,12 +81,19 @@ impl<T> BatchBuffer<T> {
         if self.rows.is_empty() || self.retry_at.is_some_and(|at| now < at) {
             return false;
         }
-        self.rows.len() >= self.batch || now.duration_since(self.last_write) >= self.interval
+        self.one_by_one > 0
+            || self.rows.len() >= self.batch
+            || now.duration_since(self.last_write) >= self.interval
     }
 
     /// The next batch to write.
     pub fn take_batch(&mut self) -> Vec<T> {
-        let n = self.rows.len().min(self.batch);
+        let n = if self.one_by_one > 0 {
+            self.one_by_one -= 1;
+            1
+        } else {
+            self.rows.len().min(self.batch)
+        };
         self.rows.drain(..n).collect()
     }
 
@@ -122,6 +133,22 @@ impl<T> BatchBuffer<T> {
         lost
     }
 
+    /// The database refused a batch (see [`DbError::is_refusal`]): retrying it whole would
+    /// fail forever and hold up every row behind it. A batch of several rows goes back to the
+    /// front to be written one at a time, at once; a single row is handed back, to be dropped.
+    #[must_use = "a refused row is handed back"]
+    pub fn refused(&mut self, batch: Vec<T>, error: &DbError) -> Vec<T> {
+        if batch.len() == 1 {
+            return batch;
+        }
+        tracing::warn!(rows = self.name, error = %error, batch = batch.len(), "the database refused a batch; writing its rows one at a time to set aside the ones it refuses");
+        self.one_by_one = batch.len();
+        for row in batch.into_iter().rev() {
+            self.rows.push_front(row);
+        }
+        Vec::new()
+    }
+
     /// Puts rows the final flush could not write back, so they are reported.
     pub fn restore(&mut self, rows: Vec<T>) {
         self.rows.extend(rows);
@@ -129,7 +156,8 @@ impl<T> BatchBuffer<T> {
 }
 
 /// Writes `rows` in batches of `batch` until all are written or `deadline` passes, retrying
-/// failed batches. Returns what each write reported and the rows left unwritten.
+/// failed batches (a refused one row by row, setting aside the rows refused). Returns what each
+/// write reported and the rows left unwritten, refused ones included.
 pub async fn write_all<T, R, F, Fut>(
     mut rows: Vec<T>,
     batch: usize,
@@ -141,12 +169,30 @@ where
     Fut: Future<Output = Result<R, (DbError, Vec<T>)>>,
 {
     let mut reports = Vec::new();
+    let (mut one_by_one, mut refused) = (0, Vec::new());
     while !rows.is_empty() && Instant::now() < deadline {
-        let rest = rows.split_off(rows.len().min(batch.max(1)));
+        let take = if one_by_one > 0 {
+            one_by_one -= 1;
+            1
+        } else {
+            batch.max(1)
+        };
+        let rest = rows.split_off(rows.len().min(take));
         match write(rows).await {
             Ok(report) => {
                 reports.push(report);
                 rows = rest;
+            }
+            Err((error, failed)) if error.is_refusal() && failed.len() == 1 => {
+                tracing::error!(error = %error, "final write: the database refused a row");
+                refused.extend(failed);
+                rows = rest;
+            }
+            Err((error, mut failed)) if error.is_refusal() => {
+                tracing::warn!(error = %error, "final write refused; writing row by row");
+                one_by_one = failed.len();
+                failed.extend(rest);
+                rows = failed;
             }
             Err((error, mut failed)) => {
                 tracing::warn!(error = %error, "final write failed; retrying");
@@ -156,7 +202,8 @@ where
             }
         }
     }
-    (reports, rows)
+    refused.extend(rows);
+    (reports, refused)
 }
 
 #[cfg(test)]
@@ -177,5 +224,49 @@ mod tests {
         assert_eq!(lost, vec![4], "the newest row goes");
         assert!(!buffer.due(Instant::now()));
         assert_eq!(buffer.take_all(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_refused_batch_is_written_row_by_row_and_only_the_refused_row_is_set_aside() {
+        let refusal = DbError::InvalidValue("0x00".into());
+        let mut buffer = BatchBuffer::new("t", 10, 3, Duration::from_secs(60));
+        for i in 0..4 {
+            assert_eq!(buffer.push(i), None);
+        }
+        let batch = buffer.take_batch();
+        assert_eq!(batch, vec![0, 1, 2]);
+        assert!(buffer.refused(batch, &refusal).is_empty());
+        // Then one row a write, at once, for the three refused together; then batches again.
+        for expected in [0, 1, 2] {
+            assert!(buffer.due(Instant::now()));
+            let one = buffer.take_batch();
+            assert_eq!(one, vec![expected]);
+            if expected == 1 {
+                assert_eq!(buffer.refused(one, &refusal), vec![1]);
+            } else {
+                buffer.written();
+            }
+        }
+        assert_eq!(buffer.take_batch(), vec![3]);
+        assert_eq!(
+            buffer.take_dropped(),
+            0,
+            "refused rows are not counted as overflow"
+        );
+    }
+
+    #[actix_web::test]
+    async fn the_final_write_sets_aside_a_refused_row_and_writes_the_rest() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (reports, left) = write_all(vec![1, 2, 3, 4, 5], 3, deadline, |rows| async move {
+            if rows.contains(&2) {
+                Err((DbError::InvalidValue("0x00".into()), rows))
+            } else {
+                Ok(rows)
+            }
+        })
+        .await;
+        assert_eq!(left, vec![2]);
+        assert_eq!(reports.concat(), vec![1, 3, 4, 5]);
     }
 }

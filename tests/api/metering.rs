@@ -36,6 +36,7 @@ on_both_backends!(
     calls_dropped_in_an_outage_leave_the_budget,
     a_long_responses_stream_is_metered_from_its_last_event,
     an_escaped_path_is_metered_as_the_route_it_reached,
+    a_row_the_database_refuses_is_set_aside_and_the_rest_are_written,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -933,4 +934,81 @@ async fn pruned_log_entries_keep_their_usage(backend: Backend) {
     let rows = usage_rows(&app, &query, 4).await;
     assert_eq!(rows[0]["prompt_tokens"], json!(4000));
     assert_eq!(rows[0]["cost_usd"], json!(4.0 * USAGE_CALL_USD));
+}
+
+/// Runs `sql` on the app's database, behind the router's back.
+async fn execute_on_database(app: &TestApp, backend: Backend, sql: &str) {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    match backend {
+        Backend::Sqlite => {
+            let path = app.database_url.trim_start_matches("sqlite://").to_owned();
+            let mut conn = diesel_async::sync_connection_wrapper::SyncConnectionWrapper::<
+                diesel::SqliteConnection,
+            >::establish(&path)
+            .await
+            .unwrap();
+            conn.batch_execute(sql).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = diesel_async::AsyncPgConnection::establish(&app.database_url)
+                .await
+                .unwrap();
+            conn.batch_execute(sql).await.unwrap();
+        }
+    }
+}
+
+/// A row the database refuses (here a constraint the test adds; in life, say, a value it
+/// cannot store) would fail its batch on every retry and hold up every call behind it: the
+/// batch is written row by row instead, the refused row set aside and counted, the rest kept.
+async fn a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(backend: Backend) {
+    // Batches of up to 1,000 rows every 2 s, so the refused call shares a batch with others.
+    let app = spawn_app_with(
+        backend,
+        &[("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "2000")],
+    )
+    .await;
+    let (_mock, user_id, key) = setup(&app, "usage-r").await;
+    let refuse = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER refuse_model BEFORE INSERT ON request_logs \
+             WHEN NEW.model = 'refused-model' BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+        }
+        Backend::Postgres => {
+            "ALTER TABLE request_logs ADD CONSTRAINT refuse_model \
+             CHECK (model IS DISTINCT FROM 'refused-model')"
+        }
+    };
+    execute_on_database(&app, backend, refuse).await;
+    for model in ["metered-model", "refused-model", "metered-model"] {
+        assert_eq!(app.chat(&key, hello(model)).await.status(), 200);
+    }
+    let logged = |wanted: usize| {
+        let app = &app;
+        async move {
+            let (_, body) = app.admin_json(Method::GET, "/admin/logs", None).await;
+            let models: Vec<Value> = body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["model"].clone())
+                .collect();
+            match models.len() {
+                n if n == wanted => Ok(models),
+                _ => Err(format!("{} entries, not {wanted}: {body}", models.len())),
+            }
+        }
+    };
+    let models = eventually(30, || logged(2)).await;
+    assert!(models.iter().all(|m| m == "metered-model"), "{models:?}");
+    assert!(has_sample(
+        &app.metrics().await,
+        "switchyard_dropped_records_total",
+        &["queue=\"writes\""],
+        "1"
+    ));
+    // Nothing is held up: a later call is written too, and its usage counted.
+    assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
+    eventually(30, || logged(3)).await;
+    usage_rows(&app, &format!("user_id={user_id}"), 3).await;
 }
