@@ -49,9 +49,17 @@ pub struct LeasedKey {
     pub authorization: HeaderValue,
 }
 
+/// No key of the level can serve the call now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoKey {
+    /// When the first key that could serve it, resting now (cooling down after a 429, or its
+    /// circuit open), is back: what a client can be told to wait.
+    pub back_at: Option<Instant>,
+}
+
 /// Asks for the next key able to serve `model`, skipping `exclude` (keys already tried).
 #[derive(Message)]
-#[rtype(result = "Option<LeasedKey>")]
+#[rtype(result = "Result<LeasedKey, NoKey>")]
 pub struct Lease {
     pub provider: Provider,
     pub model: String,
@@ -115,11 +123,15 @@ impl Slot {
     }
 
     fn can_serve(&self, msg: &Lease, now: Instant) -> bool {
+        self.resting_until.is_none_or(|t| t <= now) && self.could_serve(msg)
+    }
+
+    /// Whether the key serves the call once any rest is over.
+    fn could_serve(&self, msg: &Lease) -> bool {
         let key = &self.key;
         key.enabled
             && !key.rejected
             && key.provider == msg.provider
-            && self.resting_until.is_none_or(|t| t <= now)
             && key.models.as_ref().is_none_or(|m| m.is_match(&msg.model))
             && !msg.exclude.contains(&key.id)
     }
@@ -184,7 +196,7 @@ impl KeyPoolActor {
 
     /// Smooth weighted round robin (nginx's): every eligible key gains its weight, the
     /// richest is picked and pays back the total, which spreads picks evenly by weight.
-    fn lease(&mut self, msg: &Lease) -> Option<LeasedKey> {
+    fn lease(&mut self, msg: &Lease) -> Result<LeasedKey, NoKey> {
         let now = Instant::now();
         if let Some(preferred) = &msg.prefer {
             // Outside the round robin: the turn of the other keys is not taken.
@@ -193,7 +205,7 @@ impl KeyPoolActor {
                 .iter()
                 .find(|s| &s.key.id == preferred && s.can_serve(msg, now));
             if let Some(slot) = slot {
-                return Some(slot.leased());
+                return Ok(slot.leased());
             }
         }
         let mut total = 0;
@@ -209,9 +221,18 @@ impl KeyPoolActor {
                 best = Some(i);
             }
         }
-        let slot = &mut self.slots[best?];
+        let Some(best) = best else {
+            let back_at = self
+                .slots
+                .iter()
+                .filter(|s| s.could_serve(msg))
+                .filter_map(|s| s.resting_until)
+                .min();
+            return Err(NoKey { back_at });
+        };
+        let slot = &mut self.slots[best];
         slot.current -= total;
-        Some(slot.leased())
+        Ok(slot.leased())
     }
 
     fn report(&mut self, msg: Report) {

@@ -5,12 +5,12 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::http::{StatusCode, Uri};
 use awc::error::SendRequestError;
 
 use super::{Call, Proxy};
-use crate::actors::key_pool::{Lease, LeasedKey, Outcome};
+use crate::actors::key_pool::{Lease, LeasedKey, NoKey, Outcome};
 use crate::domain::Provider;
 use crate::error::ApiError;
 use crate::routing::pools::WorkerPools;
@@ -54,6 +54,8 @@ pub async fn send(
     let mut attempts = 0;
     let mut last = LastFailure::None;
     let mut failures = Vec::new();
+    // When the first resting key that could serve the call is back, if none could now.
+    let mut soonest_back: Option<Instant> = None;
     'levels: for &level in levels {
         let Some(pool) = local.pool(level) else {
             continue;
@@ -70,8 +72,15 @@ pub async fn send(
                 exclude: tried.clone(),
                 prefer: call.pinned_key.clone(),
             };
-            let Ok(Some(key)) = pool.send(lease).await else {
-                continue 'levels;
+            let key = match pool.send(lease).await {
+                Ok(Ok(key)) => key,
+                Ok(Err(NoKey { back_at })) => {
+                    if let Some(at) = back_at {
+                        soonest_back = Some(soonest_back.map_or(at, |soonest| soonest.min(at)));
+                    }
+                    continue 'levels;
+                }
+                Err(_) => continue 'levels,
             };
             tried.push(key.id.clone());
             attempts += 1;
@@ -155,11 +164,7 @@ pub async fn send(
         }
     }
     let result = Err(match last {
-        LastFailure::None => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_upstream_available",
-            format!("no upstream key can serve model `{}` now", call.model),
-        ),
+        LastFailure::None => no_upstream(&call.model, soonest_back),
         LastFailure::Timeout => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
@@ -177,6 +182,25 @@ pub async fn send(
         key_id: None,
         level: levels.first().copied().unwrap_or_default(),
         failures,
+    }
+}
+
+/// 503 `no_upstream_available`; when the keys that could serve the call are only resting
+/// (cooling down after a 429, or their circuit open), with the `Retry-After` of the first one
+/// back, in whole seconds, so SDKs that honour it wait as long as needed and no longer.
+fn no_upstream(model: &str, back_at: Option<Instant>) -> ApiError {
+    let error = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_upstream_available",
+        format!("no upstream key can serve model `{model}` now"),
+    );
+    match back_at {
+        Some(at) => {
+            let wait = at.saturating_duration_since(Instant::now());
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            error.with_header(RETRY_AFTER, HeaderValue::from(seconds.max(1)))
+        }
+        None => error,
     }
 }
 

@@ -596,20 +596,25 @@ async fn every_key_failing_is_a_gateway_error(backend: Backend) {
     let failed = into_json(app.chat(&key, hello("m")).await).await;
     assert_error(failed, 502, "upstream_error");
     assert_eq!(mock.calls().len(), 2);
-    // Both keys are now cooling down: nothing is available, and nothing is sent.
-    let none = into_json(app.chat(&key, hello("m")).await).await;
-    assert_error(none, 503, "no_upstream_available");
+    // Both keys are now cooling down (7 s, as the provider asked): nothing is available,
+    // nothing is sent, and the client is told when a key is back.
+    let none = app.chat(&key, hello("m")).await;
+    let retry_after: u64 = none.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=7).contains(&retry_after), "Retry-After: {retry_after}");
+    assert_error(into_json(none).await, 503, "no_upstream_available");
     assert_eq!(mock.calls().len(), 2);
-    // A level with no keys at all is the same.
+    // A level with no keys at all is the same, with no time to wait for.
     let user = app.create_user(json!({"level": 9})).await;
     let (_, nine) = app
         .create_key(user["id"].as_str().unwrap(), json!({}))
         .await;
-    assert_error(
-        into_json(app.chat(&nine, hello("m")).await).await,
-        503,
-        "no_upstream_available",
-    );
+    let none = app.chat(&nine, hello("m")).await;
+    assert!(none.headers().get("retry-after").is_none());
+    assert_error(into_json(none).await, 503, "no_upstream_available");
 }
 
 async fn a_slow_provider_is_a_504(backend: Backend) {
