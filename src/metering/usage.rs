@@ -139,8 +139,11 @@ pub fn measure(
             };
             usage.get_or_insert_with(Usage::default).images = images;
         }
+        // A stream with no usage (cut before it, or from a server that sends none even when
+        // asked, or when `request_stream_usage` is off) is metered from what it delivered,
+        // not at nothing.
         Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
-            if usage.is_none() && observed.stream && observed.partial() =>
+            if usage.is_none() && observed.stream && observed.succeeded() =>
         {
             usage = Some(delivered(observed, request, model));
         }
@@ -169,8 +172,8 @@ fn request_json(request: &[u8]) -> Option<Value> {
     serde_json::from_slice(request).ok()
 }
 
-/// What a cut stream delivered: its prompt counted from the request and its completion from the
-/// text relayed before the cut.
+/// What a stream without usage delivered: its prompt counted from the request and its completion
+/// from the text relayed (before the cut, for a cut one).
 fn delivered(observed: &Observed, request: &[u8], model: &str) -> Usage {
     let mut text = String::new();
     for event in data_events(observed.body()) {

@@ -37,6 +37,7 @@ on_both_backends!(
     a_long_responses_stream_is_metered_from_its_last_event,
     an_escaped_path_is_metered_as_the_route_it_reached,
     a_row_the_database_refuses_is_set_aside_and_the_rest_are_written,
+    a_whole_stream_without_usage_is_metered_from_what_it_delivered,
 );
 
 /// An app that writes its usage every 50 ms, so tests wait little.
@@ -1011,4 +1012,37 @@ async fn a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(backen
     assert_eq!(app.chat(&key, hello("metered-model")).await.status(), 200);
     eventually(30, || logged(3)).await;
     usage_rows(&app, &format!("user_id={user_id}"), 3).await;
+}
+
+/// A stream that ends normally with no usage (a server that sends none, or the router told not
+/// to ask for it) is metered from the request and the text it delivered, not at nothing.
+async fn a_whole_stream_without_usage_is_metered_from_what_it_delivered(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[
+            ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "50"),
+            ("SWITCHYARD_UPSTREAM__REQUEST_STREAM_USAGE", "false"),
+        ],
+    )
+    .await;
+    let (_mock, user_id, key) = setup(&app, "ok-w").await;
+    let mut body = hello("gpt-4o");
+    body["stream"] = json!(true);
+    let response = app.chat(&key, body).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    assert!(
+        !text.contains("\"usage\""),
+        "the stream carried no usage: {text}"
+    );
+
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 1).await;
+    assert_eq!(entries[0]["partial"], false);
+    let rows = usage_rows(&app, &format!("user_id={user_id}"), 1).await;
+    // "Hello" is one token, with 4 for its message and 3 for the reply; the reply ("Hel",
+    // "lo") is "Hello" again.
+    assert_eq!(rows[0]["prompt_tokens"], 8);
+    assert_eq!(rows[0]["completion_tokens"], 1);
+    assert!(rows[0]["cost_usd"].as_f64().unwrap() > 0.0, "{}", rows[0]);
 }
