@@ -369,13 +369,19 @@ where
                         return Some((Ok(rest), st));
                     }
                 }
-                Ok(Some(Err(_))) | Err(_) => {
+                outcome @ (Ok(Some(Err(_))) | Err(_)) => {
                     st.finished = true;
                     st.meter.end(false);
-                    tracing::warn!("upstream stream broke after the first byte");
+                    let stalled = outcome.is_err();
+                    tracing::warn!(stalled, "upstream stream broke after the first byte");
                     if is_sse {
                         // Tell the SDK the stream failed; a silent end would look complete.
-                        return Some((Ok(Bytes::from_static(STREAM_ERROR_EVENT)), st));
+                        let event = if stalled {
+                            STREAM_TIMEOUT_EVENT
+                        } else {
+                            STREAM_ERROR_EVENT
+                        };
+                        return Some((Ok(Bytes::from_static(event)), st));
                     }
                     let err = std::io::Error::other("upstream stream interrupted");
                     return Some((Err(err), st));
@@ -390,6 +396,10 @@ where
 /// with either ends an event the provider left open or is ignored: SDKs always read it as an
 /// error of its own, never as JSON glued to half a line.
 const STREAM_ERROR_EVENT: &[u8] = b"\ndata: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
+
+/// The same, for a stream that went silent for the idle timeout: the code a timeout has before
+/// the first byte too.
+const STREAM_TIMEOUT_EVENT: &[u8] = b"\ndata: {\"error\":{\"message\":\"the upstream stream went silent\",\"type\":\"api_error\",\"code\":\"upstream_timeout\"}}\n\n";
 
 /// How an event stream goes out: in whole lines, rewritten when a mapped model or a hidden
 /// usage asks for it.

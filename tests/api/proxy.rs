@@ -676,7 +676,8 @@ async fn a_provider_stalling_mid_answer_ends_the_call_cleanly(backend: Backend) 
         assert_eq!(first["model"], model);
         let error: Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap())
             .unwrap_or_else(|e| panic!("{e}: {text}"));
-        assert_eq!(error["error"]["code"], "upstream_error");
+        // Silence is a timeout, as before the first byte; a broken connection is an error.
+        assert_eq!(error["error"]["code"], "upstream_timeout");
     }
 }
 
