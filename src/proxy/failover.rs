@@ -51,6 +51,7 @@ pub async fn send(
     let settings = &proxy.settings;
     let deadline = Instant::now() + Duration::from_secs(settings.total_deadline_secs);
     let first_byte = Duration::from_secs(settings.first_byte_timeout_secs);
+    let idle = Duration::from_secs(settings.idle_timeout_secs);
     let mut attempts = 0;
     let mut last = LastFailure::None;
     let mut failures = Vec::new();
@@ -136,14 +137,34 @@ pub async fn send(
                         failures.push((key.id.clone(), "server_error"));
                         last = LastFailure::Upstream;
                     } else {
-                        report(Outcome::Success);
-                        return Answered {
-                            result: Ok(response),
-                            attempts,
-                            key_id: Some(key.id.clone()),
-                            level,
-                            failures,
-                        };
+                        // A small answer is read here, while a body that stalls or breaks can
+                        // still move the call to the next key.
+                        match super::relay::read_small(response, idle).await {
+                            Ok(response) => {
+                                report(Outcome::Success);
+                                return Answered {
+                                    result: Ok(response),
+                                    attempts,
+                                    key_id: Some(key.id.clone()),
+                                    level,
+                                    failures,
+                                };
+                            }
+                            Err(error) => {
+                                report(Outcome::Failed);
+                                let timed_out = error.status() == StatusCode::GATEWAY_TIMEOUT;
+                                tracing::info!(upstream_key_id = %key.id, level, timed_out, error = %error, "upstream answer cut short; trying the next key");
+                                failures.push((
+                                    key.id.clone(),
+                                    if timed_out { "timeout" } else { "unreachable" },
+                                ));
+                                last = if timed_out {
+                                    LastFailure::Timeout
+                                } else {
+                                    LastFailure::Upstream
+                                };
+                            }
+                        }
                     }
                 }
                 Err(err) => {

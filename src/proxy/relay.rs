@@ -112,7 +112,7 @@ pub async fn respond(
             .trim()
             .to_ascii_lowercase();
         let said = match kind.as_str() {
-            "text/plain" => read_whole(upstream, idle, 64 * 1024)
+            "text/plain" => read_whole(upstream, idle, 64 * 1024, None)
                 .await
                 .ok()
                 .map(|body| plain_words(&body)),
@@ -142,11 +142,7 @@ pub async fn respond(
     meter.begin(upstream.status().as_u16(), is_sse, is_text(&upstream));
     // Only a JSON answer names its model; audio, images and subtitles stream as they come.
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
-    let length = upstream
-        .headers()
-        .get(actix_web::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let length = declared_length(&upstream);
     match (rename, is_sse) {
         (Some(model), false) if is_json => {
             // A whole JSON answer: restore the model name the client asked for.
@@ -154,8 +150,9 @@ pub async fn respond(
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
         (_, false) if length.is_some_and(|length| length <= WHOLE_BODY_BYTES) => {
-            // A small answer of known size nearly always arrives with its head: read at once
-            // and sent with its length, it costs less than relaying chunk by chunk.
+            // A small answer of known size, read by failover already (see `read_small`), so
+            // that a body that stalls or breaks moved the call to the next key: sent whole
+            // with its length, it costs less than relaying chunk by chunk.
             let body = read_answer(
                 upstream,
                 idle,
@@ -192,6 +189,40 @@ pub async fn respond(
     }
 }
 
+/// The length the upstream declared for its body.
+fn declared_length(upstream: &UpstreamResponse) -> Option<u64> {
+    upstream
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Reads a small non-streamed answer (a declared length of up to 64 KiB: chat and text
+/// completions, embeddings, errors) while the call can still move to another key: it nearly
+/// always arrives with its head, and one that stalls or breaks half way is then a failed
+/// attempt like any other, not a failure the client sees. Other answers pass untouched.
+pub async fn read_small(
+    mut upstream: UpstreamResponse,
+    idle: Duration,
+) -> Result<UpstreamResponse, ApiError> {
+    let is_sse = upstream
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| has_prefix(v, "text/event-stream"));
+    let declared = declared_length(&upstream);
+    if is_sse || !declared.is_some_and(|length| length <= WHOLE_BODY_BYTES) {
+        return Ok(upstream);
+    }
+    let body = read_whole(&mut upstream, idle, WHOLE_BODY_BYTES as usize, declared).await?;
+    let payload: std::pin::Pin<Box<dyn Stream<Item = _>>> =
+        Box::pin(futures_util::stream::once(async move {
+            Ok::<_, awc::error::PayloadError>(body)
+        }));
+    Ok(upstream.map_body(|_, _| actix_web::dev::Payload::Stream { payload }))
+}
+
 /// Reads a whole non-streamed answer for the client, showing it to the meter and noting a stored
 /// response's id; a body that breaks, stalls or outgrows `limit` ends the call with its error.
 async fn read_answer(
@@ -201,7 +232,8 @@ async fn read_answer(
     meter: &mut CallMeter,
     note_id: &Option<NoteId>,
 ) -> Result<Bytes, ApiError> {
-    let body = match read_whole(upstream, idle, limit).await {
+    let declared = declared_length(&upstream);
+    let body = match read_whole(upstream, idle, limit, declared).await {
         Ok(body) => body,
         Err(error) => {
             meter.end(false);
@@ -217,10 +249,16 @@ async fn read_answer(
     Ok(body)
 }
 
-/// Reads a whole upstream body of at most `limit` bytes, waiting at most `idle` for each chunk
+/// Reads a whole upstream body of at most `limit` bytes (of `declared` bytes, when its length
+/// was declared), waiting at most `idle` for each chunk
 /// (awc's response timeout ends with the head: a provider that stalls mid-body would otherwise
 /// hold the call forever).
-async fn read_whole<S>(mut upstream: S, idle: Duration, limit: usize) -> Result<Bytes, ApiError>
+async fn read_whole<S>(
+    mut upstream: S,
+    idle: Duration,
+    limit: usize,
+    declared: Option<u64>,
+) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
 {
@@ -252,7 +290,15 @@ where
                 }
             }
             Ok(Some(Err(_))) => return Err(failed("the connection broke")),
-            Ok(None) => return Ok(first.unwrap_or_else(|| body.freeze())),
+            Ok(None) => {
+                let body = first.unwrap_or_else(|| body.freeze());
+                // awc reports a connection lost mid-body as a normal end: a body shorter than
+                // its declared length is the tell.
+                if declared.is_some_and(|length| length != body.len() as u64) {
+                    return Err(failed("it ended before its declared length"));
+                }
+                return Ok(body);
+            }
             Err(_) => {
                 return Err(ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,

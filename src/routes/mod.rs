@@ -15,20 +15,41 @@ use crate::proxy;
 
 /// Registers every route on `cfg`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/healthz").get(health::healthz))
-        .service(web::resource("/readyz").get(health::readyz))
-        .service(web::resource("/metrics").get(health::metrics))
-        .service(web::resource("/v1/models").get(models::list))
-        .service(web::resource("/v1/models/{model:.+}").get(models::retrieve))
-        .service(web::resource("/v1/chat/completions").post(proxy::forward_json))
-        .service(web::resource("/v1/completions").post(proxy::forward_json))
-        .service(web::resource("/v1/embeddings").post(proxy::forward_json))
-        .service(web::resource("/v1/responses").post(proxy::forward_json))
-        .service(web::resource("/v1/images/generations").post(proxy::forward_json))
-        .service(web::resource("/v1/audio/speech").post(proxy::forward_json))
-        .service(web::resource("/v1/audio/transcriptions").post(proxy::forward_multipart))
-        .service(web::resource("/v1/audio/translations").post(proxy::forward_multipart))
-        .service(admin::scope());
+    // HEAD wherever GET is (probes use it; actix leaves the body out).
+    cfg.service(
+        web::resource("/healthz")
+            .get(health::healthz)
+            .head(health::healthz),
+    )
+    .service(
+        web::resource("/readyz")
+            .get(health::readyz)
+            .head(health::readyz),
+    )
+    .service(
+        web::resource("/metrics")
+            .get(health::metrics)
+            .head(health::metrics),
+    )
+    .service(
+        web::resource("/v1/models")
+            .get(models::list)
+            .head(models::list),
+    )
+    .service(
+        web::resource("/v1/models/{model:.+}")
+            .get(models::retrieve)
+            .head(models::retrieve),
+    )
+    .service(web::resource("/v1/chat/completions").post(proxy::forward_json))
+    .service(web::resource("/v1/completions").post(proxy::forward_json))
+    .service(web::resource("/v1/embeddings").post(proxy::forward_json))
+    .service(web::resource("/v1/responses").post(proxy::forward_json))
+    .service(web::resource("/v1/images/generations").post(proxy::forward_json))
+    .service(web::resource("/v1/audio/speech").post(proxy::forward_json))
+    .service(web::resource("/v1/audio/transcriptions").post(proxy::forward_multipart))
+    .service(web::resource("/v1/audio/translations").post(proxy::forward_multipart))
+    .service(admin::scope());
 }
 
 /// JSON bodies that fail to parse become 400 (413 when too large) in the contract's shape.
@@ -151,6 +172,8 @@ pub fn json_error_page<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHan
         return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
     }
     let status = res.status();
+    // actix names the methods a path takes on its 405: kept on ours.
+    let allow = res.headers().get(actix_web::http::header::ALLOW).cloned();
     let (req, _) = res.into_parts();
     let error = if status == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
@@ -162,7 +185,13 @@ pub fn json_error_page<B>(res: ServiceResponse<B>) -> actix_web::Result<ErrorHan
         let message = format!("{} is not allowed on {}", req.method(), req.path());
         ApiError::new(status, "method_not_allowed", message)
     };
-    let res = ServiceResponse::new(req, error.error_response()).map_into_right_body();
+    let mut response = error.error_response();
+    if let Some(allow) = allow {
+        response
+            .headers_mut()
+            .insert(actix_web::http::header::ALLOW, allow);
+    }
+    let res = ServiceResponse::new(req, response).map_into_right_body();
     Ok(ErrorHandlerResponse::Response(res))
 }
 

@@ -22,6 +22,7 @@
 //! | `long` | like `ok`, but a `/responses` stream of 5 MiB, and a 100 KiB last event |
 //! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
 //! | `stall-sized` | as `stall`, a JSON answer declaring a `content-length` of 200 |
+//! | `short` | 200, a JSON answer declaring a `content-length` of 200 that sends 25 bytes and closes |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
 //! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
@@ -344,6 +345,14 @@ async fn handle(
             return response.body(actix_web::body::SizedStream::new(200, body));
         }
         return response.streaming(body);
+    }
+    if secret.starts_with("short") {
+        // Declares 200 bytes, sends 25 and closes: a connection lost in the middle of a body.
+        let sent = Bytes::from_static(b"{\"id\":\"chatcmpl-mock\",\"mo");
+        let body = stream::once(async move { Ok::<_, std::io::Error>(sent) });
+        return HttpResponse::Ok()
+            .content_type("application/json")
+            .body(actix_web::body::SizedStream::new(200, body));
     }
     if secret.starts_with("slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;

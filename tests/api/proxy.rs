@@ -32,6 +32,7 @@ on_both_backends!(
     a_broken_stream_ends_with_an_error_event,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
     a_small_answer_that_stalls_is_a_504_not_a_cut_body,
+    a_small_answer_cut_short_moves_the_call_to_the_next_key,
     a_responses_stream_shows_the_asked_model_and_a_cut_one_ends_with_an_error,
     keys_serve_only_the_models_they_list,
     weights_share_the_calls,
@@ -703,6 +704,39 @@ async fn a_small_answer_that_stalls_is_a_504_not_a_cut_body(backend: Backend) {
     assert_eq!(entry["error_code"], "upstream_timeout", "{entry}");
 }
 
+/// A small answer is read whole while the call can still move on: one that breaks or stalls
+/// half way is a failed attempt, and the next key answers; the client sees only that answer.
+/// With no other key, a body cut short is a 502, never a 200 with part of a body.
+async fn a_small_answer_cut_short_moves_the_call_to_the_next_key(backend: Backend) {
+    for broken in ["short-a", "stall-sized-a"] {
+        let (app, mock, _) = setup(backend, &[]).await;
+        let mut first = upstream(&mock, broken, 1);
+        first["weight"] = json!(10);
+        app.add_upstream(first).await;
+        app.add_upstream(upstream(&mock, "ok-b", 1)).await;
+        let (user_id, key) = app.user_with_key().await;
+        let (status, body) = into_json(app.chat(&key, hello("gpt-4o-mini")).await).await;
+        assert_eq!(status, 200, "{broken}: {body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "Hello", "{body}");
+        let entry = eventually(30, || async {
+            let (_, logs) = app
+                .admin_json(Method::GET, &format!("/admin/logs?user_id={user_id}"), None)
+                .await;
+            match logs["data"].as_array().and_then(|d| d.first()) {
+                Some(entry) => Ok(entry.clone()),
+                None => Err(format!("no log entry yet: {logs}")),
+            }
+        })
+        .await;
+        assert_eq!(entry["attempts"], 2, "{broken}: {entry}");
+        assert_eq!(entry["status"], 200, "{entry}");
+    }
+    let (app, _mock, _) = setup(backend, &[("short-c", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let cut = into_json(app.chat(&key, hello("gpt-4o-mini")).await).await;
+    assert_error(cut, 502, "upstream_error");
+}
+
 /// A Responses API stream: the model the client asked for is restored in the `response` of
 /// every event, and a stream that ends before `response.completed` ends with an error event.
 async fn a_responses_stream_shows_the_asked_model_and_a_cut_one_ends_with_an_error(
@@ -827,11 +861,31 @@ async fn bad_call_bodies_are_refused_with_400(backend: Backend) {
         .send()
         .await
         .unwrap();
+    let allow = response
+        .headers()
+        .get("allow")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert!(
+        allow.as_deref().is_some_and(|a| a.contains("GET")),
+        "Allow: {allow:?}"
+    );
     let (status, body) = into_json(response).await;
     assert_eq!(status, 405, "{body}");
     assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert_eq!(mock.calls().len(), 0);
+    // HEAD wherever GET is, as probes send it: the head alone.
+    for path in ["/healthz", "/v1/models"] {
+        let response = app
+            .http
+            .head(format!("{}{path}", app.address))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "HEAD {path}");
+        assert!(response.bytes().await.unwrap().is_empty());
+    }
     // The router goes on serving, and metering goes on writing: the refused calls held
     // nothing up.
     assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
