@@ -212,7 +212,7 @@ pub async fn read_small(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| has_prefix(v, "text/event-stream"));
     let declared = declared_length(&upstream);
-    if is_sse || !declared.is_some_and(|length| length <= WHOLE_BODY_BYTES) {
+    if is_sse || declared.is_none_or(|length| length > WHOLE_BODY_BYTES) {
         return Ok(upstream);
     }
     let body = read_whole(&mut upstream, idle, WHOLE_BODY_BYTES as usize, declared).await?;
