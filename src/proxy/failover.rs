@@ -55,7 +55,8 @@ pub async fn send(
     let mut attempts = 0;
     let mut last = LastFailure::None;
     let mut failures = Vec::new();
-    // When the first resting key that could serve the call is back, if none could now.
+    // When the first key that could serve the call, resting now (found so, or sent to rest by
+    // its 429 here), is back.
     let mut soonest_back: Option<Instant> = None;
     'levels: for &level in levels {
         let Some(pool) = local.pool(level) else {
@@ -77,7 +78,7 @@ pub async fn send(
                 Ok(Ok(key)) => key,
                 Ok(Err(NoKey { back_at })) => {
                     if let Some(at) = back_at {
-                        soonest_back = Some(soonest_back.map_or(at, |soonest| soonest.min(at)));
+                        soonest_back = sooner(soonest_back, at);
                     }
                     continue 'levels;
                 }
@@ -120,10 +121,9 @@ pub async fn send(
                         failures.push((key.id.clone(), "out_of_credit"));
                         last = LastFailure::Upstream;
                     } else if status == StatusCode::TOO_MANY_REQUESTS {
-                        report(Outcome::RateLimited(retry_after(
-                            &response,
-                            settings.default_cooldown_secs,
-                        )));
+                        let rest = retry_after(&response, settings.default_cooldown_secs);
+                        report(Outcome::RateLimited(rest));
+                        soonest_back = sooner(soonest_back, Instant::now() + rest);
                         tracing::info!(upstream_key_id = %key.id, level, "upstream 429; trying the next key");
                         failures.push((key.id.clone(), "rate_limited"));
                         last = LastFailure::Upstream;
@@ -191,11 +191,19 @@ pub async fn send(
             "upstream_timeout",
             "the upstream provider did not answer in time",
         ),
-        LastFailure::Upstream => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "every eligible upstream key failed",
-        ),
+        LastFailure::Upstream => {
+            let error = ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "every eligible upstream key failed",
+            );
+            // Every key tried is cooling down after its 429: when the first is back is known.
+            let rate_limited = failures.iter().all(|(_, why)| *why == "rate_limited");
+            match soonest_back {
+                Some(at) if rate_limited => with_retry_after(error, at),
+                _ => error,
+            }
+        }
     });
     Answered {
         result,
@@ -216,13 +224,20 @@ fn no_upstream(model: &str, back_at: Option<Instant>) -> ApiError {
         format!("no upstream key can serve model `{model}` now"),
     );
     match back_at {
-        Some(at) => {
-            let wait = at.saturating_duration_since(Instant::now());
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            error.with_header(RETRY_AFTER, HeaderValue::from(seconds.max(1)))
-        }
+        Some(at) => with_retry_after(error, at),
         None => error,
     }
+}
+
+/// `error` with a `Retry-After` of the whole seconds until `at` (at least 1).
+fn with_retry_after(error: ApiError, at: Instant) -> ApiError {
+    let wait = at.saturating_duration_since(Instant::now());
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    error.with_header(RETRY_AFTER, HeaderValue::from(seconds.max(1)))
+}
+
+fn sooner(soonest: Option<Instant>, at: Instant) -> Option<Instant> {
+    Some(soonest.map_or(at, |soonest| soonest.min(at)))
 }
 
 /// Error codes of a provider's 403 that refuse the call, not the key (as does a 403 whose body

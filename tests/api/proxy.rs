@@ -594,8 +594,15 @@ async fn a_responses_follow_up_goes_to_the_key_that_stored_its_response(backend:
 async fn every_key_failing_is_a_gateway_error(backend: Backend) {
     let (app, mock, _) = setup(backend, &[("r429-a", 1), ("r429-b", 1)]).await;
     let (_, key) = app.user_with_key().await;
-    let failed = into_json(app.chat(&key, hello("m")).await).await;
-    assert_error(failed, 502, "upstream_error");
+    // Both keys answered 429 and now rest for the 7 s they asked: the client is told so.
+    let failed = app.chat(&key, hello("m")).await;
+    let retry_after: u64 = failed.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=7).contains(&retry_after), "Retry-After: {retry_after}");
+    assert_error(into_json(failed).await, 502, "upstream_error");
     assert_eq!(mock.calls().len(), 2);
     // Both keys are now cooling down (7 s, as the provider asked): nothing is available,
     // nothing is sent, and the client is told when a key is back.
