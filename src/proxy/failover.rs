@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::http::{StatusCode, Uri};
+use actix_web::web::Bytes;
 use awc::error::SendRequestError;
 
 use super::{Call, Proxy};
@@ -22,6 +23,8 @@ pub type UpstreamResponse = awc::ClientResponse;
 pub struct Answered {
     /// The response to relay, or the gateway error for the client.
     pub result: Result<UpstreamResponse, ApiError>,
+    /// The response's body when it was small enough to read here (see `relay::read_small`).
+    pub body: Option<Bytes>,
     pub attempts: u32,
     /// The key (and its level) that answered.
     pub key_id: Option<String>,
@@ -140,10 +143,11 @@ pub async fn send(
                         // A small answer is read here, while a body that stalls or breaks can
                         // still move the call to the next key.
                         match super::relay::read_small(response, idle).await {
-                            Ok(response) => {
+                            Ok((response, body)) => {
                                 report(Outcome::Success);
                                 return Answered {
                                     result: Ok(response),
+                                    body,
                                     attempts,
                                     key_id: Some(key.id.clone()),
                                     level,
@@ -207,6 +211,7 @@ pub async fn send(
     });
     Answered {
         result,
+        body: None,
         attempts,
         key_id: None,
         level: levels.first().copied().unwrap_or_default(),

@@ -404,5 +404,5 @@ async fn send_and_relay(
         }),
         _ => None,
     };
-    relay::respond(response, call, idle, meter, note_id).await
+    relay::respond(response, answered.body, call, idle, meter, note_id).await
 }

@@ -81,6 +81,7 @@ impl IdWatch {
 /// Builds the client's response from the upstream's; `note_id` notes a stored response's id.
 pub async fn respond(
     upstream: UpstreamResponse,
+    read: Option<Bytes>,
     call: &Call,
     idle: Duration,
     mut meter: CallMeter,
@@ -111,8 +112,10 @@ pub async fn respond(
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        let said = match kind.as_str() {
-            "text/plain" => read_whole(upstream, idle, 64 * 1024, None)
+        // The body is read once: by failover when small (see `read_small`), else here.
+        let said = match (kind.as_str(), read) {
+            ("text/plain", Some(body)) => Some(plain_words(&body)),
+            ("text/plain", None) => read_whole(upstream, idle, 64 * 1024, None)
                 .await
                 .ok()
                 .map(|body| plain_words(&body)),
@@ -143,27 +146,23 @@ pub async fn respond(
     // Only a JSON answer names its model; audio, images and subtitles stream as they come.
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
     let length = declared_length(&upstream);
-    match (rename, is_sse) {
-        (Some(model), false) if is_json => {
+    // A small answer failover read already (see `read_small`), so that a body that stalled
+    // or broke moved the call to the next key: sent whole with its length, it costs less than
+    // relaying chunk by chunk.
+    if let Some(body) = &read {
+        answer_read(body, &mut meter, &note_id);
+    }
+    match (rename, is_sse, read) {
+        (Some(model), false, read) if is_json => {
             // A whole JSON answer: restore the model name the client asked for.
-            let body = read_answer(upstream, idle, MAX_REWRITE_BODY, &mut meter, &note_id).await?;
+            let body = match read {
+                Some(body) => body,
+                None => read_answer(upstream, idle, MAX_REWRITE_BODY, &mut meter, &note_id).await?,
+            };
             Ok(response.body(rename_model_in_json(&body, &model)))
         }
-        (_, false) if length.is_some_and(|length| length <= WHOLE_BODY_BYTES) => {
-            // A small answer of known size, read by failover already (see `read_small`), so
-            // that a body that stalls or breaks moved the call to the next key: sent whole
-            // with its length, it costs less than relaying chunk by chunk.
-            let body = read_answer(
-                upstream,
-                idle,
-                WHOLE_BODY_BYTES as usize,
-                &mut meter,
-                &note_id,
-            )
-            .await?;
-            Ok(response.body(body))
-        }
-        (_, false) => {
+        (_, _, Some(body)) => Ok(response.body(body)),
+        (_, false, None) => {
             // A larger answer of known size: relayed as it arrives, keeping its length so the
             // client gets a plain (not chunked) body.
             let watch = note_id.map(IdWatch::new);
@@ -173,7 +172,7 @@ pub async fn respond(
                 None => response.streaming(body),
             })
         }
-        (rename, true) => {
+        (rename, true, None) => {
             let framing = match rename.is_some() || call.hide_usage {
                 true => EventFraming::Rewrite(SseRewriter::new(rename, call.hide_usage)),
                 false => EventFraming::Lines(WholeLines::default()),
@@ -205,7 +204,7 @@ fn declared_length(upstream: &UpstreamResponse) -> Option<u64> {
 pub async fn read_small(
     mut upstream: UpstreamResponse,
     idle: Duration,
-) -> Result<UpstreamResponse, ApiError> {
+) -> Result<(UpstreamResponse, Option<Bytes>), ApiError> {
     let is_sse = upstream
         .headers()
         .get(CONTENT_TYPE)
@@ -213,14 +212,10 @@ pub async fn read_small(
         .is_some_and(|v| has_prefix(v, "text/event-stream"));
     let declared = declared_length(&upstream);
     if is_sse || declared.is_none_or(|length| length > WHOLE_BODY_BYTES) {
-        return Ok(upstream);
+        return Ok((upstream, None));
     }
     let body = read_whole(&mut upstream, idle, WHOLE_BODY_BYTES as usize, declared).await?;
-    let payload: std::pin::Pin<Box<dyn Stream<Item = _>>> =
-        Box::pin(futures_util::stream::once(async move {
-            Ok::<_, awc::error::PayloadError>(body)
-        }));
-    Ok(upstream.map_body(|_, _| actix_web::dev::Payload::Stream { payload }))
+    Ok((upstream, Some(body)))
 }
 
 /// Reads a whole non-streamed answer for the client, showing it to the meter and noting a stored
@@ -241,12 +236,17 @@ async fn read_answer(
             return Err(error);
         }
     };
-    meter.push(&body);
+    answer_read(&body, meter, note_id);
+    Ok(body)
+}
+
+/// A whole answer, read: shown to the meter, and a stored response's id noted.
+fn answer_read(body: &Bytes, meter: &mut CallMeter, note_id: &Option<NoteId>) {
+    meter.push(body);
     meter.end(true);
-    if let (Some(note), Some(id)) = (note_id, first_id(&body)) {
+    if let (Some(note), Some(id)) = (note_id, first_id(body)) {
         note.note(id);
     }
-    Ok(body)
 }
 
 /// Reads a whole upstream body of at most `limit` bytes (of `declared` bytes, when its length
