@@ -156,10 +156,11 @@ impl<T> BatchBuffer<T> {
 }
 
 /// Writes `rows` in batches of `batch` until all are written or `deadline` passes, retrying
-/// failed batches (a refused one row by row, setting aside the rows refused). Returns what each
-/// write reported and the rows left unwritten, refused ones included.
+/// failed batches, as a [`BatchBuffer`] does (a refused one row by row, setting aside the rows
+/// refused). Returns what each write reported and the rows left unwritten, refused ones
+/// included.
 pub async fn write_all<T, R, F, Fut>(
-    mut rows: Vec<T>,
+    rows: Vec<T>,
     batch: usize,
     deadline: Instant,
     mut write: F,
@@ -168,41 +169,31 @@ where
     F: FnMut(Vec<T>) -> Fut,
     Fut: Future<Output = Result<R, (DbError, Vec<T>)>>,
 {
-    let mut reports = Vec::new();
-    let (mut one_by_one, mut refused) = (0, Vec::new());
-    while !rows.is_empty() && Instant::now() < deadline {
-        let take = if one_by_one > 0 {
-            one_by_one -= 1;
-            1
-        } else {
-            batch.max(1)
-        };
-        let rest = rows.split_off(rows.len().min(take));
-        match write(rows).await {
+    // Unbounded: everything held is already in memory.
+    let mut buffer = BatchBuffer::new("final", usize::MAX, batch, Duration::ZERO);
+    buffer.rows.extend(rows);
+    let (mut reports, mut refused) = (Vec::new(), Vec::new());
+    while !buffer.is_empty() && Instant::now() < deadline {
+        match write(buffer.take_batch()).await {
             Ok(report) => {
+                buffer.written();
                 reports.push(report);
-                rows = rest;
             }
-            Err((error, failed)) if error.is_refusal() && failed.len() == 1 => {
-                tracing::error!(error = %error, "final write: the database refused a row");
-                refused.extend(failed);
-                rows = rest;
+            Err((error, failed)) if error.is_refusal() => {
+                let lost = buffer.refused(failed, &error);
+                if !lost.is_empty() {
+                    tracing::error!(error = %error, "final write: the database refused a row");
+                }
+                refused.extend(lost);
             }
-            Err((error, mut failed)) if error.is_refusal() => {
-                tracing::warn!(error = %error, "final write refused; writing row by row");
-                one_by_one = failed.len();
-                failed.extend(rest);
-                rows = failed;
-            }
-            Err((error, mut failed)) => {
-                tracing::warn!(error = %error, "final write failed; retrying");
-                failed.extend(rest);
-                rows = failed;
+            Err((error, failed)) => {
+                let lost = buffer.failed(failed, &error);
+                debug_assert!(lost.is_empty(), "an unbounded buffer drops nothing");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
-    refused.extend(rows);
+    refused.extend(buffer.take_all());
     (reports, refused)
 }
 

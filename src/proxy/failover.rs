@@ -80,9 +80,7 @@ pub async fn send(
             let key = match pool.send(lease).await {
                 Ok(Ok(key)) => key,
                 Ok(Err(NoKey { back_at })) => {
-                    if let Some(at) = back_at {
-                        soonest_back = sooner(soonest_back, at);
-                    }
+                    soonest_back = sooner(soonest_back, back_at);
                     continue 'levels;
                 }
                 Err(_) => continue 'levels,
@@ -126,7 +124,7 @@ pub async fn send(
                     } else if status == StatusCode::TOO_MANY_REQUESTS {
                         let rest = retry_after(&response, settings.default_cooldown_secs);
                         report(Outcome::RateLimited(rest));
-                        soonest_back = sooner(soonest_back, Instant::now() + rest);
+                        soonest_back = sooner(soonest_back, Some(Instant::now() + rest));
                         tracing::info!(upstream_key_id = %key.id, level, "upstream 429; trying the next key");
                         failures.push((key.id.clone(), "rate_limited"));
                         last = LastFailure::Upstream;
@@ -158,15 +156,9 @@ pub async fn send(
                                 report(Outcome::Failed);
                                 let timed_out = error.status() == StatusCode::GATEWAY_TIMEOUT;
                                 tracing::info!(upstream_key_id = %key.id, level, timed_out, error = %error, "upstream answer cut short; trying the next key");
-                                failures.push((
-                                    key.id.clone(),
-                                    if timed_out { "timeout" } else { "unreachable" },
-                                ));
-                                last = if timed_out {
-                                    LastFailure::Timeout
-                                } else {
-                                    LastFailure::Upstream
-                                };
+                                let (why, failure) = unanswered(timed_out);
+                                failures.push((key.id.clone(), why));
+                                last = failure;
                             }
                         }
                     }
@@ -175,15 +167,9 @@ pub async fn send(
                     report(Outcome::Failed);
                     let timed_out = matches!(err, SendRequestError::Timeout);
                     tracing::info!(upstream_key_id = %key.id, level, timed_out, error = crate::upstream::client::describe(&err), "upstream unreachable; trying the next key");
-                    failures.push((
-                        key.id.clone(),
-                        if timed_out { "timeout" } else { "unreachable" },
-                    ));
-                    last = if timed_out {
-                        LastFailure::Timeout
-                    } else {
-                        LastFailure::Upstream
-                    };
+                    let (why, failure) = unanswered(timed_out);
+                    failures.push((key.id.clone(), why));
+                    last = failure;
                 }
             }
         }
@@ -241,8 +227,18 @@ fn with_retry_after(error: ApiError, at: Instant) -> ApiError {
     error.with_header(RETRY_AFTER, HeaderValue::from(seconds.max(1)))
 }
 
-fn sooner(soonest: Option<Instant>, at: Instant) -> Option<Instant> {
-    Some(soonest.map_or(at, |soonest| soonest.min(at)))
+fn sooner(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    a.into_iter().chain(b).min()
+}
+
+/// An attempt that got no whole answer (no head, or a body that stalled or broke): why, for
+/// the attempt's record, and the gateway error it leads to if it is the last.
+fn unanswered(timed_out: bool) -> (&'static str, LastFailure) {
+    if timed_out {
+        ("timeout", LastFailure::Timeout)
+    } else {
+        ("unreachable", LastFailure::Upstream)
+    }
 }
 
 /// Error codes of a provider's 403 that refuse the call, not the key (as does a 403 whose body

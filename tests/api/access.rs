@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, into_json, spawn_app, spawn_app_with, Backend, SharedRedis, TestApp,
+    assert_error, header, into_json, spawn_app, spawn_app_with, Backend, SharedRedis, TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -67,13 +67,6 @@ async fn chat_from(app: &TestApp, key: &str, forwarded_for: Option<&str>) -> (u1
         request = request.header("x-forwarded-for", value);
     }
     into_json(request.send().await.unwrap()).await
-}
-
-fn header(response: &reqwest::Response, name: &str) -> Option<i64> {
-    response
-        .headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap().parse().unwrap())
 }
 
 async fn the_ip_allowlist_ignores_a_forged_forwarded_for_by_default(backend: Backend) {

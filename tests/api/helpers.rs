@@ -378,6 +378,14 @@ pub async fn into_json(response: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
+/// A numeric response header (`Retry-After`, `x-ratelimit-*`), if present.
+pub fn header(response: &reqwest::Response, name: &str) -> Option<i64> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
 /// Asserts the contract's error shape with `status` and `code`.
 pub fn assert_error(actual: (u16, Value), status: u16, code: &str) {
     let (got_status, body) = actual;
