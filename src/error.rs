@@ -58,6 +58,11 @@ impl ApiError {
         self.code
     }
 
+    /// The message for the client.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// 403 for an access rule (`ip_not_allowed`, `model_not_allowed`, `endpoint_not_allowed`).
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Context, Handler, Message, MessageResult};
-use actix_web::http::header::HeaderValue;
+use actix_web::http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use chrono::NaiveDateTime;
 use globset::GlobSet;
 
@@ -18,9 +18,10 @@ pub struct PoolKey {
     pub id: String,
     pub provider: Provider,
     pub base_url: Arc<str>,
-    /// The `Authorization` header the key is sent in (`Bearer <secret>`): built once, not per
-    /// call, and marked sensitive, so nothing prints it.
-    pub authorization: HeaderValue,
+    /// The header the key is sent in, as its provider wants it (`Authorization: Bearer`,
+    /// `x-api-key`, `x-goog-api-key`): built once, not per call, and its value marked sensitive,
+    /// so nothing prints it.
+    pub credential: (HeaderName, HeaderValue),
     /// Models this key may serve; `None` = all.
     pub models: Option<Arc<GlobSet>>,
     pub weight: i64,
@@ -46,7 +47,7 @@ pub struct LeasedKey {
     pub id: String,
     pub provider: Provider,
     pub base_url: Arc<str>,
-    pub authorization: HeaderValue,
+    pub credential: (HeaderName, HeaderValue),
 }
 
 /// No key of the level can serve the call now.
@@ -118,7 +119,7 @@ impl Slot {
             id: self.key.id.clone(),
             provider: self.key.provider,
             base_url: self.key.base_url.clone(),
-            authorization: self.key.authorization.clone(),
+            credential: self.key.credential.clone(),
         }
     }
 
@@ -306,12 +307,26 @@ impl Handler<SetKeys> for KeyPoolActor {
     }
 }
 
-/// The `Authorization` header for `secret`. The error does not quote the secret.
-fn authorization(secret: &str) -> anyhow::Result<HeaderValue> {
-    let mut value = HeaderValue::try_from(format!("Bearer {secret}"))
-        .map_err(|_| anyhow::anyhow!("the secret cannot be sent in an Authorization header"))?;
+/// The header `provider` takes `secret` in. The error does not quote the secret.
+pub fn credential(provider: Provider, secret: &str) -> anyhow::Result<(HeaderName, HeaderValue)> {
+    let (name, value) = match provider {
+        Provider::OpenAi => (
+            AUTHORIZATION,
+            HeaderValue::try_from(format!("Bearer {secret}")),
+        ),
+        Provider::Anthropic => (
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::try_from(secret),
+        ),
+        Provider::Gemini => (
+            HeaderName::from_static("x-goog-api-key"),
+            HeaderValue::try_from(secret),
+        ),
+    };
+    let mut value =
+        value.map_err(|_| anyhow::anyhow!("the secret cannot be sent in an HTTP header"))?;
     value.set_sensitive(true);
-    Ok(value)
+    Ok((name, value))
 }
 
 /// Turns a stored key into a pool key, decrypting its secret.
@@ -329,7 +344,7 @@ pub fn pool_key(key: &UpstreamKey, master: &crate::crypto::MasterKey) -> anyhow:
         id: key.id.clone(),
         provider: key.provider,
         base_url: key.base_url.as_str().into(),
-        authorization: authorization(&master.decrypt(&key.id, &key.secret_enc)?)?,
+        credential: credential(key.provider, &master.decrypt(&key.id, &key.secret_enc)?)?,
         models,
         weight: i64::from(key.weight.max(1)),
         enabled: key.enabled,

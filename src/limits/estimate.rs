@@ -29,7 +29,13 @@ const TEXT_KEYS: [&str; 8] = [
 ];
 
 /// Keys that cap the completion.
-const CAP_KEYS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+const CAP_KEYS: [&str; 4] = [
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    // Gemini's, in `generationConfig`.
+    "maxOutputTokens",
+];
 
 /// Whether each tokenizer has been loaded. A tokenizer's tables take tens of MiB and a few
 /// hundred milliseconds to load, so each is loaded on its first use (on the blocking pool), and

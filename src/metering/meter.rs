@@ -159,7 +159,14 @@ impl Drop for CallMeter {
 
 /// The route of a data-plane path, as a static name for logs and metric labels.
 fn route_name(path: &str) -> &'static str {
-    const ROUTES: [&str; 8] = [
+    if let Some(target) = path.strip_prefix("/v1beta/models/") {
+        return match target.rsplit_once(':') {
+            Some((_, "generateContent")) => "/v1beta/models/{model}:generateContent",
+            Some((_, "streamGenerateContent")) => "/v1beta/models/{model}:streamGenerateContent",
+            _ => "other",
+        };
+    }
+    const ROUTES: [&str; 9] = [
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
@@ -168,6 +175,7 @@ fn route_name(path: &str) -> &'static str {
         "/v1/audio/speech",
         "/v1/audio/transcriptions",
         "/v1/audio/translations",
+        "/v1/messages",
     ];
     ROUTES.into_iter().find(|r| *r == path).unwrap_or("other")
 }

@@ -45,13 +45,21 @@ pub enum Endpoint {
     Images,
     Speech,
     Transcriptions,
+    /// Anthropic's Messages API.
+    Messages,
+    /// Gemini's `generateContent` and `streamGenerateContent`.
+    Gemini,
     Other,
 }
 
 impl Endpoint {
     /// The kind of a data-plane path (`/v1/...`).
     pub fn of(path: &str) -> Endpoint {
+        if path.starts_with("/v1beta/models/") {
+            return Endpoint::Gemini;
+        }
         match path.strip_prefix("/v1").unwrap_or(path) {
+            "/messages" => Endpoint::Messages,
             "/chat/completions" => Endpoint::Chat,
             "/completions" => Endpoint::Completions,
             "/responses" => Endpoint::Responses,
@@ -86,6 +94,11 @@ pub fn reported(endpoint: Endpoint, observed: &Observed) -> Option<Usage> {
     let body = observed.body();
     if body.is_empty() {
         return None;
+    }
+    match endpoint {
+        Endpoint::Gemini => return gemini_usage(body),
+        Endpoint::Messages if observed.stream => return message_stream_usage(body),
+        _ => {}
     }
     if observed.stream {
         return data_events(body)
@@ -146,6 +159,23 @@ pub fn measure(
             if usage.is_none() && observed.stream && observed.succeeded() =>
         {
             usage = Some(delivered(observed, request, model));
+        }
+        // Anthropic reports the prompt when a stream starts and the completion at its end,
+        // Gemini a running count in every event: a cut stream's completion is at least the
+        // text it delivered.
+        Endpoint::Messages | Endpoint::Gemini
+            if observed.stream
+                && observed.succeeded()
+                && (usage.is_none() || observed.partial()) =>
+        {
+            let seen = delivered(observed, request, model);
+            usage = Some(match usage {
+                Some(usage) => Usage {
+                    completion_tokens: usage.completion_tokens.max(seen.completion_tokens),
+                    ..usage
+                },
+                None => seen,
+            });
         }
         _ => {}
     }
@@ -215,6 +245,88 @@ fn trailing_usage(body: &[u8]) -> Option<Usage> {
     } else {
         None
     }
+}
+
+/// The usage of a Gemini answer: the last `usageMetadata` in it, whether the answer is one
+/// object, a stream of events, or a stream sent as one JSON array (each event's count is the
+/// running total, so the last is the call's, or what a cut stream reached).
+fn gemini_usage(body: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usageMetadata\"";
+    let mut end = body.len();
+    // The last one that reads: a cut stream's may be half there.
+    while let Some(at) = memchr::memmem::rfind(&body[..end], KEY) {
+        end = at;
+        let Some(value) = body[at + KEY.len()..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let mut reader = serde_json::Deserializer::from_slice(value).into_iter::<GeminiUsage>();
+        if let Some(Ok(usage)) = reader.next() {
+            return Some(usage.into_usage());
+        }
+    }
+    None
+}
+
+/// Gemini's `usageMetadata`: thinking tokens are billed as output but counted apart from the
+/// candidates'; the cached part of the prompt is inside `promptTokenCount`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiUsage {
+    prompt_token_count: Option<i64>,
+    candidates_token_count: Option<i64>,
+    thoughts_token_count: Option<i64>,
+    cached_content_token_count: Option<i64>,
+    tool_use_prompt_token_count: Option<i64>,
+}
+
+impl GeminiUsage {
+    fn into_usage(self) -> Usage {
+        let thoughts = self.thoughts_token_count.unwrap_or(0);
+        Usage {
+            prompt_tokens: self.prompt_token_count.unwrap_or(0)
+                + self.tool_use_prompt_token_count.unwrap_or(0),
+            completion_tokens: self.candidates_token_count.unwrap_or(0) + thoughts,
+            reasoning_tokens: thoughts,
+            cached_tokens: self.cached_content_token_count.unwrap_or(0),
+            ..Usage::default()
+        }
+    }
+}
+
+/// The usage of an Anthropic Messages stream: the prompt from `message_start` (its message's
+/// usage), the completion from the last `message_delta` (a running count), whose prompt
+/// figures, when it has them, are the final ones.
+fn message_stream_usage(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct Event {
+        message: Option<Nested>,
+        usage: Option<Reported>,
+    }
+    let mut usage: Option<Usage> = None;
+    for event in data_events(body) {
+        let Ok(event) = serde_json::from_slice::<Event>(event) else {
+            continue;
+        };
+        if let Some(start) = event
+            .message
+            .and_then(|m| m.usage)
+            .and_then(Reported::into_usage)
+        {
+            usage = Some(start);
+        }
+        if let Some(delta) = event.usage {
+            let has_prompt = delta.input_tokens.is_some();
+            if let Some(delta) = delta.into_usage() {
+                let usage = usage.get_or_insert_with(Usage::default);
+                usage.completion_tokens = delta.completion_tokens;
+                if has_prompt {
+                    usage.prompt_tokens = delta.prompt_tokens;
+                    usage.cached_tokens = delta.cached_tokens;
+                }
+            }
+        }
+    }
+    usage
 }
 
 /// The payloads of a stream's `data:` lines, `[DONE]` excluded.
@@ -289,6 +401,10 @@ struct Reported {
     input_tokens_details: Option<Details>,
     output_tokens_details: Option<Details>,
     seconds: Option<f64>,
+    /// Anthropic's: the prompt's cached part read, and the part written to the cache, both
+    /// apart from its `input_tokens`.
+    cache_read_input_tokens: Option<i64>,
+    cache_creation_input_tokens: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -312,10 +428,12 @@ impl Reported {
         let output_details = self
             .completion_tokens_details
             .or(self.output_tokens_details);
+        let cache_read = self.cache_read_input_tokens.unwrap_or(0);
+        let cache_written = self.cache_creation_input_tokens.unwrap_or(0);
         Some(Usage {
-            prompt_tokens: prompt.unwrap_or(0),
+            prompt_tokens: prompt.unwrap_or(0) + cache_read + cache_written,
             completion_tokens: completion.unwrap_or(0),
-            cached_tokens: input_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            cached_tokens: input_details.and_then(|d| d.cached_tokens).unwrap_or(0) + cache_read,
             reasoning_tokens: output_details.and_then(|d| d.reasoning_tokens).unwrap_or(0),
             audio_seconds: self.seconds.unwrap_or(0.0),
             ..Usage::default()
@@ -337,6 +455,25 @@ struct Delta {
     #[serde(rename = "type")]
     kind: Option<String>,
     delta: Option<Value>,
+    /// Gemini's `candidates[].content.parts[].text`.
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+}
+
+#[derive(Deserialize)]
+struct Candidate {
+    content: Option<CandidateContent>,
+}
+
+#[derive(Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<Part>,
+}
+
+#[derive(Deserialize)]
+struct Part {
+    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -360,9 +497,22 @@ impl Delta {
             }
             out.extend(choice.text);
         }
-        if self.kind.as_deref() == Some("response.output_text.delta") {
-            if let Some(Value::String(text)) = self.delta {
-                out.push_str(&text);
+        match (self.kind.as_deref(), self.delta) {
+            (Some("response.output_text.delta"), Some(Value::String(text))) => out.push_str(&text),
+            // Anthropic: `{"type":"content_block_delta","delta":{"type":"text_delta","text":…}}`,
+            // `thinking_delta` with `thinking`.
+            (Some("content_block_delta"), Some(Value::Object(delta))) => {
+                for key in ["text", "thinking", "partial_json"] {
+                    if let Some(Value::String(text)) = delta.get(key) {
+                        out.push_str(text);
+                    }
+                }
+            }
+            _ => {}
+        }
+        for candidate in self.candidates {
+            for part in candidate.content.into_iter().flat_map(|c| c.parts) {
+                out.extend(part.text);
             }
         }
     }
@@ -516,6 +666,67 @@ mod tests {
         )
         .unwrap();
         assert_eq!(usage.characters, 5);
+    }
+
+    #[test]
+    fn anthropic_usage_counts_the_cache_in_the_prompt() {
+        let json = observed(
+            false,
+            &[br#"{"type":"message","usage":{"input_tokens":10,"output_tokens":3,"cache_read_input_tokens":20,"cache_creation_input_tokens":5}}"#],
+        );
+        let usage = reported(Endpoint::Messages, &json).unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens
+            ),
+            (35, 20, 3)
+        );
+        let stream = observed(
+            true,
+            &[
+                b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1,\"cache_read_input_tokens\":4}}}\n\n",
+                b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":9}}\n\n",
+            ],
+        );
+        let usage = reported(Endpoint::Messages, &stream).unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens
+            ),
+            (14, 4, 9)
+        );
+    }
+
+    #[test]
+    fn gemini_usage_is_the_last_count_in_any_shape() {
+        let event = |candidates: i64| {
+            format!(
+                r#"{{"candidates":[],"usageMetadata":{{"promptTokenCount":7,"candidatesTokenCount":{candidates},"thoughtsTokenCount":2,"cachedContentTokenCount":3}}}}"#
+            )
+        };
+        let array = format!("[{},\n{}]", event(1), event(5));
+        let o = observed(false, &[Box::leak(array.into_bytes().into_boxed_slice())]);
+        let usage = reported(Endpoint::Gemini, &o).unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.reasoning_tokens,
+                usage.cached_tokens
+            ),
+            (7, 7, 2, 3)
+        );
+        // A stream cut inside its last count reads the one before.
+        let cut = format!(
+            "data: {}\r\n\r\ndata: {{\"usageMetadata\":{{\"promptTo",
+            event(4)
+        );
+        let o = observed(true, &[Box::leak(cut.into_bytes().into_boxed_slice())]);
+        assert_eq!(reported(Endpoint::Gemini, &o).unwrap().completion_tokens, 6);
     }
 
     #[test]

@@ -5,14 +5,14 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use actix_web::http::header::{HeaderValue, ACCEPT, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::http::{StatusCode, Uri};
 use actix_web::web::Bytes;
 use awc::error::SendRequestError;
 
+use super::dialect::Dialect;
 use super::{Call, Proxy};
 use crate::actors::key_pool::{Lease, LeasedKey, NoKey, Outcome};
-use crate::domain::Provider;
 use crate::error::ApiError;
 use crate::routing::pools::WorkerPools;
 
@@ -72,7 +72,7 @@ pub async fn send(
                 break 'levels;
             }
             let lease = Lease {
-                provider: Provider::OpenAi,
+                provider: call.dialect.provider(),
                 model: call.upstream_model().to_owned(),
                 exclude: tried.clone(),
                 prefer: call.pinned_key.clone(),
@@ -97,12 +97,16 @@ pub async fn send(
                     // the caller's answer like any other. A 402, or a 429 for a quota used
                     // up, is the key's account out of credit: it rests long, as it will not
                     // recover in seconds.
+                    // Gemini refuses a bad key with a 400 that names it (`API_KEY_INVALID`).
+                    let gemini = call.dialect == Dialect::Gemini;
                     let (response, code) = match status.as_u16() {
                         403 | 429 => read_error_code(response, timeout).await,
+                        400 if gemini => read_error_code(response, timeout).await,
                         _ => (response, ErrorCode::NotRead),
                     };
                     let key_refused = match status.as_u16() {
                         401 => true,
+                        400 => matches!(&code, ErrorCode::Json(Some(c)) if c == "API_KEY_INVALID"),
                         403 => match &code {
                             ErrorCode::Json(Some(code)) => !CALL_REFUSALS.contains(&code.as_str()),
                             ErrorCode::Json(None) | ErrorCode::Unreadable => true,
@@ -248,7 +252,8 @@ fn unanswered(timed_out: bool) -> (&'static str, LastFailure) {
 /// keys for these would take every key out of service on one caller's request.
 const CALL_REFUSALS: [&str; 2] = ["model_not_found", "unsupported_country_region_territory"];
 
-/// The `error.code` of a provider's error answer, as far as it could be read.
+/// The `error.code` of a provider's error answer (for Gemini, whose `code` is the HTTP status,
+/// the `reason` of its first detail), as far as it could be read.
 enum ErrorCode {
     /// The body was not read (not needed for this status).
     NotRead,
@@ -272,14 +277,23 @@ async fn read_error_code(
     }
     #[derive(serde::Deserialize)]
     struct Detail {
-        code: Option<String>,
+        code: Option<serde_json::Value>,
+        #[serde(default)]
+        details: Vec<Reason>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Reason {
+        reason: Option<String>,
     }
     let body = match tokio::time::timeout(timeout, response.body().limit(64 * 1024)).await {
         Ok(Ok(body)) => body,
         _ => return (response, ErrorCode::Unreadable),
     };
     let code = match serde_json::from_slice::<Refusal>(&body) {
-        Ok(refusal) => ErrorCode::Json(refusal.error.code),
+        Ok(Refusal { error }) => ErrorCode::Json(match error.code {
+            Some(serde_json::Value::String(code)) => Some(code),
+            _ => error.details.into_iter().find_map(|d| d.reason),
+        }),
         Err(_) => ErrorCode::NotJson,
     };
     let response: UpstreamResponse = response.map_body(|_, _| actix_web::dev::Payload::from(body));
@@ -300,12 +314,16 @@ async fn attempt(
     };
     let mut request = request
         .timeout(timeout)
-        .insert_header((AUTHORIZATION, key.authorization.clone()));
+        .insert_header(key.credential.clone());
     if let Some(content_type) = &call.content_type {
         request = request.insert_header((CONTENT_TYPE, content_type.as_str()));
     }
-    if call.stream {
+    // Gemini streams events only when asked with `alt=sse` (its call carries the header then).
+    if call.stream && call.dialect != Dialect::Gemini {
         request = request.insert_header((ACCEPT, HeaderValue::from_static("text/event-stream")));
+    }
+    for header in &call.headers {
+        request = request.insert_header(header.clone());
     }
     request.send_body(call.body.clone()).await
 }

@@ -2,6 +2,7 @@
 //! failover, streamed back as they arrive.
 
 pub mod affinity;
+pub mod dialect;
 pub mod failover;
 pub mod multipart;
 pub mod relay;
@@ -10,6 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::web::Bytes;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use serde_json::{Map, Value};
@@ -31,6 +33,7 @@ use crate::metering::usage::Endpoint;
 use crate::routing::pools::WorkerPools;
 use crate::routing::{KeyPools, ModelMapper};
 use crate::telemetry;
+use dialect::Dialect;
 
 /// What the data plane shares across workers.
 pub struct Proxy {
@@ -64,7 +67,10 @@ const INLINE_ESTIMATE_BYTES: usize = 32 * 1024;
 
 /// One client call, parsed: what was asked, where it goes, what to send.
 pub struct Call {
-    /// The upstream path after the provider's base URL, e.g. `/chat/completions`.
+    /// The API the client speaks, which picks the provider whose keys serve it.
+    pub dialect: Dialect,
+    /// The upstream path after the provider's base URL, e.g. `/chat/completions` (with the
+    /// query a Gemini call passes on).
     pub path: String,
     /// The model the client asked for (what it will see in answers).
     pub model: String,
@@ -84,6 +90,8 @@ pub struct Call {
     /// The key to try first: the one that created that response (looked up once the call is
     /// admitted).
     pub pinned_key: Option<String>,
+    /// Request headers the provider needs passed on (Anthropic's `anthropic-version`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Call {
@@ -189,6 +197,7 @@ fn parse_json_call(
         }
     };
     let call = Call {
+        dialect: Dialect::OpenAi,
         path: upstream_path(req.match_info().as_str()),
         model,
         mapped,
@@ -198,6 +207,7 @@ fn parse_json_call(
         hide_usage,
         previous_response,
         pinned_key: None,
+        headers: Vec::new(),
     };
     Ok(call)
 }
@@ -235,6 +245,133 @@ pub async fn forward_json(
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }
 
+/// `POST /v1/messages`, Anthropic's Messages API (JSON and streamed), for Anthropic keys. The
+/// body goes on as the client wrote it (the model mapped), with the client's
+/// `anthropic-version` (2023-06-01 when it sends none) and `anthropic-beta`.
+pub async fn forward_messages(
+    req: HttpRequest,
+    body: Bytes,
+    principal: Principal,
+    proxy: web::Data<Proxy>,
+    worker: web::Data<Worker>,
+) -> Result<HttpResponse, ApiError> {
+    static VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+    static BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+    let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
+    let mut call = parse_json_call(&req, meter.endpoint(), body, &principal, &proxy)
+        .map_err(|e| refuse(&mut meter, e))?;
+    call.dialect = Dialect::Anthropic;
+    let version = req
+        .headers()
+        .get(&VERSION)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("2023-06-01"));
+    call.headers.push((VERSION.clone(), version));
+    if let Some(beta) = req.headers().get(&BETA) {
+        call.headers.push((BETA.clone(), beta.clone()));
+    }
+    forward(&req, call, &principal, &proxy, &worker, meter).await
+}
+
+/// `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent`, Gemini's API,
+/// for Gemini keys. The model comes from the path, and a mapped one goes in the upstream's;
+/// the query is passed on (`alt=sse`) without the caller's `key`.
+pub async fn forward_gemini(
+    req: HttpRequest,
+    body: Bytes,
+    principal: Principal,
+    proxy: web::Data<Proxy>,
+    worker: web::Data<Worker>,
+) -> Result<HttpResponse, ApiError> {
+    let mut meter = CallMeter::start(&req, &principal, proxy.recorder.clone());
+    let call =
+        parse_gemini_call(&req, body, &principal, &proxy).map_err(|e| refuse(&mut meter, e))?;
+    forward(&req, call, &principal, &proxy, &worker, meter).await
+}
+
+/// Reads a Gemini call: the model and method from the path, a JSON object body.
+fn parse_gemini_call(
+    req: &HttpRequest,
+    body: Bytes,
+    principal: &Principal,
+    proxy: &Proxy,
+) -> Result<Call, ApiError> {
+    let target = req.match_info().get("target").unwrap_or_default();
+    let (model, method) = target.rsplit_once(':').unwrap_or((target, ""));
+    let stream = match method {
+        "generateContent" => false,
+        "streamGenerateContent" => true,
+        _ => {
+            return Err(ApiError::not_found(format!(
+                "no route for POST {}: Switchyard serves `:generateContent` and `:streamGenerateContent`",
+                req.path()
+            )))
+        }
+    };
+    let model = model.strip_prefix("models/").unwrap_or(model);
+    if model.is_empty() {
+        return Err(ApiError::invalid("the path must name a model"));
+    }
+    check_model_name(model)?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::invalid("request body must be a JSON object"));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+        .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))?;
+    let mapped = proxy.mapper.resolve(&principal.user.id, model);
+    let upstream_model = mapped.as_deref().unwrap_or(model);
+    // The caller's own key stays here; everything else (`alt=sse`, field masks) goes on.
+    let query: Vec<&str> = req
+        .query_string()
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("key"))
+        .collect();
+    let mut path = format!("/models/{}:{method}", escape_segment(upstream_model));
+    if !query.is_empty() {
+        path.push('?');
+        path.push_str(&query.join("&"));
+    }
+    let sse = query
+        .iter()
+        .any(|pair| pair.eq_ignore_ascii_case("alt=sse"));
+    let mut headers = Vec::new();
+    if sse {
+        headers.push((
+            actix_web::http::header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        ));
+    }
+    Ok(Call {
+        dialect: Dialect::Gemini,
+        path,
+        model: model.to_owned(),
+        mapped,
+        body,
+        stream,
+        content_type: Some("application/json".into()),
+        hide_usage: false,
+        previous_response: None,
+        pinned_key: None,
+        headers,
+    })
+}
+
+/// A model name as one path segment: anything but unreserved characters percent-encoded.
+fn escape_segment(name: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    if name.bytes().all(plain) {
+        return name.into();
+    }
+    let mut out = String::with_capacity(name.len() * 3);
+    for b in name.bytes() {
+        match plain(b) {
+            true => out.push(b as char),
+            false => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out.into()
+}
+
 /// `POST /v1/audio/transcriptions` and `/v1/audio/translations`: multipart forms passed on
 /// intact (rebuilt only to put a mapped model in).
 pub async fn forward_multipart(
@@ -260,6 +397,7 @@ pub async fn forward_multipart(
         None => form.body.clone(),
     };
     let call = Call {
+        dialect: Dialect::OpenAi,
         path: upstream_path(req.match_info().as_str()),
         model: form.model.clone(),
         mapped,
@@ -269,6 +407,7 @@ pub async fn forward_multipart(
         hide_usage: false,
         previous_response: None,
         pinned_key: None,
+        headers: Vec::new(),
     };
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }

@@ -13,6 +13,7 @@ use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::affinity::{first_id, ResponseAffinity, ID_WITHIN};
+use super::dialect::Dialect;
 use super::failover::UpstreamResponse;
 use super::Call;
 use crate::error::ApiError;
@@ -153,8 +154,9 @@ pub async fn respond(
         answer_read(body, &mut meter, &note_id);
     }
     match (rename, is_sse, read) {
-        (Some(model), false, read) if is_json => {
-            // A whole JSON answer: restore the model name the client asked for.
+        // A whole JSON answer: restore the model name the client asked for (not in a Gemini
+        // stream sent as one JSON array, which is relayed as it arrives).
+        (Some(model), false, read) if is_json && (read.is_some() || !call.stream) => {
             let body = match read {
                 Some(body) => body,
                 None => read_answer(upstream, idle, MAX_REWRITE_BODY, &mut meter, &note_id).await?,
@@ -166,7 +168,7 @@ pub async fn respond(
             // A larger answer of known size: relayed as it arrives, keeping its length so the
             // client gets a plain (not chunked) body.
             let watch = note_id.map(IdWatch::new);
-            let body = relay_stream(upstream, idle, None, None, watch, meter);
+            let body = relay_stream(upstream, idle, None, None, watch, meter, call.dialect);
             Ok(match length {
                 Some(length) => response.body(actix_web::body::SizedStream::new(length, body)),
                 None => response.streaming(body),
@@ -182,7 +184,15 @@ pub async fn respond(
             // final `response.*` event for responses.
             let done = DoneWatcher::for_path(&call.path);
             let watch = note_id.map(IdWatch::new);
-            let body = relay_stream(upstream, idle, Some(framing), done, watch, meter);
+            let body = relay_stream(
+                upstream,
+                idle,
+                Some(framing),
+                done,
+                watch,
+                meter,
+                call.dialect,
+            );
             Ok(response.streaming(body))
         }
     }
@@ -353,6 +363,7 @@ fn relay_stream<S>(
     done: Option<DoneWatcher>,
     watch: Option<IdWatch>,
     meter: CallMeter,
+    dialect: Dialect,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + 'static
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin + 'static,
@@ -401,7 +412,8 @@ where
                     st.finished = true;
                     st.meter.end(false);
                     tracing::warn!("upstream stream ended without its last event");
-                    return Some((Ok(Bytes::from_static(STREAM_ERROR_EVENT)), st));
+                    let event = dialect.stream_error_event(false);
+                    return Some((Ok(Bytes::from_static(event)), st));
                 }
                 Ok(None) => {
                     st.finished = true;
@@ -421,12 +433,10 @@ where
                     let stalled = outcome.is_err();
                     tracing::warn!(stalled, "upstream stream broke after the first byte");
                     if is_sse {
-                        // Tell the SDK the stream failed; a silent end would look complete.
-                        let event = if stalled {
-                            STREAM_TIMEOUT_EVENT
-                        } else {
-                            STREAM_ERROR_EVENT
-                        };
+                        // Tell the SDK the stream failed; a silent end would look complete. Only
+                        // whole lines have gone out before it (a partial last line is held back
+                        // and dropped), so it is always read as an event of its own.
+                        let event = dialect.stream_error_event(stalled);
                         return Some((Ok(Bytes::from_static(event)), st));
                     }
                     let err = std::io::Error::other("upstream stream interrupted");
@@ -436,16 +446,6 @@ where
         }
     })
 }
-
-/// The event that ends a broken stream. Only whole lines have gone out before it (a partial
-/// last line is held back, and dropped when the stream breaks), so the blank line it starts
-/// with either ends an event the provider left open or is ignored: SDKs always read it as an
-/// error of its own, never as JSON glued to half a line.
-const STREAM_ERROR_EVENT: &[u8] = b"\ndata: {\"error\":{\"message\":\"the upstream stream was interrupted\",\"type\":\"api_error\",\"code\":\"upstream_error\"}}\n\n";
-
-/// The same, for a stream that went silent for the idle timeout: the code a timeout has before
-/// the first byte too.
-const STREAM_TIMEOUT_EVENT: &[u8] = b"\ndata: {\"error\":{\"message\":\"the upstream stream went silent\",\"type\":\"api_error\",\"code\":\"upstream_timeout\"}}\n\n";
 
 /// How an event stream goes out: in whole lines, rewritten when a mapped model or a hidden
 /// usage asks for it.
@@ -518,9 +518,17 @@ impl DoneWatcher {
             b"event: error",
             b"\"type\":\"error\"",
         ];
+        // A Messages stream ends with `message_stop`, or an error event of the provider's.
+        const MESSAGE_END: &[&[u8]] = &[
+            b"\"message_stop\"",
+            b"event: message_stop",
+            b"event: error",
+            b"\"type\":\"error\"",
+        ];
         let markers = match path {
             "/chat/completions" | "/completions" => DONE,
             "/responses" => RESPONSE_END,
+            "/messages" => MESSAGE_END,
             _ => return None,
         };
         Some(DoneWatcher {
@@ -545,11 +553,34 @@ impl DoneWatcher {
     }
 }
 
-/// Sets `model` in a JSON object body; anything else passes unchanged.
+/// The members that name the model an answer (or a stream event) came from: OpenAI's and
+/// Anthropic's `model`, Gemini's `modelVersion`.
+const MODEL_KEYS: [&str; 2] = ["model", "modelVersion"];
+
+/// Sets the model `object` names (itself, or in the response or message a stream event
+/// describes) to `model`.
+fn rename_model(object: &mut serde_json::Map<String, Value>, model: &str) {
+    for key in MODEL_KEYS {
+        if object.contains_key(key) {
+            object.insert(key.into(), Value::String(model.to_owned()));
+        }
+    }
+    // Response streams carry the model in the response their events describe, Anthropic's
+    // `message_start` in its message.
+    for nested in ["response", "message"] {
+        if let Some(Value::Object(inner)) = object.get_mut(nested) {
+            if inner.contains_key("model") {
+                inner.insert("model".into(), Value::String(model.to_owned()));
+            }
+        }
+    }
+}
+
+/// Sets the model a JSON object body names; anything else passes unchanged.
 fn rename_model_in_json(body: &[u8], model: &str) -> Bytes {
     match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut object)) if object.contains_key("model") => {
-            object.insert("model".into(), Value::String(model.to_owned()));
+        Ok(Value::Object(mut object)) if MODEL_KEYS.iter().any(|k| object.contains_key(*k)) => {
+            rename_model(&mut object, model);
             serde_json::to_vec(&object)
                 .map(Bytes::from)
                 .unwrap_or_else(|_| Bytes::copy_from_slice(body))
@@ -642,15 +673,7 @@ impl SseRewriter {
             }
         }
         if let Some(model) = &self.model {
-            if object.contains_key("model") {
-                object.insert("model".into(), Value::String(model.clone()));
-            }
-            // Response streams carry the model in the response their events describe.
-            if let Some(Value::Object(response)) = object.get_mut("response") {
-                if response.contains_key("model") {
-                    response.insert("model".into(), Value::String(model.clone()));
-                }
-            }
+            rename_model(&mut object, model);
         }
         match serde_json::to_vec(&object) {
             Ok(json) => {

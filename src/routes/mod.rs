@@ -7,7 +7,7 @@ pub mod models;
 use actix_web::dev::ServiceResponse;
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::http::StatusCode;
-use actix_web::middleware::ErrorHandlerResponse;
+use actix_web::middleware::{from_fn, ErrorHandlerResponse};
 use actix_web::{web, HttpRequest, ResponseError};
 
 use crate::error::ApiError;
@@ -44,12 +44,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(web::resource("/v1/audio/speech").post(proxy::forward_json))
     .service(web::resource("/v1/audio/transcriptions").post(proxy::forward_multipart))
     .service(web::resource("/v1/audio/translations").post(proxy::forward_multipart))
+    .service(
+        web::resource("/v1/messages")
+            .wrap(from_fn(proxy::dialect::native_errors))
+            .post(proxy::forward_messages),
+    )
     // After the calls: its pattern is a regex, which every request tried before it would run
     // (3,000 instructions a call).
     .service(
         web::resource("/v1/models/{model:.+}")
             .get(models::retrieve)
             .head(models::retrieve),
+    )
+    .service(
+        web::resource("/v1beta/models/{target}")
+            .wrap(from_fn(proxy::dialect::native_errors))
+            .post(proxy::forward_gemini),
     )
     .service(admin::scope());
 }

@@ -11,6 +11,7 @@ mod fleet;
 mod helpers;
 mod metering;
 mod mock_upstream;
+mod native;
 mod openai_sdk;
 mod operations;
 mod proxy;

@@ -28,6 +28,14 @@
 //! | `usage` | like `ok`, reporting 1000 prompt tokens (400 cached) and 200 completion tokens (50 of them reasoning) |
 //! | `leading` | like `usage`, with `usage` first in the answer and a `usage` key of another object last |
 //!
+//! Anthropic's `/v1/messages` (the secret in `x-api-key`) answers a message, or its event
+//! stream, reporting 25 input tokens, 5 more read from the cache and 7 output tokens (`cut`:
+//! the stream stops after its text, before `message_delta`). Gemini's
+//! `/v1beta/models/{model}:generateContent` and `:streamGenerateContent` (the secret in
+//! `x-goog-api-key`) answer candidates with `modelVersion` set to the path's model, reporting
+//! 12 prompt (2 cached), 6 candidate and 4 thought tokens; streams as events with `alt=sse`,
+//! else as one JSON array; `badkey` answers Gemini's 400 `API_KEY_INVALID`.
+//!
 //! Embeddings report 8 prompt tokens; images answer `n` images (2 MiB each as `b64_json`);
 //! speech answers audio bytes;
 //! transcriptions report 30 seconds of audio.
@@ -46,6 +54,9 @@ use serde_json::{json, Value};
 pub struct Received {
     pub secret: String,
     pub path: String,
+    pub query: String,
+    /// The `anthropic-version` header, when sent.
+    pub anthropic_version: Option<String>,
     pub body: Value,
     pub raw: Bytes,
     pub content_type: String,
@@ -124,13 +135,18 @@ async fn handle(
     calls: Data<Arc<Mutex<Vec<Received>>>>,
     cut: Data<Arc<std::sync::atomic::AtomicUsize>>,
 ) -> HttpResponse {
-    let secret = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("")
-        .to_owned();
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // Each provider's own header: OpenAI's bearer token, Anthropic's and Gemini's key headers.
+    let secret = header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+        .or_else(|| header("x-api-key"))
+        .or_else(|| header("x-goog-api-key"))
+        .unwrap_or_default();
     let raw = body;
     let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     let content_type = req
@@ -144,6 +160,8 @@ async fn handle(
         calls.push(Received {
             secret: secret.clone(),
             path: req.path().to_owned(),
+            query: req.query_string().to_owned(),
+            anthropic_version: header("anthropic-version"),
             body: body.clone(),
             raw,
             content_type,
@@ -235,6 +253,21 @@ async fn handle(
     }
     if secret.starts_with("r400") {
         return HttpResponse::BadRequest().json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": null}}));
+    }
+    if req.path() == "/v1/messages" {
+        return anthropic_message(&model, stream, secret.starts_with("cut"));
+    }
+    if let Some(target) = req.path().strip_prefix("/v1beta/models/") {
+        if secret.starts_with("badkey") {
+            return HttpResponse::BadRequest().json(json!({"error": {
+                "code": 400, "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT", "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID", "domain": "googleapis.com"}]}}));
+        }
+        let (model, method) = target.rsplit_once(':').unwrap_or((target, ""));
+        let sse = req.query_string().split('&').any(|p| p == "alt=sse");
+        return gemini_answer(model, method == "streamGenerateContent", sse);
     }
     if secret.starts_with("drip") {
         let guard = DripGuard {
@@ -413,6 +446,86 @@ async fn handle(
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
         "usage": usage,
     }))
+}
+
+/// An Anthropic Messages answer, or its event stream (`cut`: without its end).
+fn anthropic_message(model: &str, stream: bool, cut: bool) -> HttpResponse {
+    let usage = json!({"input_tokens": 25, "output_tokens": 7,
+                       "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0});
+    if !stream {
+        return HttpResponse::Ok().json(json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "Hello"}], "stop_reason": "end_turn",
+            "stop_sequence": null, "usage": usage,
+        }));
+    }
+    let mut start_usage = usage.clone();
+    start_usage["output_tokens"] = json!(1);
+    let mut events = vec![
+        json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null,
+            "usage": start_usage}}),
+        json!({"type": "content_block_start", "index": 0,
+               "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "text_delta", "text": "Hello there, how are you"}}),
+    ];
+    if !cut {
+        events.push(json!({"type": "content_block_stop", "index": 0}));
+        events.push(json!({"type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+            "usage": {"output_tokens": 7}}));
+        events.push(json!({"type": "message_stop"}));
+    }
+    let body: Vec<Result<Bytes, std::io::Error>> = events
+        .iter()
+        .map(|event| {
+            let kind = event["type"].as_str().unwrap();
+            Ok(Bytes::from(format!("event: {kind}\ndata: {event}\n\n")))
+        })
+        .collect();
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .streaming(stream::iter(body))
+}
+
+/// A Gemini answer: one object, or a stream (events with `alt=sse`, else one JSON array) of
+/// two, whose running usage ends at the same figures.
+fn gemini_answer(model: &str, stream: bool, sse: bool) -> HttpResponse {
+    let event = |text: &str, candidates: i64, thoughts: i64, finish: Option<&str>| {
+        let mut candidate = json!({"content": {"parts": [{"text": text}], "role": "model"},
+                                   "index": 0});
+        if let Some(finish) = finish {
+            candidate["finishReason"] = json!(finish);
+        }
+        json!({"candidates": [candidate], "modelVersion": model, "usageMetadata": {
+            "promptTokenCount": 12, "candidatesTokenCount": candidates,
+            "thoughtsTokenCount": thoughts, "cachedContentTokenCount": 2,
+            "totalTokenCount": 12 + candidates + thoughts}})
+    };
+    if !stream {
+        return HttpResponse::Ok().json(event("Hello", 6, 4, Some("STOP")));
+    }
+    let events = [event("Hel", 2, 4, None), event("lo", 6, 4, Some("STOP"))];
+    let chunks: Vec<Result<Bytes, std::io::Error>> = if sse {
+        events
+            .iter()
+            .map(|e| Ok(Bytes::from(format!("data: {e}\r\n\r\n"))))
+            .collect()
+    } else {
+        vec![
+            Ok(Bytes::from(format!("[{},\r\n", events[0]))),
+            Ok(Bytes::from(format!("{}]", events[1]))),
+        ]
+    };
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/json"
+    };
+    HttpResponse::Ok()
+        .content_type(content_type)
+        .streaming(stream::iter(chunks))
 }
 
 fn chunk(model: &str, content: &str, finish: Option<&str>) -> Value {
