@@ -12,6 +12,6 @@ mod helpers;
 mod metering;
 mod mock_upstream;
 mod native;
-mod openai_sdk;
 mod operations;
 mod proxy;
+mod sdks;

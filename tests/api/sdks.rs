@@ -1,0 +1,128 @@
+//! The official OpenAI and Anthropic Python SDKs, unchanged but for their base URL and key,
+//! through Switchyard: JSON and streamed calls, a mapped model, and an authentication error.
+
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::helpers::{spawn_app, Backend};
+use crate::mock_upstream::MockUpstream;
+use crate::on_both_backends;
+
+on_both_backends!(
+    the_openai_python_sdk_works_through_the_router,
+    the_anthropic_python_sdk_works_through_the_router,
+);
+
+const SCRIPT: &str = r#"
+import os
+import openai
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["SY_BASE"], api_key=os.environ["SY_KEY"], max_retries=0)
+r = client.chat.completions.create(model="alias", messages=[{"role": "user", "content": "hi"}])
+print("JSON", r.model, r.choices[0].message.content)
+stream = client.chat.completions.create(
+    model="alias", messages=[{"role": "user", "content": "hi"}], stream=True)
+parts = []
+models = set()
+for chunk in stream:
+    models.add(chunk.model)
+    if chunk.choices:
+        parts.append(chunk.choices[0].delta.content or "")
+print("STREAM", ",".join(sorted(models)), "".join(parts))
+bad = OpenAI(base_url=os.environ["SY_BASE"], api_key="sk-0123456789abcdef-not-a-real-key", max_retries=0)
+try:
+    bad.chat.completions.create(model="alias", messages=[])
+except openai.AuthenticationError as e:
+    print("AUTH", e.status_code, e.code)
+"#;
+
+async fn the_openai_python_sdk_works_through_the_router(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-sdk"}))
+        .await;
+    app.add_mapping(json!({"from": "alias", "to": "gpt-4o-mini"}))
+        .await;
+    let (_, key) = app.user_with_key().await;
+    let stdout = run_python(SCRIPT, format!("{}/v1", app.address), key).await;
+    assert!(stdout.contains("JSON alias Hello"), "{stdout}");
+    assert!(stdout.contains("STREAM alias Hello"), "{stdout}");
+    assert!(stdout.contains("AUTH 401 invalid_api_key"), "{stdout}");
+    assert!(mock
+        .calls()
+        .iter()
+        .all(|c| c.body["model"] == "gpt-4o-mini"));
+    assert_eq!(mock.calls().len(), 2);
+}
+
+/// Runs `script` with the SDKs `scripts/test.sh` installs, the router's base URL and a key in
+/// `SY_BASE` and `SY_KEY`; returns what it printed, once it succeeded.
+async fn run_python(script: &'static str, base: String, key: String) -> String {
+    let output = actix_web::web::block(move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .env(
+                "PYTHONPATH",
+                std::env::var("SWITCHYARD_TEST_PYTHONPATH").unwrap_or_default(),
+            )
+            .env("SY_BASE", base)
+            .env("SY_KEY", key)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs (scripts/test.sh installs the SDKs)");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
+const ANTHROPIC_SCRIPT: &str = r#"
+import os
+import anthropic
+
+client = anthropic.Anthropic(base_url=os.environ["SY_BASE"], api_key=os.environ["SY_KEY"], max_retries=0)
+m = client.messages.create(model="alias", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+print("JSON", m.model, m.content[0].text, m.usage.input_tokens, m.usage.output_tokens)
+with client.messages.stream(model="alias", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+    text = "".join(stream.text_stream)
+    final = stream.get_final_message()
+print("STREAM", final.model, text, final.usage.output_tokens)
+bad = anthropic.Anthropic(base_url=os.environ["SY_BASE"], api_key="sk-0123456789abcdef-not-a-real-key", max_retries=0)
+try:
+    bad.messages.create(model="alias", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+except anthropic.AuthenticationError as e:
+    print("AUTH", e.status_code, e.body["error"]["type"], e.body["error"]["code"])
+"#;
+
+async fn the_anthropic_python_sdk_works_through_the_router(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(
+        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-sdk"}),
+    )
+    .await;
+    app.add_mapping(json!({"from": "alias", "to": "claude-3-5-haiku-latest"}))
+        .await;
+    let (_, key) = app.user_with_key().await;
+    // The SDK adds `/v1/messages` to its base URL.
+    let stdout = run_python(ANTHROPIC_SCRIPT, app.address.clone(), key).await;
+    assert!(stdout.contains("JSON alias Hello 25 7"), "{stdout}");
+    assert!(
+        stdout.contains("STREAM alias Hello there, how are you 7"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("AUTH 401 authentication_error invalid_api_key"),
+        "{stdout}"
+    );
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls
+        .iter()
+        .all(|c| c.body["model"] == "claude-3-5-haiku-latest" && c.secret == "ok-sdk"));
+}
