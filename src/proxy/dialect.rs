@@ -126,11 +126,13 @@ pub async fn native_errors(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody, Bytes>>, actix_web::Error> {
     let dialect = Dialect::of_path(req.match_info().as_str());
     let res = next.call(req).await?;
-    let Some(error) = res.response().error() else {
-        return Ok(res.map_into_left_body());
-    };
     let status = res.status();
-    let body = match error.as_error::<ApiError>() {
+    // actix answers a wrong method with a bare 405 of its own, not an error.
+    let error = res.response().error();
+    if error.is_none() && status != StatusCode::METHOD_NOT_ALLOWED {
+        return Ok(res.map_into_left_body());
+    }
+    let body = match error.and_then(|e| e.as_error::<ApiError>()) {
         Some(api) => dialect.error_body(status, api.code(), api.message()),
         None => {
             let code = match status.as_u16() {

@@ -211,6 +211,20 @@ async fn anthropic_errors_come_in_anthropics_shape_and_failover_holds(backend: B
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert_eq!(body["error"]["code"], "invalid_request", "{body}");
 
+    // A wrong method: 405 in the same shape, with its `Allow`.
+    let response = app
+        .http
+        .get(format!("{}/v1/messages", app.address))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().contains_key("allow"));
+    let (status, body) = into_json(response).await;
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    assert_eq!(body["type"], "error", "{body}");
+
     // A 429 from one Anthropic key is absorbed by the next.
     app.add_upstream(anthropic_key(&mock, "r429-ant")).await;
     app.add_upstream(anthropic_key(&mock, "ok-ant")).await;
