@@ -577,3 +577,19 @@ pub fn has_sample(metrics: &str, name: &str, labels: &[&str], value: &str) -> bo
             && line.rsplit(' ').next() == Some(value)
     })
 }
+
+/// Polls `/admin/logs` (`query` without `?`) until it lists `n` entries.
+pub async fn log_entries(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
+    eventually(30, || async move {
+        let (_, body) = app
+            .admin_json(reqwest::Method::GET, &format!("/admin/logs?{query}"), None)
+            .await;
+        let entries = body["data"].as_array().unwrap().clone();
+        if entries.len() == n {
+            Ok(entries)
+        } else {
+            Err(format!("expected {n} log entries: {body}"))
+        }
+    })
+    .await
+}

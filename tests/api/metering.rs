@@ -9,8 +9,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::helpers::{
-    assert_error, eventually, fresh_database_url, has_sample, into_json, spawn_app, spawn_app_with,
-    Backend, Outage, TestApp,
+    assert_error, eventually, fresh_database_url, has_sample, into_json, log_entries, spawn_app,
+    spawn_app_with, Backend, Outage, TestApp,
 };
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
@@ -66,22 +66,6 @@ async fn usage_rows(app: &TestApp, query: &str, requests: i64) -> Vec<Value> {
             Ok(rows)
         } else {
             Err(format!("usage never reached {requests}: {body}"))
-        }
-    })
-    .await
-}
-
-/// Polls `/admin/logs` (`query` without `?`) until it lists `n` entries.
-async fn log_entries(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
-    eventually(30, || async move {
-        let (_, body) = app
-            .admin_json(Method::GET, &format!("/admin/logs?{query}"), None)
-            .await;
-        let entries = body["data"].as_array().unwrap().clone();
-        if entries.len() == n {
-            Ok(entries)
-        } else {
-            Err(format!("expected {n} log entries: {body}"))
         }
     })
     .await

@@ -342,16 +342,7 @@ async fn handle(
         if secret.starts_with("cut") {
             events.pop();
         }
-        let body: Vec<Result<Bytes, std::io::Error>> = events
-            .iter()
-            .map(|event| {
-                let kind = event["type"].as_str().unwrap();
-                Ok(Bytes::from(format!("event: {kind}\ndata: {event}\n\n")))
-            })
-            .collect();
-        return HttpResponse::Ok()
-            .content_type("text/event-stream")
-            .streaming(stream::iter(body));
+        return typed_events(&events);
     }
     if secret.starts_with("stall") {
         // A whole first event (streams only), half of the next line, then silence past the
@@ -477,6 +468,12 @@ fn anthropic_message(model: &str, stream: bool, cut: bool) -> HttpResponse {
             "usage": {"output_tokens": 7}}));
         events.push(json!({"type": "message_stop"}));
     }
+    typed_events(&events)
+}
+
+/// An event stream whose events are named by their `type` (`event: <type>`), as the Responses
+/// API and Anthropic send them.
+fn typed_events(events: &[Value]) -> HttpResponse {
     let body: Vec<Result<Bytes, std::io::Error>> = events
         .iter()
         .map(|event| {

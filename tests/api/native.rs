@@ -5,7 +5,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, into_json, spawn_app_with, Backend, TestApp};
+use crate::helpers::{eventually, into_json, log_entries, spawn_app_with, Backend, TestApp};
 use crate::mock_upstream::MockUpstream;
 use crate::on_both_backends;
 
@@ -34,6 +34,18 @@ fn message(model: &str, stream: bool) -> Value {
            "messages": [{"role": "user", "content": "Hello"}]})
 }
 
+/// `POST /v1beta/models/{target}` (with its query) with the key in `x-goog-api-key`.
+async fn post_gemini(app: &TestApp, target: &str, key: &str, body: &str) -> reqwest::Response {
+    app.http
+        .post(format!("{}/v1beta/models/{target}", app.address))
+        .header("x-goog-api-key", key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn post_message(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
     app.http
         .post(format!("{}/v1/messages", app.address))
@@ -53,20 +65,9 @@ fn events(text: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Polls a user's request log until it has `n` entries whose usage is written.
+/// A user's request log, once it has `n` entries.
 async fn logs(app: &TestApp, user_id: &str, n: usize) -> Vec<Value> {
-    eventually(30, || async move {
-        let (_, body) = app
-            .admin_json(Method::GET, &format!("/admin/logs?user_id={user_id}"), None)
-            .await;
-        let entries = body["data"].as_array().unwrap().clone();
-        if entries.len() == n {
-            Ok(entries)
-        } else {
-            Err(format!("expected {n} log entries: {body}"))
-        }
-    })
-    .await
+    log_entries(app, &format!("user_id={user_id}"), n).await
 }
 
 async fn usage_by_model(app: &TestApp, user_id: &str) -> Value {
@@ -319,17 +320,13 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
     assert_eq!(calls[0].query, "", "the caller's key stays in the router");
 
     // Streamed as events (`alt=sse`), the key in `x-goog-api-key`.
-    let response = app
-        .http
-        .post(format!(
-            "{}/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
-            app.address
-        ))
-        .header("x-goog-api-key", &key)
-        .json(&content)
-        .send()
-        .await
-        .unwrap();
+    let response = post_gemini(
+        &app,
+        "gemini-2.0-flash:streamGenerateContent?alt=sse",
+        &key,
+        &content.to_string(),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     let streamed = events(&text);
@@ -342,17 +339,13 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
     );
 
     // Streamed as one JSON array, relayed as it comes.
-    let response = app
-        .http
-        .post(format!(
-            "{}/v1beta/models/gemini-2.0-flash:streamGenerateContent",
-            app.address
-        ))
-        .header("x-goog-api-key", &key)
-        .json(&content)
-        .send()
-        .await
-        .unwrap();
+    let response = post_gemini(
+        &app,
+        "gemini-2.0-flash:streamGenerateContent",
+        &key,
+        &content.to_string(),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let array: Vec<Value> = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(array.len(), 2);
@@ -398,26 +391,11 @@ async fn gemini_errors_come_in_googles_shape_and_a_refused_key_is_disabled(backe
     let app = app(backend).await;
     let mock = MockUpstream::start();
     let (_, key) = app.user_with_key().await;
-    let call = |path: &str, key: &str, body: &str| {
-        app.http
-            .post(format!("{}{path}", app.address))
-            .header("x-goog-api-key", key)
-            .header("content-type", "application/json")
-            .body(body.to_owned())
-            .send()
-    };
     let hello = r#"{"contents":[{"parts":[{"text":"hi"}]}]}"#;
 
-    let (status, body) = into_json(
-        call(
-            "/v1beta/models/gemini-2.0-flash:generateContent",
-            "sk-no",
-            hello,
-        )
-        .await
-        .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        into_json(post_gemini(&app, "gemini-2.0-flash:generateContent", "sk-no", hello).await)
+            .await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(body["error"]["code"], 401, "{body}");
     assert_eq!(body["error"]["status"], "UNAUTHENTICATED", "{body}");
@@ -426,25 +404,13 @@ async fn gemini_errors_come_in_googles_shape_and_a_refused_key_is_disabled(backe
         "{body}"
     );
 
-    let (status, body) = into_json(
-        call("/v1beta/models/gemini-2.0-flash:embedContent", &key, hello)
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        into_json(post_gemini(&app, "gemini-2.0-flash:embedContent", &key, hello).await).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["status"], "NOT_FOUND", "{body}");
 
-    let (status, body) = into_json(
-        call(
-            "/v1beta/models/gemini-2.0-flash:generateContent",
-            &key,
-            "[1]",
-        )
-        .await
-        .unwrap(),
-    )
-    .await;
+    let (status, body) =
+        into_json(post_gemini(&app, "gemini-2.0-flash:generateContent", &key, "[1]").await).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["status"], "INVALID_ARGUMENT", "{body}");
 
@@ -452,16 +418,9 @@ async fn gemini_errors_come_in_googles_shape_and_a_refused_key_is_disabled(backe
     let bad = app.add_upstream(gemini_key(&mock, "badkey-gem")).await;
     app.add_upstream(gemini_key(&mock, "ok-gem")).await;
     for _ in 0..3 {
-        let (status, body) = into_json(
-            call(
-                "/v1beta/models/gemini-2.0-flash:generateContent",
-                &key,
-                hello,
-            )
-            .await
-            .unwrap(),
-        )
-        .await;
+        let (status, body) =
+            into_json(post_gemini(&app, "gemini-2.0-flash:generateContent", &key, hello).await)
+                .await;
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(mock.calls_with("badkey-gem"), 1);
