@@ -62,7 +62,9 @@ pub struct NoKey {
 #[derive(Message)]
 #[rtype(result = "Result<LeasedKey, NoKey>")]
 pub struct Lease {
-    pub provider: Provider,
+    /// The providers whose keys may serve the call: its dialect's own, and for a chat
+    /// completion also those it is translated for (see `Slot::serves_model`).
+    pub providers: &'static [Provider],
     pub model: String,
     pub exclude: Vec<String>,
     /// A key to hand out before any other when it can serve (it holds what the call follows).
@@ -129,12 +131,32 @@ impl Slot {
 
     /// Whether the key serves the call once any rest is over.
     fn could_serve(&self, msg: &Lease) -> bool {
+        self.eligible(msg) && !msg.exclude.contains(&self.key.id)
+    }
+
+    /// Whether the key is in service for the call's provider and model, tried or not.
+    fn eligible(&self, msg: &Lease) -> bool {
         let key = &self.key;
         key.enabled
             && !key.rejected
-            && key.provider == msg.provider
-            && key.models.as_ref().is_none_or(|m| m.is_match(&msg.model))
-            && !msg.exclude.contains(&key.id)
+            && msg.providers.contains(&key.provider)
+            && self.serves_model(msg)
+    }
+
+    /// A key with a `models` list serves what the list matches. One without serves every model
+    /// when the call is in its provider's own API, and only its provider's families when the
+    /// call is translated to that API (an Anthropic key is not sent a `gpt-4o` chat).
+    fn serves_model(&self, msg: &Lease) -> bool {
+        let key = &self.key;
+        match &key.models {
+            Some(globs) => globs.is_match(&msg.model),
+            None => key.provider == msg.providers[0] || key.provider.makes(&msg.model),
+        }
+    }
+
+    /// An OpenAI-compatible key without a `models` list, which serves any model by default.
+    fn serves_by_default(&self) -> bool {
+        self.key.provider == Provider::OpenAi && self.key.models.is_none()
     }
 }
 
@@ -199,12 +221,18 @@ impl KeyPoolActor {
     /// richest is picked and pays back the total, which spreads picks evenly by weight.
     fn lease(&mut self, msg: &Lease) -> Result<LeasedKey, NoKey> {
         let now = Instant::now();
+        // A chat completion for a model an Anthropic or Gemini key of this level serves goes to
+        // those keys, not to an OpenAI-compatible key that only takes it because it has no
+        // `models` list (which would most likely answer 404).
+        let native = |s: &Slot| s.key.provider != Provider::OpenAi && s.eligible(msg);
+        let defer_defaults = msg.providers.len() > 1 && self.slots.iter().any(native);
+        let usable = |s: &Slot| !(defer_defaults && s.serves_by_default());
         if let Some(preferred) = &msg.prefer {
             // Outside the round robin: the turn of the other keys is not taken.
             let slot = self
                 .slots
                 .iter()
-                .find(|s| &s.key.id == preferred && s.can_serve(msg, now));
+                .find(|s| &s.key.id == preferred && s.can_serve(msg, now) && usable(s));
             if let Some(slot) = slot {
                 return Ok(slot.leased());
             }
@@ -212,7 +240,7 @@ impl KeyPoolActor {
         let mut total = 0;
         let mut best: Option<usize> = None;
         for i in 0..self.slots.len() {
-            if !self.slots[i].can_serve(msg, now) {
+            if !self.slots[i].can_serve(msg, now) || !usable(&self.slots[i]) {
                 continue;
             }
             let slot = &mut self.slots[i];
@@ -226,7 +254,7 @@ impl KeyPoolActor {
             let back_at = self
                 .slots
                 .iter()
-                .filter(|s| s.could_serve(msg))
+                .filter(|s| s.could_serve(msg) && usable(s))
                 .filter_map(|s| s.resting_until)
                 .min();
             return Err(NoKey { back_at });

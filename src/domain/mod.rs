@@ -79,6 +79,19 @@ impl Provider {
             Provider::Gemini => "https://generativelanguage.googleapis.com/v1beta",
         }
     }
+
+    /// Whether `model` is of this provider's own families: the models its keys without a
+    /// `models` list serve when a chat completion is translated to its API (OpenAI-compatible
+    /// keys without one serve every model, as they always have).
+    pub fn makes(self, model: &str) -> bool {
+        match self {
+            Provider::OpenAi => false,
+            Provider::Anthropic => model.starts_with("claude"),
+            Provider::Gemini => ["gemini", "gemma", "learnlm"]
+                .iter()
+                .any(|family| model.starts_with(family)),
+        }
+    }
 }
 
 /// A user of the router and every rule that applies to their calls.

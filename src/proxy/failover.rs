@@ -11,8 +11,10 @@ use actix_web::web::Bytes;
 use awc::error::SendRequestError;
 
 use super::dialect::Dialect;
+use super::translate::{self, Translated};
 use super::{Call, Proxy};
 use crate::actors::key_pool::{Lease, LeasedKey, NoKey, Outcome};
+use crate::domain::Provider;
 use crate::error::ApiError;
 use crate::routing::pools::WorkerPools;
 
@@ -28,6 +30,8 @@ pub struct Answered {
     pub attempts: u32,
     /// The key (and its level) that answered.
     pub key_id: Option<String>,
+    /// The answering key's provider, when the call was translated to its API.
+    pub translated: Option<Provider>,
     pub level: i32,
     /// The attempts that failed: key id and why (`rate_limited`, `rejected`, `server_error`,
     /// `timeout`, `unreachable`).
@@ -61,6 +65,8 @@ pub async fn send(
     // When the first key that could serve the call, resting now (found so, or sent to rest by
     // its 429 here), is back.
     let mut soonest_back: Option<Instant> = None;
+    // A chat completion written for Anthropic's or Gemini's API, once per call.
+    let mut translations = Translations::default();
     'levels: for &level in levels {
         let Some(pool) = local.pool(level) else {
             continue;
@@ -72,7 +78,7 @@ pub async fn send(
                 break 'levels;
             }
             let lease = Lease {
-                provider: call.dialect.provider(),
+                providers: call.providers(),
                 model: call.upstream_model().to_owned(),
                 exclude: tried.clone(),
                 prefer: call.pinned_key.clone(),
@@ -85,10 +91,25 @@ pub async fn send(
                 }
                 Err(_) => continue 'levels,
             };
+            let target = match translations.target(key.provider, call) {
+                Ok(target) => target,
+                // The call asks what the provider's API cannot do: the caller's to change.
+                Err(error) => {
+                    return Answered {
+                        result: Err(error),
+                        body: None,
+                        attempts,
+                        key_id: None,
+                        translated: None,
+                        level,
+                        failures,
+                    }
+                }
+            };
             tried.push(key.id.clone());
             attempts += 1;
             let timeout = first_byte.min(deadline - now);
-            let outcome = attempt(client, &key, call, timeout).await;
+            let outcome = attempt(client, &key, &target, call, timeout).await;
             let report = |outcome| proxy.pools.report(local, level, &key.id, outcome);
             match outcome {
                 Ok(response) => {
@@ -98,7 +119,7 @@ pub async fn send(
                     // up, is the key's account out of credit: it rests long, as it will not
                     // recover in seconds.
                     // Gemini refuses a bad key with a 400 that names it (`API_KEY_INVALID`).
-                    let gemini = call.dialect == Dialect::Gemini;
+                    let gemini = key.provider == Provider::Gemini;
                     let (response, code) = match status.as_u16() {
                         403 | 429 => read_error_code(response, timeout).await,
                         400 if gemini => read_error_code(response, timeout).await,
@@ -152,6 +173,7 @@ pub async fn send(
                                     body,
                                     attempts,
                                     key_id: Some(key.id.clone()),
+                                    translated: target.translated.then_some(key.provider),
                                     level,
                                     failures,
                                 };
@@ -204,6 +226,7 @@ pub async fn send(
         body: None,
         attempts,
         key_id: None,
+        translated: None,
         level: levels.first().copied().unwrap_or_default(),
         failures,
     }
@@ -300,32 +323,87 @@ async fn read_error_code(
     (response, code)
 }
 
+/// What an attempt sends: the call as the client wrote it, or as translated for the key's
+/// provider.
+struct Target<'a> {
+    path: &'a str,
+    body: &'a Bytes,
+    headers: &'a [(actix_web::http::header::HeaderName, HeaderValue)],
+    /// Written for another provider's API than the client's.
+    translated: bool,
+}
+
+/// The call's translations, each made the first time a key of its provider is tried.
+#[derive(Default)]
+struct Translations {
+    anthropic: Option<Translated>,
+    gemini: Option<Translated>,
+}
+
+impl Translations {
+    fn target<'a>(
+        &'a mut self,
+        provider: Provider,
+        call: &'a Call,
+    ) -> Result<Target<'a>, ApiError> {
+        let slot = match provider {
+            _ if provider == call.dialect.provider() => {
+                return Ok(Target {
+                    path: &call.path,
+                    body: &call.body,
+                    headers: &call.headers,
+                    translated: false,
+                })
+            }
+            Provider::Anthropic => &mut self.anthropic,
+            Provider::Gemini => &mut self.gemini,
+            Provider::OpenAi => return Err(ApiError::internal("no translation to OpenAI's API")),
+        };
+        if slot.is_none() {
+            *slot = Some(translate::request(provider, call)?);
+        }
+        let translated = slot.as_ref().expect("made above");
+        Ok(Target {
+            path: &translated.path,
+            body: &translated.body,
+            headers: &translated.headers,
+            translated: true,
+        })
+    }
+}
+
 /// One attempt with one key.
 async fn attempt(
     client: &awc::Client,
     key: &LeasedKey,
+    target: &Target<'_>,
     call: &Call,
     timeout: Duration,
 ) -> Result<UpstreamResponse, SendRequestError> {
-    let request = match upstream_uri(&key.base_url, &call.path) {
+    let request = match upstream_uri(&key.base_url, target.path) {
         Some(uri) => client.post(uri),
         // Not a valid URL: awc reports it as the attempt's error.
-        None => client.post(format!("{}{}", key.base_url, call.path)),
+        None => client.post(format!("{}{}", key.base_url, target.path)),
     };
     let mut request = request
         .timeout(timeout)
         .insert_header(key.credential.clone());
-    if let Some(content_type) = &call.content_type {
-        request = request.insert_header((CONTENT_TYPE, content_type.as_str()));
+    match (&call.content_type, target.translated) {
+        (_, true) => request = request.insert_header((CONTENT_TYPE, "application/json")),
+        (Some(content_type), false) => {
+            request = request.insert_header((CONTENT_TYPE, content_type.as_str()))
+        }
+        (None, false) => {}
     }
-    // Gemini streams events only when asked with `alt=sse` (its call carries the header then).
-    if call.stream && call.dialect != Dialect::Gemini {
+    // Gemini streams events only when asked with `alt=sse` (its call carries the header then,
+    // as does a translated stream).
+    if call.stream && call.dialect != Dialect::Gemini && !target.translated {
         request = request.insert_header((ACCEPT, HeaderValue::from_static("text/event-stream")));
     }
-    for header in &call.headers {
+    for header in target.headers {
         request = request.insert_header(header.clone());
     }
-    request.send_body(call.body.clone()).await
+    request.send_body(target.body.clone()).await
 }
 
 /// A key's base URL joined with a call's path, parsed once per thread: the same few URLs are

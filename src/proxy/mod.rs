@@ -6,6 +6,7 @@ pub mod dialect;
 pub mod failover;
 pub mod multipart;
 pub mod relay;
+pub mod translate;
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -92,6 +93,10 @@ pub struct Call {
     pub pinned_key: Option<String>,
     /// Request headers the provider needs passed on (Anthropic's `anthropic-version`).
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// A chat completion, which Anthropic and Gemini keys serve too, translated.
+    pub translatable: bool,
+    /// The client asked for a stream's usage (`stream_options.include_usage`).
+    pub usage_asked: bool,
 }
 
 impl Call {
@@ -103,6 +108,17 @@ impl Call {
     /// The model to ask the upstream for.
     pub fn upstream_model(&self) -> &str {
         self.mapped.as_deref().unwrap_or(&self.model)
+    }
+
+    /// The providers whose keys may serve the call, its own first.
+    pub fn providers(&self) -> &'static [crate::domain::Provider] {
+        use crate::domain::Provider;
+        match (self.translatable, self.dialect) {
+            (true, _) => &[Provider::OpenAi, Provider::Anthropic, Provider::Gemini],
+            (false, Dialect::OpenAi) => &[Provider::OpenAi],
+            (false, Dialect::Anthropic) => &[Provider::Anthropic],
+            (false, Dialect::Gemini) => &[Provider::Gemini],
+        }
     }
 }
 
@@ -159,10 +175,11 @@ fn parse_json_call(
         _ => None,
     };
     let stream = peek.stream.unwrap_or(false);
+    let usage_asked = peek.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
     let hide_usage = stream
         && proxy.settings.request_stream_usage
         && endpoint.usage_on_request()
-        && peek.stream_options.as_ref().and_then(|o| o.include_usage) != Some(true);
+        && !usage_asked;
     let mapped = proxy.mapper.resolve(&principal.user.id, &model);
     let body = match (&mapped, hide_usage, &peek.stream_options) {
         (None, false, _) => body,
@@ -208,6 +225,8 @@ fn parse_json_call(
         previous_response,
         pinned_key: None,
         headers: Vec::new(),
+        translatable: endpoint == Endpoint::Chat,
+        usage_asked,
     };
     Ok(call)
 }
@@ -353,6 +372,8 @@ fn parse_gemini_call(
         previous_response: None,
         pinned_key: None,
         headers,
+        translatable: false,
+        usage_asked: false,
     })
 }
 
@@ -408,6 +429,8 @@ pub async fn forward_multipart(
         previous_response: None,
         pinned_key: None,
         headers: Vec::new(),
+        translatable: false,
+        usage_asked: false,
     };
     forward(&req, call, &principal, &proxy, &worker, meter).await
 }
@@ -543,5 +566,15 @@ async fn send_and_relay(
         }),
         _ => None,
     };
-    relay::respond(response, answered.body, call, idle, meter, note_id).await
+    let translated = answered.translated;
+    relay::respond(
+        response,
+        answered.body,
+        call,
+        idle,
+        meter,
+        note_id,
+        translated,
+    )
+    .await
 }

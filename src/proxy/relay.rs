@@ -15,7 +15,9 @@ use serde_json::Value;
 use super::affinity::{first_id, ResponseAffinity, ID_WITHIN};
 use super::dialect::Dialect;
 use super::failover::UpstreamResponse;
+use super::translate;
 use super::Call;
+use crate::domain::Provider;
 use crate::error::ApiError;
 use crate::metering::meter::CallMeter;
 
@@ -87,6 +89,7 @@ pub async fn respond(
     idle: Duration,
     mut meter: CallMeter,
     note_id: Option<NoteId>,
+    translated: Option<Provider>,
 ) -> Result<HttpResponse, ApiError> {
     let mut response = HttpResponse::build(upstream.status());
     for name in &PASSED_HEADERS {
@@ -143,6 +146,14 @@ pub async fn respond(
     if is_sse {
         response.insert_header((CACHE_CONTROL, "no-cache"));
     }
+    if let Some(provider) = translated {
+        let answer = Translation {
+            provider,
+            is_sse,
+            read,
+        };
+        return answer.respond(upstream, response, call, idle, meter).await;
+    }
     meter.begin(upstream.status().as_u16(), is_sse, is_text(&upstream));
     // Only a JSON answer names its model; audio, images and subtitles stream as they come.
     let rename: Option<String> = call.mapped.is_some().then(|| call.model.clone());
@@ -195,6 +206,83 @@ pub async fn respond(
             );
             Ok(response.streaming(body))
         }
+    }
+}
+
+/// An answer from a provider the call was translated for, going back in OpenAI's shape.
+struct Translation {
+    provider: Provider,
+    is_sse: bool,
+    /// The body, when failover read it.
+    read: Option<Bytes>,
+}
+
+impl Translation {
+    async fn respond(
+        self,
+        upstream: UpstreamResponse,
+        mut response: actix_web::HttpResponseBuilder,
+        call: &Call,
+        idle: Duration,
+        mut meter: CallMeter,
+    ) -> Result<HttpResponse, ApiError> {
+        let status = upstream.status();
+        meter.begin(status.as_u16(), self.is_sse, true);
+        if self.is_sse && status.is_success() {
+            // The translated stream always ends with its usage: removed unless asked for.
+            let framing = match call.usage_asked {
+                true => EventFraming::Lines(WholeLines::default()),
+                false => EventFraming::Rewrite(SseRewriter::new(None, true)),
+            };
+            let events = translate::events(self.provider, upstream, &call.model);
+            let done = DoneWatcher::for_path("/chat/completions");
+            let body = relay_stream(
+                events,
+                idle,
+                Some(framing),
+                done,
+                None,
+                meter,
+                Dialect::OpenAi,
+            );
+            return Ok(response.streaming(body));
+        }
+        let body = match self.read {
+            Some(body) => body,
+            None => {
+                let declared = declared_length(&upstream);
+                match read_whole(upstream, idle, MAX_REWRITE_BODY, declared).await {
+                    Ok(body) => body,
+                    Err(error) => {
+                        meter.end(false);
+                        meter.refused(&error);
+                        return Err(error);
+                    }
+                }
+            }
+        };
+        let body = match translate::answer(self.provider, status, &body, &call.model) {
+            Some(body) => body,
+            // An error the provider wrote in no shape it documents: passed on as it came.
+            None if !status.is_success() => body,
+            None => {
+                let error = ApiError::new(
+                    actix_web::http::StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    format!(
+                        "the upstream's answer is not a {} answer",
+                        self.provider.as_str()
+                    ),
+                );
+                meter.end(false);
+                meter.refused(&error);
+                return Err(error);
+            }
+        };
+        meter.push(&body);
+        meter.end(true);
+        response.insert_header((CONTENT_TYPE, "application/json"));
+        Ok(response.body(body))
     }
 }
 

@@ -15,3 +15,4 @@ mod native;
 mod operations;
 mod proxy;
 mod sdks;
+mod translated;

@@ -34,7 +34,9 @@
 //! `/v1beta/models/{model}:generateContent` and `:streamGenerateContent` (the secret in
 //! `x-goog-api-key`) answer candidates with `modelVersion` set to the path's model, reporting
 //! 12 prompt (2 cached), 6 candidate and 4 thought tokens; streams as events with `alt=sse`,
-//! else as one JSON array; `badkey` answers Gemini's 400 `API_KEY_INVALID`.
+//! else as one JSON array; `badkey` answers Gemini's 400 `API_KEY_INVALID`. Asked with tools,
+//! both call the first one with `{"city": "Oslo"}`; `r400` answers in the shape of the
+//! provider whose API was called.
 //!
 //! Embeddings report 8 prompt tokens; images answer `n` images (2 MiB each as `b64_json`);
 //! speech answers audio bytes;
@@ -252,10 +254,23 @@ async fn handle(
             .json(json!({"error": {"message": "bad key", "code": "invalid_api_key"}}));
     }
     if secret.starts_with("r400") {
-        return HttpResponse::BadRequest().json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error", "param": "max_tokens", "code": null}}));
+        // In the shape of the provider whose API was called.
+        return HttpResponse::BadRequest().json(match req.path() {
+            "/v1/messages" => json!({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "max_tokens: 9999999 is too large"}}),
+            path if path.starts_with("/v1beta/") => json!({"error": {"code": 400,
+                "message": "maxOutputTokens is too large", "status": "INVALID_ARGUMENT"}}),
+            _ => json!({"error": {"message": "max_tokens is too large",
+                "type": "invalid_request_error", "param": "max_tokens", "code": null}}),
+        });
     }
+    // Asked with tools, both providers call the first one.
+    let tool = body["tools"][0]["name"]
+        .as_str()
+        .or(body["tools"][0]["functionDeclarations"][0]["name"].as_str())
+        .map(str::to_owned);
     if req.path() == "/v1/messages" {
-        return anthropic_message(&model, stream, secret.starts_with("cut"));
+        return anthropic_message(&model, stream, secret.starts_with("cut"), tool.as_deref());
     }
     if let Some(target) = req.path().strip_prefix("/v1beta/models/") {
         if secret.starts_with("badkey") {
@@ -267,7 +282,12 @@ async fn handle(
         }
         let (model, method) = target.rsplit_once(':').unwrap_or((target, ""));
         let sse = req.query_string().split('&').any(|p| p == "alt=sse");
-        return gemini_answer(model, method == "streamGenerateContent", sse);
+        return gemini_answer(
+            model,
+            method == "streamGenerateContent",
+            sse,
+            tool.as_deref(),
+        );
     }
     if secret.starts_with("drip") {
         let guard = DripGuard {
@@ -439,10 +459,14 @@ async fn handle(
     }))
 }
 
-/// An Anthropic Messages answer, or its event stream (`cut`: without its end).
-fn anthropic_message(model: &str, stream: bool, cut: bool) -> HttpResponse {
+/// An Anthropic Messages answer, or its event stream (`cut`: without its end); asked with a
+/// tool, a call of it.
+fn anthropic_message(model: &str, stream: bool, cut: bool, tool: Option<&str>) -> HttpResponse {
     let usage = json!({"input_tokens": 25, "output_tokens": 7,
                        "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0});
+    if let Some(tool) = tool {
+        return anthropic_tool_call(model, stream, tool, usage);
+    }
     if !stream {
         return HttpResponse::Ok().json(json!({
             "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
@@ -471,6 +495,33 @@ fn anthropic_message(model: &str, stream: bool, cut: bool) -> HttpResponse {
     typed_events(&events)
 }
 
+/// A Messages answer calling `tool` with `{"city": "Oslo"}`, whole or streamed.
+fn anthropic_tool_call(model: &str, stream: bool, tool: &str, usage: Value) -> HttpResponse {
+    if !stream {
+        return HttpResponse::Ok().json(json!({
+            "id": "msg_tool", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": "Checking."}, {"type": "tool_use",
+                "id": "toolu_mock", "name": tool, "input": {"city": "Oslo"}}],
+            "stop_reason": "tool_use", "stop_sequence": null, "usage": usage,
+        }));
+    }
+    let events = [
+        json!({"type": "message_start", "message": {"id": "msg_tool", "type": "message",
+            "role": "assistant", "model": model, "content": [], "usage": usage}}),
+        json!({"type": "content_block_start", "index": 0, "content_block":
+            {"type": "tool_use", "id": "toolu_mock", "name": tool, "input": {}}}),
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}}),
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "input_json_delta", "partial_json": "\"Oslo\"}"}}),
+        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+               "usage": {"output_tokens": 7}}),
+        json!({"type": "message_stop"}),
+    ];
+    typed_events(&events)
+}
+
 /// An event stream whose events are named by their `type` (`event: <type>`), as the Responses
 /// API and Anthropic send them.
 fn typed_events(events: &[Value]) -> HttpResponse {
@@ -487,10 +538,15 @@ fn typed_events(events: &[Value]) -> HttpResponse {
 }
 
 /// A Gemini answer: one object, or a stream (events with `alt=sse`, else one JSON array) of
-/// two, whose running usage ends at the same figures.
-fn gemini_answer(model: &str, stream: bool, sse: bool) -> HttpResponse {
+/// two, whose running usage ends at the same figures; asked with a tool, the answer's last
+/// part calls it with `{"city": "Oslo"}`.
+fn gemini_answer(model: &str, stream: bool, sse: bool, tool: Option<&str>) -> HttpResponse {
     let event = |text: &str, candidates: i64, thoughts: i64, finish: Option<&str>| {
-        let mut candidate = json!({"content": {"parts": [{"text": text}], "role": "model"},
+        let mut parts = vec![json!({"text": text})];
+        if let (Some(tool), Some(_)) = (tool, finish) {
+            parts.push(json!({"functionCall": {"name": tool, "args": {"city": "Oslo"}}}));
+        }
+        let mut candidate = json!({"content": {"parts": parts, "role": "model"},
                                    "index": 0});
         if let Some(finish) = finish {
             candidate["finishReason"] = json!(finish);

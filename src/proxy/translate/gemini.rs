@@ -1,0 +1,432 @@
+//! OpenAI chat completions in Gemini's `generateContent`, and back.
+
+use std::collections::HashMap;
+
+use actix_web::http::header::{HeaderValue, ACCEPT};
+use actix_web::web::Bytes;
+use serde_json::{json, Map, Value};
+
+use super::{
+    arguments_object, choice, completion, content_text, image_of, max_tokens, stop_sequences,
+    tool_call, unsupported_part, ChunkWriter, Image, Translated, Usage,
+};
+use crate::error::ApiError;
+
+pub(super) fn request(
+    chat: &Map<String, Value>,
+    model: &str,
+    stream: bool,
+) -> Result<Translated, ApiError> {
+    let messages = chat
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::invalid("request body must have a `messages` array"))?;
+    // A tool's result names its function in Gemini, its call's id in OpenAI.
+    let mut call_names: HashMap<&str, &Value> = HashMap::new();
+    let mut system: Vec<Value> = Vec::new();
+    let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for message in messages {
+        let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+        let content = message.get("content");
+        let (role, parts) = match role {
+            "system" | "developer" => {
+                let text = content_text(content);
+                if !text.is_empty() {
+                    system.push(json!({"text": text}));
+                }
+                continue;
+            }
+            "user" => ("user", user_parts(content)?),
+            "assistant" => {
+                let mut parts = Vec::new();
+                let text = content_text(content);
+                if !text.is_empty() {
+                    parts.push(json!({"text": text}));
+                }
+                let calls = message.get("tool_calls").and_then(Value::as_array);
+                for call in calls.into_iter().flatten() {
+                    let name = call.pointer("/function/name").unwrap_or(&Value::Null);
+                    if let Some(id) = call.get("id").and_then(Value::as_str) {
+                        call_names.insert(id, name);
+                    }
+                    let args = arguments_object(call.pointer("/function/arguments"));
+                    parts.push(json!({"functionCall": {"name": name, "args": args}}));
+                }
+                ("model", parts)
+            }
+            "tool" => {
+                let id = message.get("tool_call_id").and_then(Value::as_str);
+                let name = id
+                    .and_then(|id| call_names.get(id).copied())
+                    .or_else(|| message.get("name"))
+                    .cloned()
+                    .unwrap_or_else(|| "function".into());
+                let response = json!({"content": content_text(content)});
+                let part = json!({"functionResponse": {"name": name, "response": response}});
+                ("user", vec![part])
+            }
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "messages of role `{other}` cannot be sent to Gemini"
+                )))
+            }
+        };
+        if parts.is_empty() {
+            continue;
+        }
+        match contents.last_mut() {
+            Some((last, previous)) if *last == role => previous.extend(parts),
+            _ => contents.push((role, parts)),
+        }
+    }
+    let contents: Vec<Value> = contents
+        .into_iter()
+        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .collect();
+    let mut body = json!({"contents": contents});
+    if !system.is_empty() {
+        body["systemInstruction"] = json!({"parts": system});
+    }
+    let config = generation_config(chat);
+    if !config.is_empty() {
+        body["generationConfig"] = Value::Object(config);
+    }
+    if let Some(tools) = chat.get("tools").and_then(Value::as_array) {
+        let declarations: Vec<Value> = tools.iter().filter_map(declaration).collect();
+        if !declarations.is_empty() {
+            body["tools"] = json!([{"functionDeclarations": declarations}]);
+        }
+    }
+    if let Some(config) = tool_config(chat) {
+        body["toolConfig"] = config;
+    }
+    let escaped = super::super::escape_segment(model);
+    let (path, headers) = match stream {
+        true => (
+            format!("/models/{escaped}:streamGenerateContent?alt=sse"),
+            vec![(ACCEPT, HeaderValue::from_static("text/event-stream"))],
+        ),
+        false => (format!("/models/{escaped}:generateContent"), Vec::new()),
+    };
+    Ok(Translated {
+        path,
+        body: Bytes::from(body.to_string()),
+        headers,
+    })
+}
+
+/// A user message's content as Gemini parts.
+fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, ApiError> {
+    let parts = match content {
+        Some(Value::String(text)) if text.is_empty() => return Ok(Vec::new()),
+        Some(Value::String(text)) => return Ok(vec![json!({"text": text})]),
+        Some(Value::Array(parts)) => parts,
+        _ => return Ok(Vec::new()),
+    };
+    parts
+        .iter()
+        .map(|part| match part.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(json!({"text": part.get("text")})),
+            Some("image_url") => Ok(match image_of(part)? {
+                Image::Inline { media_type, data } => {
+                    json!({"inlineData": {"mimeType": media_type, "data": data}})
+                }
+                Image::Url(url) => json!({"fileData": {"fileUri": url}}),
+            }),
+            other => Err(unsupported_part(other.unwrap_or("(none)"), "Gemini")),
+        })
+        .collect()
+}
+
+/// OpenAI's sampling options as Gemini's `generationConfig`.
+fn generation_config(chat: &Map<String, Value>) -> Map<String, Value> {
+    let mut config = Map::new();
+    for (from, to) in [
+        ("temperature", "temperature"),
+        ("top_p", "topP"),
+        ("n", "candidateCount"),
+        ("seed", "seed"),
+        ("presence_penalty", "presencePenalty"),
+        ("frequency_penalty", "frequencyPenalty"),
+    ] {
+        if let Some(value) = chat.get(from).filter(|v| v.is_number()) {
+            config.insert(to.into(), value.clone());
+        }
+    }
+    if let Some(max) = max_tokens(chat) {
+        config.insert("maxOutputTokens".into(), max.into());
+    }
+    if let Some(stops) = stop_sequences(chat) {
+        config.insert("stopSequences".into(), stops);
+    }
+    let format = chat.get("response_format");
+    match format.and_then(|f| f.get("type")).and_then(Value::as_str) {
+        Some("json_object") => {
+            config.insert("responseMimeType".into(), "application/json".into());
+        }
+        Some("json_schema") => {
+            config.insert("responseMimeType".into(), "application/json".into());
+            let schema = format.and_then(|f| f.pointer("/json_schema/schema"));
+            if let Some(schema) = schema {
+                config.insert("responseJsonSchema".into(), schema.clone());
+            }
+        }
+        _ => {}
+    }
+    config
+}
+
+/// An OpenAI function tool as a Gemini function declaration.
+fn declaration(tool: &Value) -> Option<Value> {
+    let function = tool.get("function")?;
+    let mut out = json!({"name": function.get("name")?});
+    for key in ["description", "parameters"] {
+        if let Some(value) = function.get(key) {
+            out[key] = value.clone();
+        }
+    }
+    Some(out)
+}
+
+fn tool_config(chat: &Map<String, Value>) -> Option<Value> {
+    let config = match chat.get("tool_choice")? {
+        Value::String(mode) => match mode.as_str() {
+            "required" => json!({"mode": "ANY"}),
+            "none" => json!({"mode": "NONE"}),
+            _ => json!({"mode": "AUTO"}),
+        },
+        Value::Object(named) => json!({"mode": "ANY",
+            "allowedFunctionNames": [named.get("function")?.get("name")?]}),
+        _ => return None,
+    };
+    Some(json!({"functionCallingConfig": config}))
+}
+
+/// Gemini's `finishReason` as OpenAI's `finish_reason`.
+fn finish_reason(reason: &str, called: bool) -> &'static str {
+    match reason {
+        "MAX_TOKENS" => "length",
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            "content_filter"
+        }
+        _ if called => "tool_calls",
+        _ => "stop",
+    }
+}
+
+/// Gemini's `usageMetadata` in OpenAI's terms: thoughts are part of the completion.
+fn usage(metadata: &Value) -> Usage {
+    let count = |key: &str| metadata.get(key).and_then(Value::as_i64).unwrap_or(0);
+    let reasoning = count("thoughtsTokenCount");
+    Usage {
+        prompt: count("promptTokenCount"),
+        cached: count("cachedContentTokenCount"),
+        completion: count("candidatesTokenCount") + reasoning,
+        reasoning,
+    }
+}
+
+/// What a candidate's parts say: its text, its thoughts and its function calls.
+struct Parts {
+    text: String,
+    thoughts: String,
+    calls: Vec<(String, String)>,
+}
+
+fn parts_of(candidate: &Value) -> Parts {
+    let mut parts = Parts {
+        text: String::new(),
+        thoughts: String::new(),
+        calls: Vec::new(),
+    };
+    let list = candidate
+        .pointer("/content/parts")
+        .and_then(Value::as_array);
+    for part in list.into_iter().flatten() {
+        if let Some(text) = part.get("text").and_then(Value::as_str) {
+            match part.get("thought").and_then(Value::as_bool) == Some(true) {
+                true => parts.thoughts.push_str(text),
+                false => parts.text.push_str(text),
+            }
+        }
+        if let Some(call) = part.get("functionCall") {
+            let name = call.get("name").and_then(Value::as_str).unwrap_or("");
+            let args = call.get("args").cloned().unwrap_or_else(|| json!({}));
+            parts.calls.push((name.to_owned(), args.to_string()));
+        }
+    }
+    parts
+}
+
+/// A whole `generateContent` answer as a chat completion.
+pub(super) fn answer(response: &Value, model: &str) -> Option<Value> {
+    let candidates = response.get("candidates")?.as_array()?;
+    let choices = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, candidate)| {
+            let index = candidate
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(i as u64);
+            let parts = parts_of(candidate);
+            let calls: Vec<Value> = parts
+                .calls
+                .iter()
+                .enumerate()
+                .map(|(n, (name, args))| {
+                    tool_call(&format!("call_{index}_{n}"), name, args.clone())
+                })
+                .collect();
+            let reason = candidate.get("finishReason").and_then(Value::as_str);
+            let finish = finish_reason(reason.unwrap_or("STOP"), !calls.is_empty());
+            let text = (!parts.text.is_empty() || calls.is_empty()).then_some(parts.text);
+            choice(index, text, calls, finish)
+        })
+        .collect();
+    let counted = response.get("usageMetadata").map(usage);
+    let id = response.get("responseId").and_then(Value::as_str);
+    Some(completion(id, model, choices, counted))
+}
+
+/// What a Gemini stream has said so far.
+#[derive(Default)]
+pub(super) struct StreamState {
+    /// The running usage (each event carries the whole count so far), once one came.
+    usage: Option<Usage>,
+    /// Function calls sent, by candidate (OpenAI's tool call index).
+    calls: HashMap<u64, usize>,
+    /// A candidate finished: the stream ended as it should.
+    finished: bool,
+    named: bool,
+}
+
+impl StreamState {
+    pub(super) fn event(&mut self, event: &Value, out: &mut ChunkWriter) {
+        if let Some(error) = event.get("error") {
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+            let status = error.get("status").and_then(Value::as_str);
+            let code = status.map(str::to_ascii_lowercase);
+            out.error(message, "api_error", code.as_deref());
+            return;
+        }
+        if !self.named {
+            self.named = true;
+            if let Some(id) = event.get("responseId").and_then(Value::as_str) {
+                out.id = super::completion_id(Some(id));
+            }
+        }
+        if let Some(metadata) = event.get("usageMetadata") {
+            self.usage = Some(usage(metadata));
+        }
+        let candidates = event.get("candidates").and_then(Value::as_array);
+        for (i, candidate) in candidates.into_iter().flatten().enumerate() {
+            let index = candidate
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(i as u64);
+            let parts = parts_of(candidate);
+            if !parts.thoughts.is_empty() {
+                out.delta(index, json!({"reasoning_content": parts.thoughts}), None);
+            }
+            if !parts.text.is_empty() {
+                out.delta(index, json!({"content": parts.text}), None);
+            }
+            for (name, args) in parts.calls {
+                let n = self.calls.entry(index).or_default();
+                let call = json!({"index": *n, "id": format!("call_{index}_{n}"),
+                    "type": "function", "function": {"name": name, "arguments": args}});
+                *n += 1;
+                out.delta(index, json!({"tool_calls": [call]}), None);
+            }
+            if let Some(reason) = candidate.get("finishReason").and_then(Value::as_str) {
+                self.finished = true;
+                let called = self.calls.get(&index).is_some_and(|n| *n > 0);
+                out.delta(index, json!({}), Some(finish_reason(reason, called)));
+            }
+        }
+    }
+
+    /// The counts so far.
+    pub(super) fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The provider's stream ended: whole when a candidate finished.
+    pub(super) fn end(&mut self, out: &mut ChunkWriter) {
+        if self.finished {
+            out.done(self.usage.unwrap_or_default());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chats_become_generate_content() {
+        let chat = json!({
+            "model": "g", "max_tokens": 20, "temperature": 0.5, "n": 2,
+            "response_format": {"type": "json_object"},
+            "messages": [
+                {"role": "developer", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "tool_calls": [{"id": "call_9", "type": "function",
+                    "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_9", "content": "rain"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "weather"}}],
+            "tool_choice": "required",
+        });
+        let Value::Object(chat) = chat else { panic!() };
+        let out = request(&chat, "gemini-2.0-flash", true).unwrap();
+        assert_eq!(
+            out.path,
+            "/models/gemini-2.0-flash:streamGenerateContent?alt=sse"
+        );
+        let body: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(body["systemInstruction"]["parts"][0]["text"], "Be brief.");
+        assert_eq!(body["contents"][1]["role"], "model");
+        assert_eq!(
+            body["contents"][1]["parts"][0]["functionCall"]["args"]["city"],
+            "Oslo"
+        );
+        assert_eq!(
+            body["contents"][2]["parts"][0]["functionResponse"]["name"],
+            "weather"
+        );
+        let config = &body["generationConfig"];
+        assert_eq!(config["maxOutputTokens"], 20);
+        assert_eq!(config["candidateCount"], 2);
+        assert_eq!(config["responseMimeType"], "application/json");
+        assert_eq!(body["toolConfig"]["functionCallingConfig"]["mode"], "ANY");
+    }
+
+    #[test]
+    fn answers_become_chat_completions() {
+        let response = json!({
+            "candidates": [{"content": {"role": "model", "parts": [
+                {"text": "thinking", "thought": true}, {"text": "Rain."},
+                {"functionCall": {"name": "weather", "args": {"city": "Oslo"}}}]},
+                "finishReason": "STOP", "index": 0}],
+            "usageMetadata": {"promptTokenCount": 12, "candidatesTokenCount": 6,
+                              "thoughtsTokenCount": 4, "cachedContentTokenCount": 2},
+            "responseId": "abc"});
+        let out = answer(&response, "asked").unwrap();
+        assert_eq!(out["id"], "chatcmpl-abc");
+        let choice = &out["choices"][0];
+        assert_eq!(choice["message"]["content"], "Rain.");
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert_eq!(
+            choice["message"]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Oslo\"}"
+        );
+        assert_eq!(out["usage"]["completion_tokens"], 10);
+        assert_eq!(
+            out["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            4
+        );
+        assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+    }
+}

@@ -1,0 +1,476 @@
+//! Chat completions served by Anthropic and Gemini keys: the OpenAI request is written in the
+//! provider's API, and its answer (JSON, event stream or error) back as OpenAI's, so apps on
+//! the OpenAI SDK reach Claude and Gemini models without knowing it.
+//!
+//! What the provider's API has no place for is refused (`n` above 1 for Anthropic, audio input)
+//! rather than dropped in silence; sampling options both APIs share are passed on; the rest of
+//! OpenAI's options (`logprobs`, `seed` for Anthropic, `logit_bias`) are left out.
+
+mod anthropic;
+mod gemini;
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::web::{Bytes, BytesMut};
+use awc::error::PayloadError;
+use eventsource_stream::{EventStream, EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt};
+use serde_json::{json, Map, Value};
+
+use super::Call;
+use crate::domain::Provider;
+use crate::error::ApiError;
+
+/// A chat completion as one provider's API request.
+pub struct Translated {
+    /// The path after the key's base URL (with Gemini's `?alt=sse` for a stream).
+    pub path: String,
+    pub body: Bytes,
+    /// Headers the provider needs (Anthropic's `anthropic-version`, Accept for a stream).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// The chat completion `call` written for `provider`'s API; a 400 when it asks what that API
+/// cannot do.
+pub fn request(provider: Provider, call: &Call) -> Result<Translated, ApiError> {
+    let chat: Map<String, Value> = serde_json::from_slice(&call.body)
+        .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))?;
+    let model = call.upstream_model();
+    match provider {
+        Provider::Anthropic => anthropic::request(&chat, model, call.stream),
+        Provider::Gemini => gemini::request(&chat, model, call.stream),
+        Provider::OpenAi => Err(ApiError::internal("an OpenAI call needs no translation")),
+    }
+}
+
+/// A provider's whole answer (`status`) as OpenAI's: a chat completion naming `model`, or an
+/// error in OpenAI's shape; `None` when the body is not what the provider sends.
+pub fn answer(provider: Provider, status: StatusCode, body: &[u8], model: &str) -> Option<Bytes> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let out = match (status.is_success(), provider) {
+        (true, Provider::Anthropic) => anthropic::answer(&value, model)?,
+        (true, Provider::Gemini) => gemini::answer(&value, model)?,
+        (false, provider) => error_body(provider, status, &value)?,
+        (true, Provider::OpenAi) => return None,
+    };
+    Some(Bytes::from(out.to_string()))
+}
+
+/// A provider's error answer in OpenAI's shape, with the provider's words.
+fn error_body(provider: Provider, status: StatusCode, value: &Value) -> Option<Value> {
+    let error = value.get("error")?;
+    let message = error.get("message").and_then(Value::as_str).unwrap_or("");
+    let (kind, code) = match provider {
+        // `{"type":"error","error":{"type":"invalid_request_error","message":…}}`
+        Provider::Anthropic => {
+            let kind = error.get("type").and_then(Value::as_str);
+            (
+                kind.unwrap_or("api_error").to_owned(),
+                kind.map(str::to_owned),
+            )
+        }
+        // `{"error":{"code":400,"message":…,"status":"INVALID_ARGUMENT"}}`
+        _ => (
+            openai_error_type(status).to_owned(),
+            error
+                .get("status")
+                .and_then(Value::as_str)
+                .map(str::to_ascii_lowercase),
+        ),
+    };
+    Some(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))
+}
+
+/// OpenAI's `error.type` for a status.
+fn openai_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
+}
+
+/// A provider's event stream as OpenAI chat-completion chunks naming `model`, ending with the
+/// usage chunk and `data: [DONE]` only when the provider's stream ended as it should (a stream
+/// cut short ends without them, which the relay reports as a broken stream).
+pub fn events<S>(provider: Provider, upstream: S, model: &str) -> TranslatedEvents<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    let translator = match provider {
+        Provider::Gemini => Translator::Gemini(gemini::StreamState::default()),
+        _ => Translator::Anthropic(anthropic::StreamState::default()),
+    };
+    TranslatedEvents {
+        events: upstream.eventsource(),
+        translator,
+        out: ChunkWriter::new(model),
+        ended: false,
+        broken: None,
+    }
+}
+
+enum Translator {
+    Anthropic(anthropic::StreamState),
+    Gemini(gemini::StreamState),
+}
+
+impl Translator {
+    fn event(&mut self, data: &str, out: &mut ChunkWriter) {
+        let Ok(value) = serde_json::from_str::<Value>(data) else {
+            return;
+        };
+        match self {
+            Translator::Anthropic(state) => state.event(&value, out),
+            Translator::Gemini(state) => state.event(&value, out),
+        }
+    }
+
+    /// The provider's stream ended; Gemini's ends whole once a candidate has finished.
+    fn end(&mut self, out: &mut ChunkWriter) {
+        if let Translator::Gemini(state) = self {
+            state.end(out);
+        }
+        // Cut short: what the provider counted so far still goes to the meter.
+        if !out.finished {
+            self.cut(out);
+        }
+    }
+
+    /// The stream broke off: a usage chunk with the provider's counts so far (the prompt, the
+    /// completion up to here), without `[DONE]`, so the call is metered as partial from them.
+    fn cut(&mut self, out: &mut ChunkWriter) {
+        let usage = match self {
+            Translator::Anthropic(state) => state.usage(),
+            Translator::Gemini(state) => state.usage(),
+        };
+        if let Some(usage) = usage {
+            out.chunk(Vec::new(), Some(usage));
+        }
+        out.finished = true;
+    }
+}
+
+/// The translated stream: the provider's events in, OpenAI's chunks out.
+pub struct TranslatedEvents<S> {
+    events: EventStream<S>,
+    translator: Translator,
+    out: ChunkWriter,
+    ended: bool,
+    /// A broken connection, reported after the usage chunk that goes out first.
+    broken: Option<PayloadError>,
+}
+
+impl<S> Stream for TranslatedEvents<S>
+where
+    S: Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+{
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(error) = this.broken.take() {
+                this.ended = true;
+                return Poll::Ready(Some(Err(error)));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match ready!(this.events.poll_next_unpin(cx)) {
+                Some(Ok(event)) => {
+                    if this.out.finished {
+                        continue;
+                    }
+                    this.translator.event(&event.data, &mut this.out);
+                }
+                Some(Err(error)) => {
+                    this.broken = Some(match error {
+                        EventStreamError::Transport(error) => error,
+                        // Not an event stream after all: as broken as a cut one.
+                        _ => PayloadError::EncodingCorrupted,
+                    });
+                    if !this.out.finished {
+                        this.translator.cut(&mut this.out);
+                    }
+                }
+                None => {
+                    this.ended = true;
+                    if !this.out.finished {
+                        this.translator.end(&mut this.out);
+                    }
+                }
+            }
+            let chunk = this.out.take();
+            if !chunk.is_empty() {
+                return Poll::Ready(Some(Ok(chunk)));
+            }
+        }
+    }
+}
+
+/// Token counts in OpenAI's terms: the prompt includes what was read from (or written to) the
+/// cache; the completion includes reasoning.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Usage {
+    prompt: i64,
+    cached: i64,
+    completion: i64,
+    reasoning: i64,
+}
+
+impl Usage {
+    fn to_json(self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning},
+        })
+    }
+}
+
+/// Writes one translated stream's chat-completion chunks.
+struct ChunkWriter {
+    id: String,
+    created: i64,
+    model: String,
+    out: BytesMut,
+    /// The stream ended (`[DONE]`, or an error event): nothing more is written.
+    finished: bool,
+    /// The role went out in the first chunk.
+    started: bool,
+}
+
+impl ChunkWriter {
+    fn new(model: &str) -> Self {
+        ChunkWriter {
+            id: completion_id(None),
+            created: chrono::Utc::now().timestamp(),
+            model: model.to_owned(),
+            out: BytesMut::new(),
+            finished: false,
+            started: false,
+        }
+    }
+
+    /// A chunk of choice `index` carrying `delta` (and the role, in the stream's first).
+    fn delta(&mut self, index: u64, mut delta: Value, finish: Option<&str>) {
+        if !self.started {
+            self.started = true;
+            if let Value::Object(delta) = &mut delta {
+                delta.insert("role".into(), "assistant".into());
+            }
+        }
+        let choice = json!({"index": index, "delta": delta, "logprobs": null,
+                            "finish_reason": finish});
+        self.chunk(vec![choice], None);
+    }
+
+    fn chunk(&mut self, choices: Vec<Value>, usage: Option<Usage>) {
+        let mut chunk = json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage.to_json();
+        }
+        self.data(&chunk.to_string());
+    }
+
+    /// The stream's normal end: the usage chunk (which the relay removes when the client did
+    /// not ask for it) and `[DONE]`.
+    fn done(&mut self, usage: Usage) {
+        self.chunk(Vec::new(), Some(usage));
+        self.data("[DONE]");
+        self.finished = true;
+    }
+
+    /// An error event in OpenAI's stream shape, which ends the stream.
+    fn error(&mut self, message: &str, kind: &str, code: Option<&str>) {
+        let event = json!({"error": {"message": message, "type": kind, "code": code}});
+        self.data(&event.to_string());
+        self.finished = true;
+    }
+
+    fn data(&mut self, data: &str) {
+        self.out.extend_from_slice(b"data: ");
+        self.out.extend_from_slice(data.as_bytes());
+        self.out.extend_from_slice(b"\n\n");
+    }
+
+    fn take(&mut self) -> Bytes {
+        self.out.split().freeze()
+    }
+}
+
+/// A completion id: the provider's, or a new one.
+fn completion_id(provider_id: Option<&str>) -> String {
+    match provider_id {
+        Some(id) if !id.is_empty() => format!("chatcmpl-{id}"),
+        _ => format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+    }
+}
+
+/// A whole chat completion naming `model`, in OpenAI's shape.
+fn completion(id: Option<&str>, model: &str, choices: Vec<Value>, usage: Option<Usage>) -> Value {
+    let mut out = json!({
+        "id": completion_id(id), "object": "chat.completion",
+        "created": chrono::Utc::now().timestamp(), "model": model, "choices": choices,
+    });
+    if let Some(usage) = usage {
+        out["usage"] = usage.to_json();
+    }
+    out
+}
+
+/// One choice of a whole completion.
+fn choice(index: u64, text: Option<String>, tool_calls: Vec<Value>, finish: &str) -> Value {
+    let mut message = json!({"role": "assistant", "content": text});
+    if !tool_calls.is_empty() {
+        message["tool_calls"] = Value::Array(tool_calls);
+    }
+    json!({"index": index, "message": message, "logprobs": null, "finish_reason": finish})
+}
+
+/// An OpenAI tool call.
+fn tool_call(id: &str, name: &str, arguments: String) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": name, "arguments": arguments}})
+}
+
+/// The text of an OpenAI message's `content`: a string, or the `text` of its text parts.
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+/// An image part's URL: a `data:` URL as its media type and base64 data, else the URL.
+enum Image<'a> {
+    Inline { media_type: &'a str, data: &'a str },
+    Url(&'a str),
+}
+
+fn image_of(part: &Value) -> Result<Image<'_>, ApiError> {
+    let url = part
+        .pointer("/image_url/url")
+        .or_else(|| part.get("image_url"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid("an `image_url` part must have a `url`"))?;
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (media_type, data) = rest
+            .split_once(";base64,")
+            .ok_or_else(|| ApiError::invalid("an image `data:` URL must be base64"))?;
+        return Ok(Image::Inline { media_type, data });
+    }
+    Ok(Image::Url(url))
+}
+
+/// The OpenAI message parts a provider cannot take.
+fn unsupported_part(kind: &str, provider: &str) -> ApiError {
+    ApiError::invalid(format!(
+        "content parts of type `{kind}` cannot be sent to {provider}"
+    ))
+}
+
+/// `stop` as a list: a string or an array of strings.
+fn stop_sequences(chat: &Map<String, Value>) -> Option<Value> {
+    match chat.get("stop")? {
+        Value::String(stop) => Some(json!([stop])),
+        Value::Array(stops) if !stops.is_empty() => Some(Value::Array(stops.clone())),
+        _ => None,
+    }
+}
+
+/// The output cap a chat names: `max_completion_tokens`, or the older `max_tokens`.
+fn max_tokens(chat: &Map<String, Value>) -> Option<u64> {
+    chat.get("max_completion_tokens")
+        .or_else(|| chat.get("max_tokens"))
+        .and_then(Value::as_u64)
+}
+
+/// A tool call's arguments (a JSON string in OpenAI's API) as the object both providers take.
+fn arguments_object(arguments: Option<&Value>) -> Value {
+    match arguments {
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(object @ Value::Object(_)) => object,
+            _ => json!({}),
+        },
+        Some(object @ Value::Object(_)) => object.clone(),
+        _ => json!({}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_errors_take_openais_shape() {
+        let anthropic = json!({"type": "error", "error": {"type": "invalid_request_error",
+                               "message": "max_tokens: too large"}});
+        let out = error_body(Provider::Anthropic, StatusCode::BAD_REQUEST, &anthropic).unwrap();
+        assert_eq!(out["error"]["message"], "max_tokens: too large");
+        assert_eq!(out["error"]["type"], "invalid_request_error");
+        let gemini = json!({"error": {"code": 404, "message": "models/x is not found",
+                            "status": "NOT_FOUND"}});
+        let out = error_body(Provider::Gemini, StatusCode::NOT_FOUND, &gemini).unwrap();
+        assert_eq!(out["error"]["type"], "not_found_error");
+        assert_eq!(out["error"]["code"], "not_found");
+    }
+
+    #[tokio::test]
+    async fn streams_end_with_usage_and_done_only_when_whole() {
+        let upstream = |chunks: Vec<&'static str>| {
+            futures_util::stream::iter(
+                chunks
+                    .into_iter()
+                    .map(|c| Ok::<_, PayloadError>(Bytes::from_static(c.as_bytes()))),
+            )
+        };
+        async fn collect(
+            provider: Provider,
+            chunks: impl Stream<Item = Result<Bytes, PayloadError>> + Unpin,
+        ) -> String {
+            let out: Vec<Bytes> = events(provider, chunks, "asked")
+                .map(|c| c.unwrap())
+                .collect()
+                .await;
+            String::from_utf8(out.concat()).unwrap()
+        }
+        let whole = collect(
+            Provider::Gemini,
+            upstream(vec![
+                "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]}}]}\r\n\r\n",
+                "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"!\"}]},\"finishReason\":\"STOP\"}],\"usageMetadata\":{\"promptTokenCount\":3,\"candidatesTokenCount\":2}}\r\n\r\n",
+            ]),
+        )
+        .await;
+        assert!(whole.contains("\"content\":\"Hi\""), "{whole}");
+        assert!(whole.contains("\"finish_reason\":\"stop\""), "{whole}");
+        assert!(whole.contains("\"prompt_tokens\":3"), "{whole}");
+        assert!(whole.ends_with("data: [DONE]\n\n"), "{whole}");
+        let cut = collect(
+            Provider::Gemini,
+            upstream(vec![
+                "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]}}]}\r\n\r\n",
+            ]),
+        )
+        .await;
+        assert!(!cut.contains("[DONE]"), "{cut}");
+    }
+}

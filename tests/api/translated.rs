@@ -1,0 +1,373 @@
+//! Chat completions served by Anthropic and Gemini keys: the OpenAI request arrives at the
+//! provider in its own API, and the answer comes back as OpenAI's (JSON, chunks, usage, tool
+//! calls, errors), metered like any chat completion.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{into_json, log_entries, spawn_app_with, Backend, TestApp};
+use crate::mock_upstream::MockUpstream;
+use crate::on_both_backends;
+
+on_both_backends!(
+    chat_completions_reach_anthropic_keys_translated,
+    anthropic_errors_and_cut_streams_come_back_as_openais,
+    chat_completions_reach_gemini_keys_translated,
+);
+
+async fn app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, &[("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "50")]).await
+}
+
+fn key(provider: &str, mock: &MockUpstream, secret: &str, level: i32) -> Value {
+    let base_url = match provider {
+        "gemini" => mock.base_url.replace("/v1", "/v1beta"),
+        _ => mock.base_url.clone(),
+    };
+    json!({"provider": provider, "base_url": base_url, "secret": secret, "level": level})
+}
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"}]})
+}
+
+fn with_tool(mut body: Value) -> Value {
+    body["tools"] = json!([{"type": "function", "function": {"name": "weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    body
+}
+
+/// The JSON chunks of a chat stream, and whether it ended with `[DONE]`.
+fn chunks(text: &str) -> (Vec<Value>, bool) {
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let done = data.last() == Some(&"[DONE]");
+    let chunks = data
+        .iter()
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    (chunks, done)
+}
+
+/// The text a chat stream's deltas spell.
+fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+/// A user on `level`, with a key.
+async fn user_on(app: &TestApp, level: i32) -> (String, String) {
+    let user = app.create_user(json!({"level": level})).await;
+    let user_id = user["id"].as_str().unwrap().to_owned();
+    let (_, key) = app.create_key(&user_id, json!({})).await;
+    (user_id, key)
+}
+
+async fn stream_text(app: &TestApp, key: &str, body: Value) -> String {
+    let response = app.chat(key, body).await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    response.text().await.unwrap()
+}
+
+async fn chat_completions_reach_anthropic_keys_translated(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    // Neither key names its models: the Anthropic key serves Claude models, and on a level
+    // with one the OpenAI-compatible key no longer takes them.
+    app.add_upstream(key("openai", &mock, "ok-oai", 1)).await;
+    app.add_upstream(key("anthropic", &mock, "ok-ant", 1)).await;
+    app.add_mapping(json!({"from": "smart", "to": "claude-3-5-haiku-latest"}))
+        .await;
+    let (user_id, key) = user_on(&app, 1).await;
+
+    let (status, body) = into_json(app.chat(&key, chat("smart", false)).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion", "{body}");
+    assert_eq!(body["model"], "smart", "the name the client asked for");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        body["usage"]["prompt_tokens"], 30,
+        "25 input and 5 from the cache"
+    );
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 5);
+    assert_eq!(body["usage"]["completion_tokens"], 7);
+    assert_eq!(body["usage"]["total_tokens"], 37);
+    let sent = mock.calls().remove(0);
+    assert_eq!(sent.secret, "ok-ant", "sent in x-api-key");
+    assert_eq!(sent.path, "/v1/messages");
+    assert_eq!(sent.anthropic_version.as_deref(), Some("2023-06-01"));
+    assert_eq!(sent.body["model"], "claude-3-5-haiku-latest");
+    assert_eq!(sent.body["system"][0]["text"], "Be brief.");
+    assert_eq!(
+        sent.body["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
+    );
+    assert_eq!(
+        sent.body["max_tokens"], 4096,
+        "the Messages API needs a cap"
+    );
+
+    // An OpenAI model still goes to the OpenAI-compatible key, untranslated.
+    let (status, body) = into_json(app.chat(&key, chat("gpt-4o-mini", false)).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(mock.calls()[1].secret, "ok-oai");
+    assert_eq!(mock.calls()[1].path, "/v1/chat/completions");
+
+    // Streamed: OpenAI chunks, the role first, the text, the finish, `[DONE]`; the usage chunk
+    // only when asked for.
+    let text = stream_text(&app, &key, chat("smart", true)).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    assert_eq!(
+        streamed[0]["choices"][0]["delta"]["role"], "assistant",
+        "{text}"
+    );
+    assert!(
+        streamed
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["model"] == "smart"),
+        "{text}"
+    );
+    assert_eq!(streamed_text(&streamed), "Hello there, how are you");
+    assert!(
+        streamed
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "stop"),
+        "{text}"
+    );
+    assert!(streamed.iter().all(|c| c.get("usage").is_none()), "{text}");
+    let mut asked = chat("smart", true);
+    asked["stream_options"] = json!({"include_usage": true});
+    let text = stream_text(&app, &key, asked).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    let last = streamed.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{text}");
+    assert_eq!(last["usage"]["prompt_tokens"], 30, "{text}");
+    assert_eq!(last["usage"]["completion_tokens"], 7, "{text}");
+    assert_eq!(mock.calls()[2].body["stream"], true);
+
+    // Tools go over as Anthropic tools, and its tool call comes back as OpenAI's.
+    let (status, body) = into_json(app.chat(&key, with_tool(chat("smart", false))).await).await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["id"], "toolu_mock");
+    assert_eq!(call["function"]["name"], "weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(arguments, json!({"city": "Oslo"}));
+    let sent = mock.calls().remove(4);
+    assert_eq!(sent.body["tools"][0]["name"], "weather");
+    assert_eq!(sent.body["tools"][0]["input_schema"]["type"], "object");
+    let text = stream_text(&app, &key, with_tool(chat("smart", true))).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    let arguments: String = streamed
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(arguments, "{\"city\": \"Oslo\"}", "{text}");
+    assert!(
+        streamed
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"),
+        "{text}"
+    );
+
+    // Every call metered as a chat completion, with Anthropic's counts.
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 6).await;
+    let claude: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["upstream_model"] == "claude-3-5-haiku-latest")
+        .collect();
+    assert_eq!(claude.len(), 5, "{entries:?}");
+    for entry in claude {
+        assert_eq!(entry["route"], "/v1/chat/completions", "{entry}");
+        assert_eq!(entry["status"], 200, "{entry}");
+        assert_eq!(entry["prompt_tokens"], 30, "{entry}");
+        assert_eq!(entry["completion_tokens"], 7, "{entry}");
+        assert_eq!(entry["partial"], false, "{entry}");
+    }
+    assert_eq!(mock.calls_with("ok-oai"), 1);
+}
+
+async fn anthropic_errors_and_cut_streams_come_back_as_openais(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    // Level 1: a failing key, then a good one. Level 2: a key whose calls are refused as the
+    // caller's fault. Level 3: a key whose streams break.
+    app.add_upstream(key("anthropic", &mock, "r500-ant", 1))
+        .await;
+    app.add_upstream(key("anthropic", &mock, "ok-ant", 1)).await;
+    app.add_upstream(key("anthropic", &mock, "r400-ant", 2))
+        .await;
+    app.add_upstream(key("anthropic", &mock, "cut-ant", 3))
+        .await;
+    let model = "claude-3-5-haiku-latest";
+
+    // A 500 from one key moves the call to the next, which answers.
+    let (_, key1) = user_on(&app, 1).await;
+    for _ in 0..2 {
+        let (status, body) = into_json(app.chat(&key1, chat(model, false)).await).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    }
+    assert!(mock.calls_with("r500-ant") >= 1);
+
+    // What the provider refuses as the caller's fault comes back in OpenAI's shape, not
+    // retried.
+    let (_, key2) = user_on(&app, 2).await;
+    let (status, body) = into_json(app.chat(&key2, chat(model, false)).await).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert_eq!(
+        body["error"]["message"], "max_tokens: 9999999 is too large",
+        "{body}"
+    );
+    assert_eq!(mock.calls_with("r400-ant"), 1);
+
+    // What Anthropic's API has no place for is refused before any key is tried.
+    let mut two = chat(model, false);
+    two["n"] = json!(2);
+    let (status, body) = into_json(app.chat(&key2, two).await).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    assert_eq!(mock.calls_with("r400-ant"), 1);
+
+    // A stream cut before its end: OpenAI's error event, no `[DONE]`, metered as partial.
+    let (user3, key3) = user_on(&app, 3).await;
+    let text = stream_text(&app, &key3, chat(model, true)).await;
+    let (streamed, done) = chunks(&text);
+    assert!(!done, "{text}");
+    assert_eq!(streamed_text(&streamed), "Hello there, how are you");
+    let last = streamed.last().unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{text}");
+    let entry = log_entries(&app, &format!("user_id={user3}"), 1)
+        .await
+        .remove(0);
+    assert_eq!(entry["partial"], true, "{entry}");
+    assert_eq!(entry["prompt_tokens"], 30, "{entry}");
+
+    // Bad input on the way in is the caller's 400; the router goes on serving.
+    let response = app
+        .http
+        .post(format!("{}/v1/chat/completions", app.address))
+        .bearer_auth(&key1)
+        .json(&json!({"model": model, "messages": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = into_json(response).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    let (status, _) = into_json(app.chat(&key1, chat(model, false)).await).await;
+    assert_eq!(status, 200);
+}
+
+async fn chat_completions_reach_gemini_keys_translated(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(key("openai", &mock, "ok-oai", 1)).await;
+    app.add_upstream(key("gemini", &mock, "ok-gem", 1)).await;
+    let (user_id, key) = user_on(&app, 1).await;
+    let model = "gemini-2.0-flash";
+
+    let mut body = chat(model, false);
+    body["max_completion_tokens"] = json!(100);
+    let (status, body) = into_json(app.chat(&key, body).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion", "{body}");
+    assert_eq!(body["model"], model);
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["prompt_tokens"], 12);
+    assert_eq!(
+        body["usage"]["completion_tokens"], 10,
+        "6 candidate and 4 thought tokens"
+    );
+    assert_eq!(
+        body["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        4
+    );
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+    let sent = mock.calls().remove(0);
+    assert_eq!(sent.secret, "ok-gem", "sent in x-goog-api-key");
+    assert_eq!(sent.path, "/v1beta/models/gemini-2.0-flash:generateContent");
+    assert_eq!(
+        sent.body["systemInstruction"]["parts"][0]["text"],
+        "Be brief."
+    );
+    assert_eq!(
+        sent.body["contents"],
+        json!([{"role": "user", "parts": [{"text": "Hello"}]}])
+    );
+    assert_eq!(sent.body["generationConfig"]["maxOutputTokens"], 100);
+
+    // Streamed through `alt=sse`.
+    let text = stream_text(&app, &key, chat(model, true)).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    assert_eq!(streamed_text(&streamed), "Hello");
+    assert!(
+        streamed
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "stop"),
+        "{text}"
+    );
+    assert!(streamed.iter().all(|c| c.get("usage").is_none()), "{text}");
+    let sent = mock.calls().remove(1);
+    assert_eq!(
+        sent.path,
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent"
+    );
+    assert_eq!(sent.query, "alt=sse");
+
+    // A tool call, whole and streamed.
+    let (status, body) = into_json(app.chat(&key, with_tool(chat(model, false))).await).await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "weather"
+    );
+    assert_eq!(
+        mock.calls()[2].body["tools"][0]["functionDeclarations"][0]["name"],
+        "weather"
+    );
+    let text = stream_text(&app, &key, with_tool(chat(model, true))).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    let call = streamed
+        .iter()
+        .find_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0).cloned())
+        .unwrap_or_else(|| panic!("no tool call: {text}"));
+    assert_eq!(call["function"]["name"], "weather");
+    let arguments: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(arguments, json!({"city": "Oslo"}));
+
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 4).await;
+    for entry in &entries {
+        assert_eq!(entry["route"], "/v1/chat/completions", "{entry}");
+        assert_eq!(entry["prompt_tokens"], 12, "{entry}");
+        assert_eq!(entry["completion_tokens"], 10, "{entry}");
+        assert_eq!(entry["partial"], false, "{entry}");
+    }
+    assert_eq!(mock.calls_with("ok-oai"), 0);
+}
