@@ -61,9 +61,11 @@ fn model_object(id: String) -> serde_json::Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": "switchyard"})
 }
 
-/// Named models come from the upstream keys that may serve the caller (its levels, in service,
-/// OpenAI-compatible): a key's `models` list, or for a key without one the models its provider
-/// lists (`GET /models`, fetched and kept a while), or failing that every priced model; from the
+/// Named models come from the upstream keys that may serve the caller (its levels, in service):
+/// a key's `models` list, or for an OpenAI-compatible key without one the models its provider
+/// lists (`GET /models`, fetched and kept a while), or failing that every priced model, and for
+/// an Anthropic or Gemini key without one the priced models of its provider's families (which
+/// chat completions reach translated); from the
 /// price table where a key's globs match; and from mappings whose target one of those keys
 /// serves (globs name no single model, so they are left out). All filtered by the caller's
 /// `allowed_models`.
@@ -78,10 +80,19 @@ async fn usable(
     let keys: Vec<_> = repo::upstream_keys::all(&state.db)
         .await?
         .into_iter()
-        .filter(|k| k.enabled && k.disabled_at.is_none() && k.provider == Provider::OpenAi)
+        .filter(|k| k.enabled && k.disabled_at.is_none())
         .filter(|k| k.level == user.level || user.fallback_levels.contains(&k.level))
         .collect();
-    let listed = join_all(keys.iter().filter(|k| k.models.is_empty()).map(|key| {
+    let unlisted = |k: &&crate::domain::UpstreamKey| k.models.is_empty();
+    let openai = |k: &&crate::domain::UpstreamKey| k.provider == Provider::OpenAi;
+    // The providers whose keys without a list serve their own families of models.
+    let families: Vec<Provider> = keys
+        .iter()
+        .filter(|k| unlisted(k) && !openai(k))
+        .map(|k| k.provider)
+        .collect();
+    let of_families = |model: &str| families.iter().any(|p| p.makes(model));
+    let listed = join_all(keys.iter().filter(|k| unlisted(k) && openai(k)).map(|key| {
         let (catalog, client, master_key) = (&proxy.catalog, &worker.client, &state.master_key);
         let listed = ListedKey {
             id: &key.id,
@@ -103,19 +114,24 @@ async fn usable(
     for price in repo::prices::all(&state.db).await? {
         // `model:quality:size` entries price variants of one image model.
         let model = price.model;
-        if !model.contains(':') && (any_priced || servable.iter().any(|g| g.is_match(&model))) {
+        let served =
+            any_priced || of_families(&model) || servable.iter().any(|g| g.is_match(&model));
+        if !model.contains(':') && served {
             names.insert(model);
         }
     }
     // A key without a `models` list takes any model in routing.
-    let serves_any = keys.iter().any(|k| k.models.is_empty());
+    let serves_any = keys.iter().any(|k| unlisted(&k) && openai(&k));
     for key in keys {
         names.extend(key.models);
     }
     // A mapped name is listed when a key that may serve the caller serves what routing maps it
     // to for this caller (the caller's own mapping wins, an exact name over a glob).
     let serves = |model: &str| {
-        serves_any || names.contains(model) || servable.iter().any(|g| g.is_match(model))
+        serves_any
+            || names.contains(model)
+            || of_families(model)
+            || servable.iter().any(|g| g.is_match(model))
     };
     let mut reachable = Vec::new();
     for mapping in repo::mappings::all(&state.db).await? {

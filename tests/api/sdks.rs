@@ -12,6 +12,7 @@ use crate::on_both_backends;
 on_both_backends!(
     the_openai_python_sdk_works_through_the_router,
     the_anthropic_python_sdk_works_through_the_router,
+    the_openai_python_sdk_reaches_claude_and_gemini,
 );
 
 const SCRIPT: &str = r#"
@@ -19,11 +20,12 @@ import os
 import openai
 from openai import OpenAI
 
+model = os.environ.get("SY_MODEL", "alias")
 client = OpenAI(base_url=os.environ["SY_BASE"], api_key=os.environ["SY_KEY"], max_retries=0)
-r = client.chat.completions.create(model="alias", messages=[{"role": "user", "content": "hi"}])
-print("JSON", r.model, r.choices[0].message.content)
+r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+print("JSON", r.model, r.choices[0].message.content, r.usage.prompt_tokens)
 stream = client.chat.completions.create(
-    model="alias", messages=[{"role": "user", "content": "hi"}], stream=True)
+    model=model, messages=[{"role": "user", "content": "hi"}], stream=True)
 parts = []
 models = set()
 for chunk in stream:
@@ -46,7 +48,7 @@ async fn the_openai_python_sdk_works_through_the_router(backend: Backend) {
     app.add_mapping(json!({"from": "alias", "to": "gpt-4o-mini"}))
         .await;
     let (_, key) = app.user_with_key().await;
-    let stdout = run_python(SCRIPT, format!("{}/v1", app.address), key).await;
+    let stdout = run_python(SCRIPT, format!("{}/v1", app.address), key, "alias").await;
     assert!(stdout.contains("JSON alias Hello"), "{stdout}");
     assert!(stdout.contains("STREAM alias Hello"), "{stdout}");
     assert!(stdout.contains("AUTH 401 invalid_api_key"), "{stdout}");
@@ -59,7 +61,9 @@ async fn the_openai_python_sdk_works_through_the_router(backend: Backend) {
 
 /// Runs `script` with the SDKs `scripts/test.sh` installs, the router's base URL and a key in
 /// `SY_BASE` and `SY_KEY`; returns what it printed, once it succeeded.
-async fn run_python(script: &'static str, base: String, key: String) -> String {
+/// `SY_MODEL` names the model the OpenAI script asks for.
+async fn run_python(script: &'static str, base: String, key: String, model: &str) -> String {
+    let model = model.to_owned();
     let output = actix_web::web::block(move || {
         Command::new("python3")
             .arg("-c")
@@ -70,6 +74,7 @@ async fn run_python(script: &'static str, base: String, key: String) -> String {
             )
             .env("SY_BASE", base)
             .env("SY_KEY", key)
+            .env("SY_MODEL", model)
             .output()
     })
     .await
@@ -110,7 +115,7 @@ async fn the_anthropic_python_sdk_works_through_the_router(backend: Backend) {
         .await;
     let (_, key) = app.user_with_key().await;
     // The SDK adds `/v1/messages` to its base URL.
-    let stdout = run_python(ANTHROPIC_SCRIPT, app.address.clone(), key).await;
+    let stdout = run_python(ANTHROPIC_SCRIPT, app.address.clone(), key, "alias").await;
     assert!(stdout.contains("JSON alias Hello 25 7"), "{stdout}");
     assert!(
         stdout.contains("STREAM alias Hello there, how are you 7"),
@@ -125,4 +130,40 @@ async fn the_anthropic_python_sdk_works_through_the_router(backend: Backend) {
     assert!(calls
         .iter()
         .all(|c| c.body["model"] == "claude-3-5-haiku-latest" && c.secret == "ok-sdk"));
+}
+
+/// The OpenAI SDK's chat completions, JSON and streamed, reaching an Anthropic key and a
+/// Gemini key through translation.
+async fn the_openai_python_sdk_reaches_claude_and_gemini(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    let gemini_base = mock.base_url.replace("/v1", "/v1beta");
+    app.add_upstream(
+        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-ant"}),
+    )
+    .await;
+    app.add_upstream(json!({"provider": "gemini", "base_url": gemini_base, "secret": "ok-gem"}))
+        .await;
+    app.add_mapping(json!({"from": "alias", "to": "claude-3-5-haiku-latest"}))
+        .await;
+    let (_, key) = app.user_with_key().await;
+    let base = format!("{}/v1", app.address);
+    let stdout = run_python(SCRIPT, base.clone(), key.clone(), "alias").await;
+    assert!(stdout.contains("JSON alias Hello 30"), "{stdout}");
+    assert!(
+        stdout.contains("STREAM alias Hello there, how are you"),
+        "{stdout}"
+    );
+    let stdout = run_python(SCRIPT, base, key, "gemini-2.0-flash").await;
+    assert!(
+        stdout.contains("JSON gemini-2.0-flash Hello 12"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("STREAM gemini-2.0-flash Hello"), "{stdout}");
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 4);
+    assert!(calls[..2]
+        .iter()
+        .all(|c| c.secret == "ok-ant" && c.path == "/v1/messages"));
+    assert!(calls[2..].iter().all(|c| c.secret == "ok-gem"));
 }
