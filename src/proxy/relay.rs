@@ -152,7 +152,9 @@ pub async fn respond(
             is_sse,
             read,
         };
-        return answer.respond(upstream, response, call, idle, meter).await;
+        // Boxed: its state would otherwise grow every call's future, which is moved whole
+        // (memcpy) more than once before it first runs.
+        return Box::pin(answer.respond(upstream, response, call, idle, meter)).await;
     }
     meter.begin(upstream.status().as_u16(), is_sse, is_text(&upstream));
     // Only a JSON answer names its model; audio, images and subtitles stream as they come.
