@@ -346,15 +346,15 @@ impl Translations {
         provider: Provider,
         call: &'a Call,
     ) -> Result<Target<'a>, ApiError> {
+        if provider == call.dialect.provider() {
+            return Ok(Target {
+                path: &call.path,
+                body: &call.body,
+                headers: &call.headers,
+                translated: false,
+            });
+        }
         let slot = match provider {
-            _ if provider == call.dialect.provider() => {
-                return Ok(Target {
-                    path: &call.path,
-                    body: &call.body,
-                    headers: &call.headers,
-                    translated: false,
-                })
-            }
             Provider::Anthropic => &mut self.anthropic,
             Provider::Gemini => &mut self.gemini,
             Provider::OpenAi => return Err(ApiError::internal("no translation to OpenAI's API")),

@@ -53,6 +53,13 @@ fn chunks(text: &str) -> (Vec<Value>, bool) {
     (chunks, done)
 }
 
+/// Whether a chat stream's chunks finish with `reason`.
+fn finishes(chunks: &[Value], reason: &str) -> bool {
+    chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == reason)
+}
+
 /// The text a chat stream's deltas spell.
 fn streamed_text(chunks: &[Value]) -> String {
     chunks
@@ -142,12 +149,7 @@ async fn chat_completions_reach_anthropic_keys_translated(backend: Backend) {
         "{text}"
     );
     assert_eq!(streamed_text(&streamed), "Hello there, how are you");
-    assert!(
-        streamed
-            .iter()
-            .any(|c| c["choices"][0]["finish_reason"] == "stop"),
-        "{text}"
-    );
+    assert!(finishes(&streamed, "stop"), "{text}");
     assert!(streamed.iter().all(|c| c.get("usage").is_none()), "{text}");
     let mut asked = chat("smart", true);
     asked["stream_options"] = json!({"include_usage": true});
@@ -182,12 +184,7 @@ async fn chat_completions_reach_anthropic_keys_translated(backend: Backend) {
         .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
         .collect();
     assert_eq!(arguments, "{\"city\": \"Oslo\"}", "{text}");
-    assert!(
-        streamed
-            .iter()
-            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"),
-        "{text}"
-    );
+    assert!(finishes(&streamed, "tool_calls"), "{text}");
 
     // Every call metered as a chat completion, with Anthropic's counts.
     let entries = log_entries(&app, &format!("user_id={user_id}"), 6).await;
@@ -323,12 +320,7 @@ async fn chat_completions_reach_gemini_keys_translated(backend: Backend) {
     let (streamed, done) = chunks(&text);
     assert!(done, "{text}");
     assert_eq!(streamed_text(&streamed), "Hello");
-    assert!(
-        streamed
-            .iter()
-            .any(|c| c["choices"][0]["finish_reason"] == "stop"),
-        "{text}"
-    );
+    assert!(finishes(&streamed, "stop"), "{text}");
     assert!(streamed.iter().all(|c| c.get("usage").is_none()), "{text}");
     let sent = mock.calls().remove(1);
     assert_eq!(

@@ -5,8 +5,8 @@ use actix_web::web::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
-    arguments_object, choice, completion, content_text, image_of, max_tokens, stop_sequences,
-    tool_call, unsupported_part, ChunkWriter, Image, Translated, Usage,
+    arguments_object, choice, completion, content_text, max_tokens, stop_sequences, tool_call,
+    unknown_role, user_parts, ChunkWriter, Image, Translated, Turns, Usage,
 };
 use crate::error::ApiError;
 
@@ -31,7 +31,8 @@ pub(super) fn request(
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::invalid("request body must have a `messages` array"))?;
     let mut system: Vec<Value> = Vec::new();
-    let mut turns: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    // The Messages API alternates turns.
+    let mut turns = Turns::default();
     for message in messages {
         let role = message.get("role").and_then(Value::as_str).unwrap_or("");
         let content = message.get("content");
@@ -43,7 +44,10 @@ pub(super) fn request(
                 }
                 continue;
             }
-            "user" => ("user", user_blocks(content)?),
+            "user" => (
+                "user",
+                user_parts(content, "Anthropic", text_block, image_block)?,
+            ),
             "assistant" => ("assistant", assistant_blocks(message)),
             // A tool's result goes back in a user turn, after the assistant's call.
             "tool" => {
@@ -52,28 +56,13 @@ pub(super) fn request(
                                     "content": content_text(content)});
                 ("user", vec![result])
             }
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "messages of role `{other}` cannot be sent to Anthropic"
-                )))
-            }
+            other => return Err(unknown_role(other, "Anthropic")),
         };
-        if blocks.is_empty() {
-            continue;
-        }
-        // The Messages API alternates turns: one role's consecutive messages are one turn.
-        match turns.last_mut() {
-            Some((last, previous)) if *last == role => previous.extend(blocks),
-            _ => turns.push((role, blocks)),
-        }
+        turns.push(role, blocks);
     }
-    let messages: Vec<Value> = turns
-        .into_iter()
-        .map(|(role, content)| json!({"role": role, "content": content}))
-        .collect();
     let mut body = json!({
         "model": model,
-        "messages": messages,
+        "messages": turns.into_json("content"),
         "max_tokens": max_tokens(chat).unwrap_or(DEFAULT_MAX_TOKENS),
     });
     if !system.is_empty() {
@@ -113,26 +102,17 @@ pub(super) fn request(
     })
 }
 
-/// A user message's content as Messages blocks.
-fn user_blocks(content: Option<&Value>) -> Result<Vec<Value>, ApiError> {
-    let parts = match content {
-        Some(Value::String(text)) if text.is_empty() => return Ok(Vec::new()),
-        Some(Value::String(text)) => return Ok(vec![json!({"type": "text", "text": text})]),
-        Some(Value::Array(parts)) => parts,
-        _ => return Ok(Vec::new()),
-    };
-    parts
-        .iter()
-        .map(|part| match part.get("type").and_then(Value::as_str) {
-            Some("text") => Ok(json!({"type": "text", "text": part.get("text")})),
-            Some("image_url") => Ok(match image_of(part)? {
-                Image::Inline { media_type, data } => json!({"type": "image", "source":
-                    {"type": "base64", "media_type": media_type, "data": data}}),
-                Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
-            }),
-            other => Err(unsupported_part(other.unwrap_or("(none)"), "Anthropic")),
-        })
-        .collect()
+fn text_block(text: &Value) -> Value {
+    json!({"type": "text", "text": text})
+}
+
+/// An image as a Messages block: base64, or by URL.
+fn image_block(image: Image<'_>) -> Value {
+    match image {
+        Image::Inline { media_type, data } => json!({"type": "image", "source":
+            {"type": "base64", "media_type": media_type, "data": data}}),
+        Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
+    }
 }
 
 /// An assistant message (text and tool calls) as Messages blocks.

@@ -7,8 +7,8 @@ use actix_web::web::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
-    arguments_object, choice, completion, content_text, image_of, max_tokens, stop_sequences,
-    tool_call, unsupported_part, ChunkWriter, Image, Translated, Usage,
+    arguments_object, choice, completion, content_text, max_tokens, stop_sequences, tool_call,
+    unknown_role, user_parts, ChunkWriter, Image, Translated, Turns, Usage,
 };
 use crate::error::ApiError;
 
@@ -24,7 +24,7 @@ pub(super) fn request(
     // A tool's result names its function in Gemini, its call's id in OpenAI.
     let mut call_names: HashMap<&str, &Value> = HashMap::new();
     let mut system: Vec<Value> = Vec::new();
-    let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    let mut contents = Turns::default();
     for message in messages {
         let role = message.get("role").and_then(Value::as_str).unwrap_or("");
         let content = message.get("content");
@@ -36,7 +36,10 @@ pub(super) fn request(
                 }
                 continue;
             }
-            "user" => ("user", user_parts(content)?),
+            "user" => (
+                "user",
+                user_parts(content, "Gemini", text_part, image_part)?,
+            ),
             "assistant" => {
                 let mut parts = Vec::new();
                 let text = content_text(content);
@@ -65,25 +68,11 @@ pub(super) fn request(
                 let part = json!({"functionResponse": {"name": name, "response": response}});
                 ("user", vec![part])
             }
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "messages of role `{other}` cannot be sent to Gemini"
-                )))
-            }
+            other => return Err(unknown_role(other, "Gemini")),
         };
-        if parts.is_empty() {
-            continue;
-        }
-        match contents.last_mut() {
-            Some((last, previous)) if *last == role => previous.extend(parts),
-            _ => contents.push((role, parts)),
-        }
+        contents.push(role, parts);
     }
-    let contents: Vec<Value> = contents
-        .into_iter()
-        .map(|(role, parts)| json!({"role": role, "parts": parts}))
-        .collect();
-    let mut body = json!({"contents": contents});
+    let mut body = json!({"contents": contents.into_json("parts")});
     if !system.is_empty() {
         body["systemInstruction"] = json!({"parts": system});
     }
@@ -115,27 +104,18 @@ pub(super) fn request(
     })
 }
 
-/// A user message's content as Gemini parts.
-fn user_parts(content: Option<&Value>) -> Result<Vec<Value>, ApiError> {
-    let parts = match content {
-        Some(Value::String(text)) if text.is_empty() => return Ok(Vec::new()),
-        Some(Value::String(text)) => return Ok(vec![json!({"text": text})]),
-        Some(Value::Array(parts)) => parts,
-        _ => return Ok(Vec::new()),
-    };
-    parts
-        .iter()
-        .map(|part| match part.get("type").and_then(Value::as_str) {
-            Some("text") => Ok(json!({"text": part.get("text")})),
-            Some("image_url") => Ok(match image_of(part)? {
-                Image::Inline { media_type, data } => {
-                    json!({"inlineData": {"mimeType": media_type, "data": data}})
-                }
-                Image::Url(url) => json!({"fileData": {"fileUri": url}}),
-            }),
-            other => Err(unsupported_part(other.unwrap_or("(none)"), "Gemini")),
-        })
-        .collect()
+fn text_part(text: &Value) -> Value {
+    json!({ "text": text })
+}
+
+/// An image as a Gemini part: inline data, or a file by URL.
+fn image_part(image: Image<'_>) -> Value {
+    match image {
+        Image::Inline { media_type, data } => {
+            json!({"inlineData": {"mimeType": media_type, "data": data}})
+        }
+        Image::Url(url) => json!({"fileData": {"fileUri": url}}),
+    }
 }
 
 /// OpenAI's sampling options as Gemini's `generationConfig`.

@@ -380,11 +380,67 @@ fn image_of(part: &Value) -> Result<Image<'_>, ApiError> {
     Ok(Image::Url(url))
 }
 
-/// The OpenAI message parts a provider cannot take.
-fn unsupported_part(kind: &str, provider: &str) -> ApiError {
+/// A user message's content as a provider's parts, made by `text` (from the text) and `image`;
+/// part types the provider cannot take are refused.
+fn user_parts(
+    content: Option<&Value>,
+    provider: &str,
+    text: impl Fn(&Value) -> Value,
+    image: impl Fn(Image<'_>) -> Value,
+) -> Result<Vec<Value>, ApiError> {
+    let parts = match content {
+        Some(Value::String(said)) if said.is_empty() => return Ok(Vec::new()),
+        Some(said @ Value::String(_)) => return Ok(vec![text(said)]),
+        Some(Value::Array(parts)) => parts,
+        _ => return Ok(Vec::new()),
+    };
+    parts
+        .iter()
+        .map(|part| match part.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(text(part.get("text").unwrap_or(&Value::Null))),
+            Some("image_url") => Ok(image(image_of(part)?)),
+            other => Err(ApiError::invalid(format!(
+                "content parts of type `{}` cannot be sent to {provider}",
+                other.unwrap_or("(none)")
+            ))),
+        })
+        .collect()
+}
+
+/// A message role neither provider's API has.
+fn unknown_role(role: &str, provider: &str) -> ApiError {
     ApiError::invalid(format!(
-        "content parts of type `{kind}` cannot be sent to {provider}"
+        "messages of role `{role}` cannot be sent to {provider}"
     ))
+}
+
+/// A conversation as a provider's alternating turns: one role's consecutive messages (a
+/// user's question after a tool's result, say) make one turn.
+#[derive(Default)]
+struct Turns(Vec<(&'static str, Vec<Value>)>);
+
+impl Turns {
+    fn push(&mut self, role: &'static str, items: Vec<Value>) {
+        if items.is_empty() {
+            return;
+        }
+        match self.0.last_mut() {
+            Some((last, previous)) if *last == role => previous.extend(items),
+            _ => self.0.push((role, items)),
+        }
+    }
+
+    /// The turns as `{"role": …, <items>: […]}` objects.
+    fn into_json(self, items: &str) -> Vec<Value> {
+        self.0
+            .into_iter()
+            .map(|(role, list)| {
+                let mut turn = json!({ "role": role });
+                turn[items] = Value::Array(list);
+                turn
+            })
+            .collect()
+    }
 }
 
 /// `stop` as a list: a string or an array of strings.
