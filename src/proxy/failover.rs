@@ -380,6 +380,46 @@ async fn attempt(
     call: &Call,
     timeout: Duration,
 ) -> Result<UpstreamResponse, SendRequestError> {
+    let started = Instant::now();
+    match request(client, key, target, call, timeout)
+        .send_body(target.body.clone())
+        .await
+    {
+        // A kept-alive connection the provider closed as the call went out on it (its idle
+        // timeout ran out first: uvicorn's and actix's are 5 s) is no failure of the key. The
+        // call goes again, once, on a connection made for it; the provider never read it.
+        Err(err) if closed_unanswered(&err) => {
+            tracing::debug!(upstream_key_id = %key.id, error = crate::upstream::client::describe(&err), "upstream closed a kept-alive connection unanswered; sending again");
+            let left = timeout.saturating_sub(started.elapsed());
+            request(client, key, target, call, left)
+                .send_body(target.body.clone())
+                .await
+        }
+        result => result,
+    }
+}
+
+/// Whether a send failed on a connection closed or reset before any answer: what a stale
+/// keep-alive connection gives. A refused connection, a timeout or a malformed answer is not.
+fn closed_unanswered(err: &SendRequestError) -> bool {
+    use actix_web::error::ParseError;
+    use awc::error::ConnectError;
+    matches!(
+        err,
+        SendRequestError::Connect(ConnectError::Disconnected)
+            | SendRequestError::Send(_)
+            | SendRequestError::Response(ParseError::Io(_))
+    )
+}
+
+/// The attempt's request to `key`, with its headers.
+fn request(
+    client: &awc::Client,
+    key: &LeasedKey,
+    target: &Target<'_>,
+    call: &Call,
+    timeout: Duration,
+) -> awc::ClientRequest {
     let request = match upstream_uri(&key.base_url, target.path) {
         Some(uri) => client.post(uri),
         // Not a valid URL: awc reports it as the attempt's error.
@@ -403,7 +443,7 @@ async fn attempt(
     for header in target.headers {
         request = request.insert_header(header.clone());
     }
-    request.send_body(target.body.clone()).await
+    request
 }
 
 /// A key's base URL joined with a call's path, parsed once per thread: the same few URLs are

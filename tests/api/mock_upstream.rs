@@ -620,3 +620,65 @@ pub fn start_breaking_upstream() -> String {
     });
     format!("http://127.0.0.1:{port}/v1")
 }
+
+/// A provider that closes idle keep-alive connections just as a request arrives on them, as a
+/// server whose keep-alive timeout is shorter than the client's does now and then: every
+/// connection answers its first request with a whole chat completion, then reads the next one
+/// and closes without an answer. Returns its base URL and how many requests it dropped so.
+pub fn start_closing_upstream() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dropped: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let counter = dropped.clone();
+    actix_web::rt::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let dropped = counter.clone();
+            actix_web::rt::spawn(async move {
+                // The first request, head and body.
+                let mut request = Vec::new();
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok(n @ 1..) = socket.read(&mut buf).await else {
+                        return;
+                    };
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length: usize = text
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let body = json!({
+                    "id": "chatcmpl-closing", "object": "chat.completion", "created": 1,
+                    "model": "m",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "Hello"}}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                })
+                .to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if socket.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                // The next request on this connection is read and never answered.
+                if let Ok(1..) = socket.read(&mut buf).await {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (format!("http://127.0.0.1:{port}/v1"), dropped)
+}

@@ -10,7 +10,7 @@ use crate::helpers::{
     assert_error, eventually, header, into_json, spawn_app, spawn_app_with, spawn_replica, Backend,
     SharedRedis, TestApp,
 };
-use crate::mock_upstream::{start_breaking_upstream, MockUpstream};
+use crate::mock_upstream::{start_breaking_upstream, start_closing_upstream, MockUpstream};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -30,6 +30,7 @@ on_both_backends!(
     a_responses_follow_up_goes_to_the_key_that_stored_its_response,
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
+    a_kept_alive_connection_the_provider_closed_is_sent_again,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
     a_small_answer_that_stalls_is_a_504_not_a_cut_body,
     a_small_answer_cut_short_moves_the_call_to_the_next_key,
@@ -648,6 +649,46 @@ async fn a_broken_stream_ends_with_an_error_event(backend: Backend) {
     assert!(text.contains("\"code\":\"upstream_error\""), "{text}");
     assert!(!text.contains("[DONE]"));
     assert!(!text.contains("\"finish_reason\":\"stop\""));
+}
+
+/// A provider closing a kept-alive connection as a call is sent on it (a server whose idle
+/// timeout is shorter than the router's, as uvicorn's 5 s is) costs nothing: the call goes
+/// again on a new connection to the same key, one attempt, and the key is not blamed for it.
+async fn a_kept_alive_connection_the_provider_closed_is_sent_again(backend: Backend) {
+    // One failure would open the breaker: a stale connection must not count as one.
+    let app = spawn_app_with(backend, &[("SWITCHYARD_UPSTREAM__BREAKER_FAILURES", "1")]).await;
+    let (base_url, dropped) = start_closing_upstream();
+    let key_id = app
+        .add_upstream(
+            json!({"provider": "openai", "base_url": base_url, "secret": "any", "level": 1}),
+        )
+        .await;
+    let (user_id, key) = app.user_with_key().await;
+    for call in 0..4 {
+        let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+        assert_eq!(status, 200, "call {call}: {body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "Hello", "{body}");
+    }
+    assert_eq!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "calls 2 to 4 each met a connection the provider closed"
+    );
+    assert_eq!(key_view(&app, &key_id).await["state"], "healthy");
+    let entries = eventually(30, || async {
+        let (_, logs) = app
+            .admin_json(Method::GET, &format!("/admin/logs?user_id={user_id}"), None)
+            .await;
+        match logs["data"].as_array() {
+            Some(entries) if entries.len() == 4 => Ok(entries.clone()),
+            _ => Err(format!("not 4 log entries yet: {logs}")),
+        }
+    })
+    .await;
+    for entry in entries {
+        assert_eq!(entry["attempts"], 1, "{entry}");
+        assert_eq!(entry["status"], 200, "{entry}");
+    }
 }
 
 /// A provider that goes silent halfway through its answer: a JSON answer read whole (to
