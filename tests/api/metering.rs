@@ -28,6 +28,7 @@ on_both_backends!(
     metrics_are_exported,
     usage_survives_sigterm_right_after_the_calls,
     a_stream_in_flight_at_sigterm_is_finished_and_metered,
+    a_stream_cut_at_the_shutdown_timeout_is_metered_as_partial,
     usage_survives_a_database_outage,
     pruned_log_entries_keep_their_usage,
     a_retried_batch_is_stored_and_counted_once,
@@ -725,6 +726,14 @@ async fn stored(db: &switchyard::db::Db, user_id: &str) -> (i64, i64, usize) {
 async fn binary_metering_only_at_exit(
     backend: Backend,
 ) -> (Server, TestApp, crate::helpers::tempdir::Dir) {
+    binary_metering_only_at_exit_with(backend, &[]).await
+}
+
+/// As [`binary_metering_only_at_exit`], with `extra` settings.
+async fn binary_metering_only_at_exit_with(
+    backend: Backend,
+    extra: &[(&str, &str)],
+) -> (Server, TestApp, crate::helpers::tempdir::Dir) {
     let (database_url, dir) = fresh_database_url(backend).await;
     let dir = dir.unwrap_or_else(crate::helpers::tempdir::Dir::new);
     let token = format!("admin-{}", uuid::Uuid::new_v4().simple());
@@ -735,6 +744,7 @@ async fn binary_metering_only_at_exit(
         ("SWITCHYARD_MASTER_KEY", master_key.as_str()),
         ("SWITCHYARD_METERING__FLUSH_INTERVAL_MS", "600000"),
     ];
+    let env: Vec<(&str, &str)> = env.iter().chain(extra).copied().collect();
     let server = Server::start(dir.path(), &env).await;
     let app = TestApp::attach(&server.address, &token, &master_key, &database_url);
     (server, app, dir)
@@ -782,6 +792,49 @@ async fn a_stream_in_flight_at_sigterm_is_finished_and_metered(backend: Backend)
     assert!(status.success(), "exit status {status}: {log}");
     let (requests, _, entries) = stored(&app.db(), &user_id).await;
     assert_eq!((requests, entries), (1, 1), "{log}");
+}
+
+/// SIGTERM while a stream longer than `server.shutdown_timeout_secs` is on its way: the stream
+/// is cut when the grace ends, and what was delivered is metered, marked partial, before exit.
+async fn a_stream_cut_at_the_shutdown_timeout_is_metered_as_partial(backend: Backend) {
+    let (server, app, _dir) = binary_metering_only_at_exit_with(
+        backend,
+        &[("SWITCHYARD_SERVER__SHUTDOWN_TIMEOUT_SECS", "1")],
+    )
+    .await;
+    // `drip` streams 50 chunks over 5 s: most are still to come when the grace ends.
+    let (_mock, user_id, key) = setup(&app, "drip-c").await;
+    let mut body = hello("metered-model");
+    body["stream"] = json!(true);
+    let response = app.chat(&key, body).await;
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let mut text = String::from_utf8(chunks.next().await.unwrap().unwrap().to_vec()).unwrap();
+    server.send_sigterm();
+    while let Some(Ok(chunk)) = chunks.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let delivered = text.matches("\"object\":\"chat.completion.chunk\"").count();
+    assert!(delivered < 50, "the stream was cut: {text}");
+    let (status, log) = server.wait_for_exit();
+    assert!(status.success(), "exit status {status}: {log}");
+    let (requests, _, entries) = stored(&app.db(), &user_id).await;
+    assert_eq!((requests, entries), (1, 1), "{log}");
+    let db = app.db();
+    let (entries, _) = switchyard::db::repo::logs::list(
+        &db,
+        &switchyard::db::repo::logs::LogFilter {
+            user_id: Some(user_id.clone()),
+            status: None,
+        },
+        switchyard::db::repo::Page {
+            limit: 10,
+            offset: 0,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(entries[0].partial, "{log}");
 }
 
 /// `calls` successful calls while the database is away, which comes back once writes have
