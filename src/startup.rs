@@ -124,6 +124,7 @@ impl Application {
             bus.clone(),
         );
         pools.reload().await.context("loading upstream keys")?;
+        let breakers = pools.breakers();
         let mapper = Arc::new(ModelMapper::default());
         mapper.reload(&db).await.context("loading model mappings")?;
         let config_sync = ConfigSyncActor::new(
@@ -191,6 +192,7 @@ impl Application {
             limiter_upkeep,
             metering: metering.clone(),
             bus,
+            breakers,
         });
         let authenticator = web::Data::new(Authenticator::new(db, auth_cache, shared_cache));
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use actix::Addr;
 
 use crate::actors::config_sync::{Changed, ConfigSyncActor, Entity};
+use crate::actors::key_pool::OpenBreakers;
 use crate::actors::rate_limiter::LimiterUpkeep;
 use crate::cluster::bus::Bus;
 use crate::crypto::MasterKey;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub metering: Arc<Metering>,
     /// The replicas' channel, whose state `/readyz` reports.
     pub bus: Arc<Bus>,
+    /// Upstream keys whose breaker is open on one of this replica's workers.
+    pub breakers: Arc<OpenBreakers>,
 }
 
 impl AppState {

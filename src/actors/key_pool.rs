@@ -160,20 +160,53 @@ impl Slot {
     }
 }
 
+/// The keys whose circuit breaker is open on some worker of this process, and until when (wall
+/// clock), for the admin view. Breakers live in each worker's pools and open rarely (after a
+/// streak of failures), so one lock written only then costs the request path nothing.
+#[derive(Default)]
+pub struct OpenBreakers(parking_lot::Mutex<foldhash::HashMap<String, NaiveDateTime>>);
+
+impl OpenBreakers {
+    fn opened(&self, key_id: &str, until: NaiveDateTime) {
+        let now = crate::domain::now();
+        let mut open = self.0.lock();
+        // Breakers that closed since are forgotten here, so the map holds only open ones.
+        open.retain(|_, until| *until > now);
+        let entry = open.entry(key_id.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// Until when `key_id`'s breaker is open, if it is open at `now`.
+    pub fn open_until(&self, key_id: &str, now: NaiveDateTime) -> Option<NaiveDateTime> {
+        self.0
+            .lock()
+            .get(key_id)
+            .copied()
+            .filter(|until| *until > now)
+    }
+}
+
 /// The keys of one level.
 pub struct KeyPoolActor {
     level: i32,
     slots: Vec<Slot>,
     policy: PoolPolicy,
+    breakers: Arc<OpenBreakers>,
 }
 
 impl KeyPoolActor {
-    /// A pool for `level` holding `keys`.
-    pub fn new(level: i32, keys: Vec<PoolKey>, policy: PoolPolicy) -> Self {
+    /// A pool for `level` holding `keys`, telling `breakers` when one opens.
+    pub fn new(
+        level: i32,
+        keys: Vec<PoolKey>,
+        policy: PoolPolicy,
+        breakers: Arc<OpenBreakers>,
+    ) -> Self {
         let mut pool = KeyPoolActor {
             level,
             slots: Vec::new(),
             policy,
+            breakers,
         };
         pool.set_keys(keys);
         pool
@@ -288,6 +321,10 @@ impl KeyPoolActor {
                     slot.consecutive_failures = self.policy.breaker_failures - 1;
                     slot.resting_until =
                         later(slot.resting_until, Some(now + self.policy.breaker_open));
+                    let open = chrono::Duration::from_std(self.policy.breaker_open)
+                        .unwrap_or(chrono::Duration::zero());
+                    self.breakers
+                        .opened(&slot.key.id, crate::domain::now() + open);
                     tracing::warn!(level = self.level, upstream_key_id = %slot.key.id, "upstream key failing; circuit open");
                 }
             }

@@ -14,7 +14,7 @@ use foldhash::HashMap;
 use parking_lot::RwLock;
 
 use crate::actors::key_pool::{
-    pool_key, KeyPoolActor, Outcome, PoolKey, PoolPolicy, Report, SetKeys,
+    pool_key, KeyPoolActor, OpenBreakers, Outcome, PoolKey, PoolPolicy, Report, SetKeys,
 };
 use crate::cluster::bus::{Announcement, Bus};
 use crate::crypto::MasterKey;
@@ -29,6 +29,8 @@ pub struct KeyPools {
     policy: PoolPolicy,
     /// Where cooldowns and refusals are announced to the other replicas.
     bus: Arc<Bus>,
+    /// The breakers open on any worker, for the admin view.
+    breakers: Arc<OpenBreakers>,
 }
 
 /// One worker thread's pool actors, one per level, running on that worker's arbiter.
@@ -45,7 +47,12 @@ impl WorkerPools {
         self.pools.read().get(&level).cloned()
     }
 
-    fn apply(&self, by_level: &BTreeMap<i32, Vec<PoolKey>>, policy: PoolPolicy) {
+    fn apply(
+        &self,
+        by_level: &BTreeMap<i32, Vec<PoolKey>>,
+        policy: PoolPolicy,
+        breakers: &Arc<OpenBreakers>,
+    ) {
         let mut pools = self.pools.write();
         for (level, addr) in pools.iter() {
             if !by_level.contains_key(level) {
@@ -56,9 +63,9 @@ impl WorkerPools {
             match pools.get(level) {
                 Some(addr) => addr.do_send(SetKeys(keys.clone())),
                 None => {
-                    let (level, keys) = (*level, keys.clone());
+                    let (level, keys, breakers) = (*level, keys.clone(), breakers.clone());
                     let addr = KeyPoolActor::start_in_arbiter(&self.arbiter, move |_| {
-                        KeyPoolActor::new(level, keys, policy)
+                        KeyPoolActor::new(level, keys, policy, breakers)
                     });
                     pools.insert(level, Arc::new(addr));
                 }
@@ -77,7 +84,13 @@ impl KeyPools {
             master_key,
             policy,
             bus,
+            breakers: Arc::default(),
         })
+    }
+
+    /// The breakers open on any of this process's workers.
+    pub fn breakers(&self) -> Arc<OpenBreakers> {
+        self.breakers.clone()
     }
 
     /// Starts pools for the calling worker thread (inside its arbiter) and returns them.
@@ -90,7 +103,7 @@ impl KeyPools {
         // keys are its result) or waits and then reaches this worker too. Lock order: keys, then
         // workers, as in `reload`.
         let keys = self.keys.read();
-        worker.apply(&keys, self.policy);
+        worker.apply(&keys, self.policy, &self.breakers);
         self.workers.write().push(worker.clone());
         drop(keys);
         worker
@@ -111,7 +124,7 @@ impl KeyPools {
         }
         let mut current = self.keys.write();
         for worker in self.workers.read().iter() {
-            worker.apply(&by_level, self.policy);
+            worker.apply(&by_level, self.policy, &self.breakers);
         }
         *current = by_level;
         Ok(())

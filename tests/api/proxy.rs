@@ -406,9 +406,8 @@ async fn repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it(backen
     )
     .await;
     let mock = MockUpstream::start();
-    for secret in ["r500-a", "ok-b"] {
-        app.add_upstream(upstream(&mock, secret, 1)).await;
-    }
+    let failing = app.add_upstream(upstream(&mock, "r500-a", 1)).await;
+    app.add_upstream(upstream(&mock, "ok-b", 1)).await;
     let (_, key) = app.user_with_key().await;
     let calls = |n: usize| {
         let (app, key) = (&app, &key);
@@ -426,13 +425,25 @@ async fn repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it(backen
         "open after its second failure"
     );
     assert_eq!(mock.calls_with("ok-b"), 6);
+    // The admin view shows the open breaker as a rest, with its end.
+    let view = key_view(&app, &failing).await;
+    assert_eq!(view["state"], "cooling_down", "{view}");
+    let until = chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap())
+        .unwrap();
+    let left = until.signed_duration_since(chrono::Utc::now());
+    assert!(
+        left > chrono::Duration::zero() && left <= chrono::Duration::seconds(1),
+        "{view}"
+    );
     tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(key_view(&app, &failing).await["state"], "healthy");
     calls(6).await;
     assert_eq!(
         mock.calls_with("r500-a"),
         3,
         "one probe, open again at its failure"
     );
+    assert_eq!(key_view(&app, &failing).await["state"], "cooling_down");
 }
 
 async fn the_callers_own_errors_come_back_unretried(backend: Backend) {

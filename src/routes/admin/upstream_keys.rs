@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{check, not_null, rfc3339, ListQuery, ListResponse};
 use crate::actors::config_sync::Entity;
+use crate::actors::key_pool::OpenBreakers;
 use crate::crypto;
 use crate::db::{repo, DbError};
 use crate::domain::rules;
@@ -76,9 +77,21 @@ pub struct UpstreamKeyView {
     updated_at: String,
 }
 
-impl From<&UpstreamKey> for UpstreamKeyView {
-    fn from(k: &UpstreamKey) -> Self {
-        let state = k.state(now());
+impl UpstreamKeyView {
+    /// `k` as an admin sees it. A key whose circuit breaker is open on this replica (after
+    /// repeated 5xx, resets or timeouts) shows as cooling down until the breaker lets a probe
+    /// through, as a key resting after a 429 does.
+    pub fn new(k: &UpstreamKey, breakers: &OpenBreakers) -> Self {
+        let now = now();
+        let stored = k.state(now);
+        let breaker = breakers.open_until(&k.id, now);
+        let (state, cooldown_until) = match (stored, breaker) {
+            (UpstreamKeyState::Healthy, Some(until)) => {
+                (UpstreamKeyState::CoolingDown, Some(until))
+            }
+            (UpstreamKeyState::CoolingDown, _) => (stored, k.cooldown_until.max(breaker)),
+            _ => (stored, None),
+        };
         UpstreamKeyView {
             id: k.id.clone(),
             object: "upstream_key",
@@ -90,10 +103,7 @@ impl From<&UpstreamKey> for UpstreamKeyView {
             weight: k.weight,
             enabled: k.enabled,
             state,
-            cooldown_until: k
-                .cooldown_until
-                .filter(|_| state == UpstreamKeyState::CoolingDown)
-                .map(rfc3339),
+            cooldown_until: cooldown_until.map(rfc3339),
             disabled_reason: k.disabled_reason.clone(),
             created_at: rfc3339(k.created_at),
             updated_at: rfc3339(k.updated_at),
@@ -186,7 +196,7 @@ pub async fn create(
     repo::upstream_keys::insert(&state.db, &key).await?;
     state.changed(Entity::UpstreamKey, &key.id).await;
     tracing::info!(upstream_key_id = %key.id, provider = key.provider.as_str(), level = key.level, "upstream key added");
-    Ok(HttpResponse::Created().json(UpstreamKeyView::from(&key)))
+    Ok(HttpResponse::Created().json(UpstreamKeyView::new(&key, &state.breakers)))
 }
 
 /// `GET /admin/upstream-keys`.
@@ -195,7 +205,10 @@ pub async fn list(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let (keys, more) = repo::upstream_keys::list(&state.db, query.page()?).await?;
-    let views = keys.iter().map(UpstreamKeyView::from).collect();
+    let views = keys
+        .iter()
+        .map(|k| UpstreamKeyView::new(k, &state.breakers))
+        .collect();
     Ok(HttpResponse::Ok().json(ListResponse::new(views, more)))
 }
 
@@ -205,7 +218,7 @@ pub async fn get(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let key = load(&state, &id).await?;
-    Ok(HttpResponse::Ok().json(UpstreamKeyView::from(&key)))
+    Ok(HttpResponse::Ok().json(UpstreamKeyView::new(&key, &state.breakers)))
 }
 
 /// `PATCH /admin/upstream-keys/{id}`. Enabling a key also clears a disable by the provider.
@@ -226,7 +239,7 @@ pub async fn update(
     .await?;
     state.changed(Entity::UpstreamKey, &key.id).await;
     tracing::info!(upstream_key_id = %key.id, "upstream key updated");
-    Ok(HttpResponse::Ok().json(UpstreamKeyView::from(&key)))
+    Ok(HttpResponse::Ok().json(UpstreamKeyView::new(&key, &state.breakers)))
 }
 
 /// Applies a PATCH body to `key`; says whether the key's health starts afresh (a new secret,
