@@ -428,8 +428,8 @@ async fn repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it(backen
     // The admin view shows the open breaker as a rest, with its end.
     let view = key_view(&app, &failing).await;
     assert_eq!(view["state"], "cooling_down", "{view}");
-    let until = chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap())
-        .unwrap();
+    let until =
+        chrono::DateTime::parse_from_rfc3339(view["cooldown_until"].as_str().unwrap()).unwrap();
     let left = until.signed_duration_since(chrono::Utc::now());
     assert!(
         left > chrono::Duration::zero() && left <= chrono::Duration::seconds(1),

@@ -12,6 +12,7 @@ on_both_backends!(
     chat_completions_reach_anthropic_keys_translated,
     anthropic_errors_and_cut_streams_come_back_as_openais,
     chat_completions_reach_gemini_keys_translated,
+    reasoning_effort_reaches_both_providers_as_thinking,
 );
 
 async fn app(backend: Backend) -> TestApp {
@@ -362,4 +363,44 @@ async fn chat_completions_reach_gemini_keys_translated(backend: Backend) {
         assert_eq!(entry["partial"], false, "{entry}");
     }
     assert_eq!(mock.calls_with("ok-oai"), 0);
+}
+
+/// `reasoning_effort` reaches Anthropic as a thinking budget and Gemini as a thinking config;
+/// an effort neither knows is the caller's 400, sent nowhere. An OpenAI key gets it as sent.
+async fn reasoning_effort_reaches_both_providers_as_thinking(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    for provider in ["openai", "anthropic", "gemini"] {
+        app.add_upstream(key(provider, &mock, &format!("ok-{provider}"), 1))
+            .await;
+    }
+    let (_, key) = user_on(&app, 1).await;
+    for model in ["gpt-5-mini", "claude-sonnet-4-5", "gemini-2.5-flash"] {
+        let mut body = chat(model, false);
+        body["reasoning_effort"] = json!("medium");
+        let (status, answer) = into_json(app.chat(&key, body).await).await;
+        assert_eq!(status, 200, "{model}: {answer}");
+        assert_eq!(answer["model"], model);
+    }
+    let sent: Vec<Value> = mock.calls().into_iter().map(|c| c.body).collect();
+    assert_eq!(
+        sent[0]["reasoning_effort"], "medium",
+        "as sent: {}",
+        sent[0]
+    );
+    assert_eq!(
+        sent[1]["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    assert_eq!(sent[1]["max_tokens"], 4096 + 2048);
+    assert_eq!(
+        sent[2]["generationConfig"]["thinkingConfig"],
+        json!({"thinkingBudget": 2048, "includeThoughts": true})
+    );
+    let mut unknown = chat("claude-sonnet-4-5", false);
+    unknown["reasoning_effort"] = json!("maximal");
+    let (status, error) = into_json(app.chat(&key, unknown).await).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_request");
+    assert_eq!(mock.calls().len(), 3, "sent nowhere");
 }

@@ -5,13 +5,17 @@ use actix_web::web::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
-    arguments_object, choice, completion, content_text, max_tokens, stop_sequences, tool_call,
-    unknown_role, user_parts, ChunkWriter, Image, Translated, Turns, Usage,
+    arguments_object, choice, completion, content_text, max_tokens, reasoning_budget,
+    stop_sequences, tool_call, unknown_role, user_parts, ChunkWriter, Image, Translated, Turns,
+    Usage,
 };
 use crate::error::ApiError;
 
 /// The output cap sent when the chat names none: the Messages API requires one.
 const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// The smallest thinking budget the Messages API takes.
+const LEAST_THINKING: u64 = 1024;
 
 /// The API version the translation is written for.
 const VERSION: &str = "2023-06-01";
@@ -60,11 +64,25 @@ pub(super) fn request(
         };
         turns.push(role, blocks);
     }
+    let thinking = reasoning_budget(chat, LEAST_THINKING)?.filter(|budget| *budget > 0);
+    // OpenAI's output cap counts the reasoning; Anthropic's thinking budget lies within the cap
+    // too. Without a cap, the answer keeps the default beyond the thinking.
+    let cap = max_tokens(chat).unwrap_or(DEFAULT_MAX_TOKENS + thinking.unwrap_or(0));
     let mut body = json!({
         "model": model,
         "messages": turns.into_json("content"),
-        "max_tokens": max_tokens(chat).unwrap_or(DEFAULT_MAX_TOKENS),
+        "max_tokens": cap,
     });
+    if let Some(budget) = thinking {
+        let budget = budget.min(cap.saturating_sub(1));
+        if budget < LEAST_THINKING {
+            return Err(ApiError::invalid(format!(
+                "`reasoning_effort` on Anthropic needs an output cap above {LEAST_THINKING} \
+                 tokens (`max_completion_tokens`): its thinking takes at least {LEAST_THINKING}"
+            )));
+        }
+        body["thinking"] = json!({"type": "enabled", "budget_tokens": budget});
+    }
     if !system.is_empty() {
         body["system"] = Value::Array(system);
     }
@@ -200,10 +218,14 @@ fn usage(value: &Value, into: &mut Usage) {
 pub(super) fn answer(message: &Value, model: &str) -> Option<Value> {
     let blocks = message.get("content")?.as_array()?;
     let mut text = String::new();
+    let mut thinking = String::new();
     let mut calls = Vec::new();
     for block in blocks {
         match block.get("type").and_then(Value::as_str) {
             Some("text") => text.push_str(block.get("text").and_then(Value::as_str)?),
+            Some("thinking") => {
+                thinking.push_str(block.get("thinking").and_then(Value::as_str).unwrap_or(""))
+            }
             Some("tool_use") => calls.push(tool_call(
                 block.get("id").and_then(Value::as_str).unwrap_or(""),
                 block.get("name").and_then(Value::as_str).unwrap_or(""),
@@ -222,7 +244,7 @@ pub(super) fn answer(message: &Value, model: &str) -> Option<Value> {
     Some(completion(
         id,
         model,
-        vec![choice(0, text, calls, finish)],
+        vec![choice(0, text, thinking, calls, finish)],
         Some(counted),
     ))
 }
@@ -369,10 +391,50 @@ mod tests {
         assert!(request(&two, "c", false).is_err());
     }
 
+    /// `reasoning_effort` becomes a thinking budget inside the output cap.
+    #[test]
+    fn reasoning_effort_becomes_thinking() {
+        let body = |chat: Value| {
+            let Value::Object(chat) = chat else { panic!() };
+            request(&chat, "claude", false)
+                .map(|out| serde_json::from_slice::<Value>(&out.body).unwrap())
+        };
+        let high = body(json!({"reasoning_effort": "high", "messages": []})).unwrap();
+        assert_eq!(
+            high["thinking"],
+            json!({"type": "enabled", "budget_tokens": 4096})
+        );
+        assert_eq!(
+            high["max_tokens"],
+            4096 + 4096,
+            "the default beyond the thinking"
+        );
+        let capped = body(
+            json!({"reasoning_effort": "high", "max_completion_tokens": 3000, "messages": []}),
+        )
+        .unwrap();
+        assert_eq!(capped["max_tokens"], 3000);
+        assert_eq!(capped["thinking"]["budget_tokens"], 2999);
+        let off = body(json!({"reasoning_effort": "none", "messages": []})).unwrap();
+        assert!(off.get("thinking").is_none(), "{off}");
+        assert_eq!(off["max_tokens"], 4096);
+        let minimal = body(json!({"reasoning_effort": "minimal", "messages": []})).unwrap();
+        assert_eq!(minimal["thinking"]["budget_tokens"], 1024);
+        for refused in [
+            json!({"reasoning_effort": "low", "max_tokens": 1000, "messages": []}),
+            json!({"reasoning_effort": "extreme", "messages": []}),
+            json!({"reasoning_effort": 3, "messages": []}),
+        ] {
+            let error = body(refused.clone()).unwrap_err();
+            assert_eq!(error.code(), "invalid_request", "{refused}");
+        }
+    }
+
     #[test]
     fn messages_become_chat_completions() {
         let message = json!({"id": "msg_1", "type": "message", "role": "assistant",
-            "content": [{"type": "text", "text": "Let me check."},
+            "content": [{"type": "thinking", "thinking": "Oslo, then.", "signature": "s"},
+                        {"type": "text", "text": "Let me check."},
                         {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {"city": "Oslo"}}],
             "stop_reason": "tool_use",
             "usage": {"input_tokens": 10, "output_tokens": 4, "cache_read_input_tokens": 6}});
@@ -381,6 +443,7 @@ mod tests {
         assert_eq!(out["id"], "chatcmpl-msg_1");
         let choice = &out["choices"][0];
         assert_eq!(choice["message"]["content"], "Let me check.");
+        assert_eq!(choice["message"]["reasoning_content"], "Oslo, then.");
         assert_eq!(choice["finish_reason"], "tool_calls");
         let call = &choice["message"]["tool_calls"][0];
         assert_eq!(call["function"]["name"], "weather");

@@ -7,10 +7,15 @@ use actix_web::web::Bytes;
 use serde_json::{json, Map, Value};
 
 use super::{
-    arguments_object, choice, completion, content_text, max_tokens, stop_sequences, tool_call,
-    unknown_role, user_parts, ChunkWriter, Image, Translated, Turns, Usage,
+    arguments_object, choice, completion, content_text, max_tokens, reasoning_budget,
+    stop_sequences, tool_call, unknown_role, user_parts, ChunkWriter, Image, Translated, Turns,
+    Usage,
 };
 use crate::error::ApiError;
+
+/// The thinking budget sent for `reasoning_effort: minimal`: the least every Gemini 2.5 model
+/// takes (Flash-Lite's floor; Pro's is 128).
+const LEAST_THINKING: u64 = 512;
 
 pub(super) fn request(
     chat: &Map<String, Value>,
@@ -76,7 +81,16 @@ pub(super) fn request(
     if !system.is_empty() {
         body["systemInstruction"] = json!({"parts": system});
     }
-    let config = generation_config(chat);
+    let mut config = generation_config(chat);
+    if let Some(budget) = reasoning_budget(chat, LEAST_THINKING)? {
+        // Thought summaries come back as `reasoning_content`; `none` turns thinking off where
+        // the model allows it.
+        let thinking = match budget {
+            0 => json!({"thinkingBudget": 0}),
+            _ => json!({"thinkingBudget": budget, "includeThoughts": true}),
+        };
+        config.insert("thinkingConfig".into(), thinking);
+    }
     if !config.is_empty() {
         body["generationConfig"] = Value::Object(config);
     }
@@ -261,7 +275,7 @@ pub(super) fn answer(response: &Value, model: &str) -> Option<Value> {
             let reason = candidate.get("finishReason").and_then(Value::as_str);
             let finish = finish_reason(reason.unwrap_or("STOP"), !calls.is_empty());
             let text = (!parts.text.is_empty() || calls.is_empty()).then_some(parts.text);
-            choice(index, text, calls, finish)
+            choice(index, text, parts.thoughts, calls, finish)
         })
         .collect();
     let counted = response.get("usageMetadata").map(usage);
@@ -383,6 +397,28 @@ mod tests {
         assert_eq!(body["toolConfig"]["functionCallingConfig"]["mode"], "ANY");
     }
 
+    /// `reasoning_effort` becomes a thinking budget, with the thoughts asked back.
+    #[test]
+    fn reasoning_effort_becomes_a_thinking_config() {
+        let config = |effort: &str| {
+            let chat = json!({"reasoning_effort": effort, "messages": []});
+            let Value::Object(chat) = chat else { panic!() };
+            let out = request(&chat, "gemini-2.5-flash", false).unwrap();
+            serde_json::from_slice::<Value>(&out.body).unwrap()["generationConfig"]
+                ["thinkingConfig"]
+                .clone()
+        };
+        assert_eq!(
+            config("medium"),
+            json!({"thinkingBudget": 2048, "includeThoughts": true})
+        );
+        assert_eq!(config("minimal")["thinkingBudget"], 512);
+        assert_eq!(config("none"), json!({"thinkingBudget": 0}));
+        let chat = json!({"reasoning_effort": "max", "messages": []});
+        let Value::Object(chat) = chat else { panic!() };
+        assert!(request(&chat, "g", false).is_err());
+    }
+
     #[test]
     fn answers_become_chat_completions() {
         let response = json!({
@@ -397,6 +433,7 @@ mod tests {
         assert_eq!(out["id"], "chatcmpl-abc");
         let choice = &out["choices"][0];
         assert_eq!(choice["message"]["content"], "Rain.");
+        assert_eq!(choice["message"]["reasoning_content"], "thinking");
         assert_eq!(choice["finish_reason"], "tool_calls");
         assert_eq!(
             choice["message"]["tool_calls"][0]["function"]["arguments"],

@@ -332,8 +332,18 @@ fn completion(id: Option<&str>, model: &str, choices: Vec<Value>, usage: Option<
 }
 
 /// One choice of a whole completion.
-fn choice(index: u64, text: Option<String>, tool_calls: Vec<Value>, finish: &str) -> Value {
+fn choice(
+    index: u64,
+    text: Option<String>,
+    reasoning: String,
+    tool_calls: Vec<Value>,
+    finish: &str,
+) -> Value {
     let mut message = json!({"role": "assistant", "content": text});
+    // Where OpenAI-compatible servers that show reasoning put it, as the chunks do.
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = Value::String(reasoning);
+    }
     if !tool_calls.is_empty() {
         message["tool_calls"] = Value::Array(tool_calls);
     }
@@ -450,6 +460,29 @@ fn stop_sequences(chat: &Map<String, Value>) -> Option<Value> {
         Value::Array(stops) if !stops.is_empty() => Some(Value::Array(stops.clone())),
         _ => None,
     }
+}
+
+/// The thinking tokens a chat's `reasoning_effort` asks for: `Some(0)` for `none`, `None` when
+/// it names no effort. `low`, `medium` and `high` are 1,024, 2,048 and 4,096 tokens, as other
+/// gateways map them; `minimal` is `least`, the smallest budget the provider takes.
+fn reasoning_budget(chat: &Map<String, Value>, least: u64) -> Result<Option<u64>, ApiError> {
+    let effort = match chat.get("reasoning_effort") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(effort) => effort.as_str(),
+    };
+    let budget = match effort {
+        Some("none") => 0,
+        Some("minimal") => least,
+        Some("low") => 1024,
+        Some("medium") => 2048,
+        Some("high") => 4096,
+        _ => {
+            return Err(ApiError::invalid(
+                "`reasoning_effort` must be one of none, minimal, low, medium or high",
+            ))
+        }
+    };
+    Ok(Some(budget))
 }
 
 /// The output cap a chat names: `max_completion_tokens`, or the older `max_tokens`.
