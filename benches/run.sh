@@ -230,6 +230,13 @@ SECS=$(awk -v n="$TOTAL_CALLS" -v r="${RPS[switchyard]}" 'BEGIN { printf "%d", n
 MORE=$(taskset -c 0 wrk -t1 -c64 -d"${SECS}s" -s "$WORK/post.lua" "http://127.0.0.1:$SY_PORT/v1/chat/completions" | awk '/requests in/ {print $1}')
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
 HWM_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SY_PID/status")
+# What metering still held when the load stopped (records not yet written), and the resident
+# memory once it has written them: the held records are the bounded buffer at work, not growth.
+waiting() { curl -sf "http://127.0.0.1:$SY_PORT/metrics" | awk '/^switchyard_queue_depth/ {n += $2} END {print n + 0}'; }
+WAITING=$(waiting)
+for _ in $(seq 1 60); do [ "$(waiting)" = 0 ] && break; sleep 0.5; done
+sleep 1
+SETTLED_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
 
 # Metering keeps up or drops and counts: the records it had to drop (0 means every call metered).
 DROPPED=$(curl -sf "http://127.0.0.1:$SY_PORT/metrics" | awk '/^switchyard_dropped_records_total/ {n += $2} END {print n + 0}')
@@ -251,7 +258,7 @@ echo "switchyard / nginx: throughput $(ratio "${RPS[switchyard]}" "${RPS[nginx]}
 echo "the stack's floor (actix-web + awc alone) / nginx: throughput $(ratio "${RPS[floor]}" "${RPS[nginx]}")x, CPU per request $(ratio "${CPU[floor]}" "${CPU[nginx]}")x; switchyard / floor: CPU per request $(ratio "${CPU[switchyard]}" "${CPU[floor]}")x"
 echo "added latency: p50 $(added "${P50[switchyard]}" "${P50[direct]}") µs (target <= 100), p99 $(added "${P99[switchyard]}" "${P99[direct]}") µs (target <= 300)"
 echo "streaming time to first byte (median of 200): direct ${TTFB_DIRECT} µs, switchyard ${TTFB_SY} µs, added $((TTFB_SY - TTFB_DIRECT)) µs (target <= 500)"
-echo "resident memory after ${MORE} more calls (over 1,000,000 in all): $((RSS_KB / 1024)) MiB now, $((HWM_KB / 1024)) MiB peak (target < 100)"
+echo "resident memory after ${MORE} more calls (over 1,000,000 in all): $((RSS_KB / 1024)) MiB now, $((HWM_KB / 1024)) MiB peak (target < 100); $WAITING records were waiting to be written, and once written: $((SETTLED_KB / 1024)) MiB"
 echo "metering: ${DROPPED} records dropped (0 = every call metered)"
 
 # The router's HTTP worker waiting for its CPU during the sequential run, by who held the CPU.

@@ -176,6 +176,11 @@ impl OpenBreakers {
         *entry = (*entry).max(until);
     }
 
+    /// An admin changed the key: its breakers start closed.
+    fn closed(&self, key_id: &str) {
+        self.0.lock().remove(key_id);
+    }
+
     /// Until when `key_id`'s breaker is open, if it is open at `now`.
     pub fn open_until(&self, key_id: &str, now: NaiveDateTime) -> Option<NaiveDateTime> {
         self.0
@@ -235,6 +240,7 @@ impl KeyPoolActor {
                             // An admin re-enabled, re-keyed or reconfigured it: start afresh.
                             slot.resting_until = stored_rest;
                             slot.consecutive_failures = 0;
+                            self.breakers.closed(&key.id);
                             slot.key = key;
                         }
                         slot

@@ -444,6 +444,16 @@ async fn repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it(backen
         "one probe, open again at its failure"
     );
     assert_eq!(key_view(&app, &failing).await["state"], "cooling_down");
+    // An admin's change to the key starts it afresh, breaker closed.
+    let (status, _) = app
+        .admin_json(
+            Method::PATCH,
+            &format!("/admin/upstream-keys/{failing}"),
+            Some(json!({"weight": 2})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    key_in_state(&app, &failing, "healthy").await;
 }
 
 async fn the_callers_own_errors_come_back_unretried(backend: Backend) {
