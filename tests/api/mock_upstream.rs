@@ -41,6 +41,10 @@
 //! Embeddings report 8 prompt tokens; images answer `n` images (2 MiB each as `b64_json`);
 //! speech answers audio bytes;
 //! transcriptions report 30 seconds of audio.
+//!
+//! Two raw TCP providers beside it: `start_breaking_upstream` (every stream breaks after one
+//! event) and `start_closing_upstream` (every connection answers one call, then closes as the
+//! next one arrives on it).
 
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
