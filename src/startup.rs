@@ -67,6 +67,9 @@ async fn stop_signal() -> &'static str {
     }
 }
 
+/// How long a stop waits for the calls its grace period cut to hand over their records.
+const CUT_CALLS_WAIT: Duration = Duration::from_secs(5);
+
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
@@ -238,6 +241,10 @@ impl Application {
         // Signals are ours (see `run_until_stopped`): actix-server would stop the whole actix
         // system after draining, before metering could write what the last calls used.
         .disable_signals()
+        // A client that closes its connection while its call waits for the provider has left
+        // (HTTP clients do not half-close to await an answer): the call is dropped, and with it
+        // the upstream request, as nginx does, instead of running on at the provider's expense.
+        .h1_allow_half_closed(false)
         .keep_alive(Duration::from_secs(settings.server.keep_alive_secs))
         .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
@@ -269,6 +276,11 @@ impl Application {
                 actix_web::rt::spawn(handle.stop(true));
                 server.await?;
             }
+        }
+        // The calls the grace period cut are dropped on their workers' threads as these stop,
+        // just after the server's future ends: their records are waited for, then written.
+        if !self.metering.recorder.all_closed(CUT_CALLS_WAIT).await {
+            tracing::warn!("calls cut at shutdown did not all end in time; their records are lost");
         }
         self.metering.flush().await;
         tracing::info!("switchyard stopped");

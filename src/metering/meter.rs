@@ -36,6 +36,7 @@ impl CallMeter {
             None => uuid::Uuid::new_v4().to_string(),
         };
         let endpoint = Endpoint::of(req.match_info().as_str());
+        recorder.opened();
         CallMeter {
             record: Some(CallRecord {
                 request_id,
@@ -136,12 +137,20 @@ impl CallMeter {
     }
 }
 
+/// The status logged for a call whose client left before any answer.
+const CLIENT_CLOSED: u16 = 499;
+
 impl Drop for CallMeter {
     fn drop(&mut self) {
         let Some(mut record) = self.record.take() else {
             return;
         };
         record.latency = self.started.elapsed();
+        if record.status == 0 {
+            // Nothing answered the client: it left first (or the server stopped first), which
+            // nginx logs as 499.
+            record.status = CLIENT_CLOSED;
+        }
         if let Some((ticket, actor)) = self.settle.take() {
             // Read here, on the request thread, so that the record reaches the recorder now,
             // even if this worker stops before its actor runs; the settlement may be lost then,

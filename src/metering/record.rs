@@ -4,8 +4,8 @@
 //! the queue on its own clock. Like the log sink, this keeps a context switch per call off the
 //! request path. Past its bound the queue refuses records, and counts them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
 use chrono::NaiveDateTime;
@@ -53,6 +53,9 @@ pub struct Recorder {
     queue: Mutex<Vec<CallRecord>>,
     capacity: usize,
     dropped: AtomicU64,
+    /// Calls begun whose record has not been pushed yet: at shutdown, the calls a worker cut
+    /// are dropped on its thread a moment after the server stops, and are waited for.
+    open: AtomicUsize,
 }
 
 impl Recorder {
@@ -61,7 +64,25 @@ impl Recorder {
             queue: Mutex::new(Vec::with_capacity(1024)),
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
         }
+    }
+
+    /// A call began; its record will be pushed when it ends.
+    pub fn opened(&self) {
+        self.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Waits, up to `at_most`, until every call begun has pushed its record; whether they all did.
+    pub async fn all_closed(&self, at_most: Duration) -> bool {
+        let deadline = Instant::now() + at_most;
+        while self.open.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Appends a finished call; past the bound the record is dropped and counted.
@@ -73,6 +94,8 @@ impl Recorder {
             drop(queue);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+        // After the record is queued, so that a shutdown that sees no call open finds it.
+        self.open.fetch_sub(1, Ordering::Release);
     }
 
     /// Everything queued so far.

@@ -69,9 +69,17 @@ async fn a_client_that_disconnects_cancels_the_upstream_stream(backend: Backend)
 }
 
 /// A client that gives up before a slow provider answers: the call ends when it hangs up, not
-/// when the provider finally answers (its log entry shows how long it ran).
+/// when the provider finally answers (its log entry shows how long it ran, and 499, as nginx
+/// logs a client that closed first). The first-byte timeout is longer than the provider's 3 s,
+/// so only the client's leaving can end the call early.
 async fn a_client_that_hangs_up_before_the_answer_cancels_the_call(backend: Backend) {
-    let (app, _mock, _) = setup(backend, &[("slow-a", 1)]).await;
+    let app = spawn_app_with(
+        backend,
+        &[("SWITCHYARD_UPSTREAM__FIRST_BYTE_TIMEOUT_SECS", "10")],
+    )
+    .await;
+    let mock = MockUpstream::start();
+    app.add_upstream(upstream(&mock, "slow-a", 1)).await;
     let (user_id, key) = app.user_with_key().await;
     let gave_up = app
         .http
@@ -99,6 +107,7 @@ async fn a_client_that_hangs_up_before_the_answer_cancels_the_call(backend: Back
         latency < 2_000,
         "the call ran on after the client left: {entry}"
     );
+    assert_eq!(entry["status"], 499, "{entry}");
 }
 
 pub(crate) fn transcription_form(model: &str) -> reqwest::multipart::Form {
