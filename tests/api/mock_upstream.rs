@@ -543,12 +543,15 @@ fn typed_events(events: &[Value]) -> HttpResponse {
 
 /// A Gemini answer: one object, or a stream (events with `alt=sse`, else one JSON array) of
 /// two, whose running usage ends at the same figures; asked with a tool, the answer's last
-/// part calls it with `{"city": "Oslo"}`.
+/// part calls it with `{"city": "Oslo"}`, signed `bW9jaw==`.
 fn gemini_answer(model: &str, stream: bool, sse: bool, tool: Option<&str>) -> HttpResponse {
     let event = |text: &str, candidates: i64, thoughts: i64, finish: Option<&str>| {
         let mut parts = vec![json!({"text": text})];
         if let (Some(tool), Some(_)) = (tool, finish) {
-            parts.push(json!({"functionCall": {"name": tool, "args": {"city": "Oslo"}}}));
+            parts.push(
+                json!({"functionCall": {"name": tool, "args": {"city": "Oslo"}},
+                              "thoughtSignature": "bW9jaw=="}),
+            );
         }
         let mut candidate = json!({"content": {"parts": parts, "role": "model"},
                                    "index": 0});

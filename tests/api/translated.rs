@@ -343,6 +343,28 @@ async fn chat_completions_reach_gemini_keys_translated(backend: Backend) {
         mock.calls()[2].body["tools"][0]["functionDeclarations"][0]["name"],
         "weather"
     );
+    // The call's thought signature rides in its id, and goes back with it in the next turn.
+    let called = choice["message"]["tool_calls"][0].clone();
+    assert!(
+        called["id"]
+            .as_str()
+            .unwrap()
+            .ends_with("__thought__bW9jaw=="),
+        "{called}"
+    );
+    let mut follow_up = with_tool(chat(model, false));
+    let turns = follow_up["messages"].as_array_mut().unwrap();
+    turns.push(json!({"role": "assistant", "content": null, "tool_calls": [called.clone()]}));
+    turns.push(json!({"role": "tool", "tool_call_id": called["id"], "content": "rain"}));
+    assert_eq!(app.chat(&key, follow_up).await.status(), 200);
+    let sent = mock.calls().remove(3);
+    let model_turn = &sent.body["contents"][1];
+    assert_eq!(model_turn["role"], "model", "{}", sent.body);
+    assert_eq!(model_turn["parts"][0]["thoughtSignature"], "bW9jaw==");
+    assert_eq!(
+        sent.body["contents"][2]["parts"][0]["functionResponse"]["name"],
+        "weather"
+    );
     let text = stream_text(&app, &key, with_tool(chat(model, true))).await;
     let (streamed, done) = chunks(&text);
     assert!(done, "{text}");
@@ -355,7 +377,7 @@ async fn chat_completions_reach_gemini_keys_translated(backend: Backend) {
         serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
     assert_eq!(arguments, json!({"city": "Oslo"}));
 
-    let entries = log_entries(&app, &format!("user_id={user_id}"), 4).await;
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 5).await;
     for entry in &entries {
         assert_eq!(entry["route"], "/v1/chat/completions", "{entry}");
         assert_eq!(entry["prompt_tokens"], 12, "{entry}");

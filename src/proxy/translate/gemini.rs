@@ -52,13 +52,26 @@ pub(super) fn request(
                     parts.push(json!({"text": text}));
                 }
                 let calls = message.get("tool_calls").and_then(Value::as_array);
-                for call in calls.into_iter().flatten() {
+                for (n, call) in calls.into_iter().flatten().enumerate() {
                     let name = call.pointer("/function/name").unwrap_or(&Value::Null);
-                    if let Some(id) = call.get("id").and_then(Value::as_str) {
+                    let id = call.get("id").and_then(Value::as_str);
+                    if let Some(id) = id {
                         call_names.insert(id, name);
                     }
                     let args = arguments_object(call.pointer("/function/arguments"));
-                    parts.push(json!({"functionCall": {"name": name, "args": args}}));
+                    let mut part = json!({"functionCall": {"name": name, "args": args}});
+                    let signed = id.and_then(|id| id.split_once(SIGNATURE_MARK));
+                    match signed {
+                        Some((_, signature)) => part["thoughtSignature"] = signature.into(),
+                        // Gemini 3 refuses a turn whose first call lacks its signature; a call
+                        // that never had one (a history from another model) gets Google's
+                        // documented stand-in.
+                        None if n == 0 && signs_calls(model) => {
+                            part["thoughtSignature"] = NO_SIGNATURE.into()
+                        }
+                        None => {}
+                    }
+                    parts.push(part);
                 }
                 ("model", parts)
             }
@@ -220,11 +233,36 @@ fn usage(metadata: &Value) -> Usage {
     }
 }
 
+/// Where a call's thought signature rides in the id of the OpenAI tool call made of it: Gemini
+/// 3 wants each call's signature back in the next turn, and an OpenAI chat carries only the
+/// call's id back (signatures are base64, which has no `_`).
+const SIGNATURE_MARK: &str = "__thought__";
+
+/// Google's documented stand-in for the signature of a call that never had one.
+const NO_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// Whether `model` signs its function calls and checks the signatures: Gemini 3 and later.
+fn signs_calls(model: &str) -> bool {
+    let Some(version) = model.strip_prefix("gemini-") else {
+        return false;
+    };
+    let major: String = version.chars().take_while(char::is_ascii_digit).collect();
+    major.parse::<u32>().is_ok_and(|major| major >= 3)
+}
+
+/// A function call a candidate made.
+struct FunctionCall {
+    name: String,
+    args: String,
+    /// The OpenAI tool call's id: Gemini's own, or a new one, with the signature if any.
+    id: String,
+}
+
 /// What a candidate's parts say: its text, its thoughts and its function calls.
 struct Parts {
     text: String,
     thoughts: String,
-    calls: Vec<(String, String)>,
+    calls: Vec<FunctionCall>,
 }
 
 fn parts_of(candidate: &Value) -> Parts {
@@ -246,7 +284,20 @@ fn parts_of(candidate: &Value) -> Parts {
         if let Some(call) = part.get("functionCall") {
             let name = call.get("name").and_then(Value::as_str).unwrap_or("");
             let args = call.get("args").cloned().unwrap_or_else(|| json!({}));
-            parts.calls.push((name.to_owned(), args.to_string()));
+            // Ids unique across turns: agents key their tool results by them.
+            let mut id = match call.get("id").and_then(Value::as_str) {
+                Some(id) => id.to_owned(),
+                None => format!("call_{}", uuid::Uuid::new_v4().simple()),
+            };
+            if let Some(signature) = part.get("thoughtSignature").and_then(Value::as_str) {
+                id.push_str(SIGNATURE_MARK);
+                id.push_str(signature);
+            }
+            parts.calls.push(FunctionCall {
+                name: name.to_owned(),
+                args: args.to_string(),
+                id,
+            });
         }
     }
     parts
@@ -266,11 +317,8 @@ pub(super) fn answer(response: &Value, model: &str) -> Option<Value> {
             let parts = parts_of(candidate);
             let calls: Vec<Value> = parts
                 .calls
-                .iter()
-                .enumerate()
-                .map(|(n, (name, args))| {
-                    tool_call(&format!("call_{index}_{n}"), name, args.clone())
-                })
+                .into_iter()
+                .map(|call| tool_call(&call.id, &call.name, call.args))
                 .collect();
             let reason = candidate.get("finishReason").and_then(Value::as_str);
             let finish = finish_reason(reason.unwrap_or("STOP"), !calls.is_empty());
@@ -326,9 +374,9 @@ impl StreamState {
             if !parts.text.is_empty() {
                 out.delta(index, json!({"content": parts.text}), None);
             }
-            for (name, args) in parts.calls {
+            for FunctionCall { name, args, id } in parts.calls {
                 let n = self.calls.entry(index).or_default();
-                let call = json!({"index": *n, "id": format!("call_{index}_{n}"),
+                let call = json!({"index": *n, "id": id,
                     "type": "function", "function": {"name": name, "arguments": args}});
                 *n += 1;
                 out.delta(index, json!({"tool_calls": [call]}), None);
@@ -417,6 +465,56 @@ mod tests {
         let chat = json!({"reasoning_effort": "max", "messages": []});
         let Value::Object(chat) = chat else { panic!() };
         assert!(request(&chat, "g", false).is_err());
+    }
+
+    /// A call's thought signature goes out in its tool call's id and comes back on the call;
+    /// Gemini 3 gets Google's stand-in for a call that has none.
+    #[test]
+    fn thought_signatures_go_round_in_tool_call_ids() {
+        let response = json!({"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"name": "weather", "args": {"city": "Oslo"}},
+             "thoughtSignature": "c2lnbmVk"},
+            {"functionCall": {"name": "weather", "args": {"city": "Rome"}}}]},
+            "finishReason": "STOP"}]});
+        let out = answer(&response, "gemini-3-pro").unwrap();
+        let calls = out["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap();
+        let (first, second) = (
+            calls[0]["id"].as_str().unwrap(),
+            calls[1]["id"].as_str().unwrap(),
+        );
+        assert!(first.ends_with("__thought__c2lnbmVk"), "{first}");
+        assert!(second.starts_with("call_") && !second.contains("__thought__"));
+        assert_ne!(
+            answer(&response, "m").unwrap()["choices"][0]["message"]["tool_calls"][1]["id"],
+            second,
+            "ids differ from turn to turn"
+        );
+        let follow_up = |model: &str, calls: &[Value]| {
+            let chat = json!({"messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": calls},
+                {"role": "tool", "tool_call_id": calls[0]["id"], "content": "rain"}]});
+            let Value::Object(chat) = chat else { panic!() };
+            let out = request(&chat, model, false).unwrap();
+            serde_json::from_slice::<Value>(&out.body).unwrap()["contents"][1]["parts"].clone()
+        };
+        let parts = follow_up("gemini-3-pro", calls);
+        assert_eq!(parts[0]["thoughtSignature"], "c2lnbmVk");
+        assert!(
+            parts[1].get("thoughtSignature").is_none(),
+            "only the first call is signed"
+        );
+        let foreign = [json!({"id": "call_x", "type": "function",
+            "function": {"name": "weather", "arguments": "{}"}})];
+        assert_eq!(
+            follow_up("gemini-3.1-flash", &foreign)[0]["thoughtSignature"],
+            "skip_thought_signature_validator"
+        );
+        assert!(follow_up("gemini-2.5-flash", &foreign)[0]
+            .get("thoughtSignature")
+            .is_none());
     }
 
     #[test]
