@@ -56,6 +56,7 @@ pub(super) fn request(
             // A tool's result goes back in a user turn, after the assistant's call.
             "tool" => {
                 let id = message.get("tool_call_id").and_then(Value::as_str);
+                let id = id.map(super::gemini::unsigned_call_id);
                 let result = json!({"type": "tool_result", "tool_use_id": id.unwrap_or(""),
                                     "content": content_text(content)});
                 ("user", vec![result])
@@ -144,7 +145,9 @@ fn assistant_blocks(message: &Value) -> Vec<Value> {
     for call in calls.into_iter().flatten() {
         blocks.push(json!({
             "type": "tool_use",
-            "id": call.get("id"),
+            // A call Gemini made earlier in the chat carries its signature in its id, in
+            // characters Anthropic's ids may not hold.
+            "id": call.get("id").and_then(Value::as_str).map(super::gemini::unsigned_call_id),
             "name": call.pointer("/function/name"),
             "input": arguments_object(call.pointer("/function/arguments")),
         }));
@@ -355,9 +358,9 @@ mod tests {
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Weather?"},
                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
-                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1__thought__c2ln+/=",
                     "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+                {"role": "tool", "tool_call_id": "call_1__thought__c2ln+/=", "content": "rain"},
                 {"role": "user", "content": "And tomorrow?"},
             ],
             "tools": [{"type": "function", "function": {"name": "weather",
@@ -382,7 +385,12 @@ mod tests {
             "image/png"
         );
         assert_eq!(messages[1]["content"][0]["input"]["city"], "Oslo");
+        assert_eq!(
+            messages[1]["content"][0]["id"], "call_1",
+            "a Gemini signature stays out of Anthropic's ids"
+        );
         assert_eq!(messages[2]["content"][0]["type"], "tool_result");
+        assert_eq!(messages[2]["content"][0]["tool_use_id"], "call_1");
         assert_eq!(messages[2]["content"][1]["text"], "And tomorrow?");
         assert_eq!(body["tools"][0]["input_schema"]["type"], "object");
         assert_eq!(body["tool_choice"]["disable_parallel_tool_use"], true);

@@ -238,6 +238,11 @@ fn usage(metadata: &Value) -> Usage {
 /// call's id back (signatures are base64, which has no `_`).
 const SIGNATURE_MARK: &str = "__thought__";
 
+/// A tool call's id without the Gemini signature it may carry, for other providers.
+pub(super) fn unsigned_call_id(id: &str) -> &str {
+    id.split_once(SIGNATURE_MARK).map_or(id, |(id, _)| id)
+}
+
 /// Google's documented stand-in for the signature of a call that never had one.
 const NO_SIGNATURE: &str = "skip_thought_signature_validator";
 
