@@ -90,16 +90,33 @@ impl PlainVisitor<'_> {
         if self.result.is_err() || name.starts_with("log.") {
             return false;
         }
-        if !std::mem::take(&mut self.first) {
-            self.result = self.writer.write_char(' ');
+        let space = !std::mem::take(&mut self.first);
+        if name == "message" {
+            if space {
+                self.result = self.writer.write_char(' ');
+            }
+            return self.result.is_ok();
         }
-        if name != "message" {
-            let name = name.strip_prefix("r#").unwrap_or(name);
-            self.result = self
-                .result
-                .and_then(|()| self.writer.write_str(name))
-                .and_then(|()| self.writer.write_char('='));
-        }
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        // ` name=` in one write: each write is a call through the writer's `dyn` interface,
+        // and every field of every request line pays for it.
+        let mut buffer = [b' '; 64];
+        let (at, end) = (usize::from(space), usize::from(space) + name.len() + 1);
+        self.result = match buffer.get_mut(at..end) {
+            Some(room) => {
+                room[..name.len()].copy_from_slice(name.as_bytes());
+                room[name.len()] = b'=';
+                let text = std::str::from_utf8(&buffer[..end]).expect("a field name is text");
+                self.writer.write_str(text)
+            }
+            None => (if space {
+                self.writer.write_char(' ')
+            } else {
+                Ok(())
+            })
+            .and_then(|()| self.writer.write_str(name))
+            .and_then(|()| self.writer.write_char('=')),
+        };
         self.result.is_ok()
     }
 }

@@ -344,8 +344,11 @@ async fn read_answer(
 fn answer_read(body: &Bytes, meter: &mut CallMeter, note_id: &Option<NoteId>) {
     meter.push(body);
     meter.end(true);
-    if let (Some(note), Some(id)) = (note_id, first_id(body)) {
-        note.note(id);
+    // Only a stored response's id is looked for: a tuple pattern would search every answer.
+    if let Some(note) = note_id {
+        if let Some(id) = first_id(body) {
+            note.note(id);
+        }
     }
 }
 

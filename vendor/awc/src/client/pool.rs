@@ -31,9 +31,17 @@ use super::{
     Connect,
 };
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Eq)]
 pub struct Key {
     authority: Authority,
+}
+
+// Switchyard's patch: `Authority`'s equality folds case a byte at a time; the same text, the
+// usual case (one URL per key), is one comparison of bytes first.
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.authority.as_str() == other.authority.as_str() || self.authority == other.authority
+    }
 }
 
 // Switchyard's patch: `Authority` hashes its text one lower-cased byte at a time, a SipHash
