@@ -705,6 +705,19 @@ async fn stored(db: &switchyard::db::Db, user_id: &str) -> (i64, i64, usize) {
     let groups = repo::usage::summary(db, &filter, repo::usage::GroupBy::User)
         .await
         .unwrap();
+    (
+        groups.iter().map(|g| g.requests).sum(),
+        groups.iter().map(|g| g.cost_nanos).sum(),
+        stored_entries(db, user_id).await.len(),
+    )
+}
+
+/// A user's log entries, straight from the database, newest first.
+async fn stored_entries(
+    db: &switchyard::db::Db,
+    user_id: &str,
+) -> Vec<switchyard::db::models::LogRow> {
+    use switchyard::db::repo;
     let logs = repo::logs::LogFilter {
         user_id: Some(user_id.to_owned()),
         status: None,
@@ -713,12 +726,26 @@ async fn stored(db: &switchyard::db::Db, user_id: &str) -> (i64, i64, usize) {
         limit: 10_000,
         offset: 0,
     };
-    let (entries, _) = repo::logs::list(db, &logs, page).await.unwrap();
-    (
-        groups.iter().map(|g| g.requests).sum(),
-        groups.iter().map(|g| g.cost_nanos).sum(),
-        entries.len(),
-    )
+    repo::logs::list(db, &logs, page).await.unwrap().0
+}
+
+/// Starts a `drip` stream (50 chunks over 5 s) for `key`, sends the server SIGTERM once its
+/// first chunk is in, and reads the rest: the text received, and whether the stream broke off.
+async fn stream_through_sigterm(server: &Server, app: &TestApp, key: &str) -> (String, bool) {
+    let mut body = hello("metered-model");
+    body["stream"] = json!(true);
+    let response = app.chat(key, body).await;
+    assert_eq!(response.status(), 200);
+    let mut chunks = response.bytes_stream();
+    let mut text = String::from_utf8(chunks.next().await.unwrap().unwrap().to_vec()).unwrap();
+    server.send_sigterm();
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(_) => return (text, true),
+        }
+    }
+    (text, false)
 }
 
 /// The real binary on a fresh database, writing no metering on a timer (only the shutdown
@@ -771,18 +798,9 @@ async fn usage_survives_sigterm_right_after_the_calls(backend: Backend) {
 /// `server.shutdown_timeout_secs`), meters it, and exits 0.
 async fn a_stream_in_flight_at_sigterm_is_finished_and_metered(backend: Backend) {
     let (server, app, _dir) = binary_metering_only_at_exit(backend).await;
-    // `drip` streams 50 chunks over 5 s.
     let (_mock, user_id, key) = setup(&app, "drip-t").await;
-    let mut body = hello("metered-model");
-    body["stream"] = json!(true);
-    let response = app.chat(&key, body).await;
-    assert_eq!(response.status(), 200);
-    let mut chunks = response.bytes_stream();
-    let mut text = String::from_utf8(chunks.next().await.unwrap().unwrap().to_vec()).unwrap();
-    server.send_sigterm();
-    while let Some(chunk) = chunks.next().await {
-        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-    }
+    let (text, broke) = stream_through_sigterm(&server, &app, &key).await;
+    assert!(!broke, "the stream ended whole: {text}");
     assert_eq!(
         text.matches("\"object\":\"chat.completion.chunk\"").count(),
         50,
@@ -802,39 +820,19 @@ async fn a_stream_cut_at_the_shutdown_timeout_is_metered_as_partial(backend: Bac
         &[("SWITCHYARD_SERVER__SHUTDOWN_TIMEOUT_SECS", "1")],
     )
     .await;
-    // `drip` streams 50 chunks over 5 s: most are still to come when the grace ends.
+    // Most of the stream's 5 s are still to come when the grace ends.
     let (_mock, user_id, key) = setup(&app, "drip-c").await;
-    let mut body = hello("metered-model");
-    body["stream"] = json!(true);
-    let response = app.chat(&key, body).await;
-    assert_eq!(response.status(), 200);
-    let mut chunks = response.bytes_stream();
-    let mut text = String::from_utf8(chunks.next().await.unwrap().unwrap().to_vec()).unwrap();
-    server.send_sigterm();
-    while let Some(Ok(chunk)) = chunks.next().await {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (text, _) = stream_through_sigterm(&server, &app, &key).await;
     let delivered = text.matches("\"object\":\"chat.completion.chunk\"").count();
     assert!(delivered < 50, "the stream was cut: {text}");
     let (status, log) = server.wait_for_exit();
     assert!(status.success(), "exit status {status}: {log}");
     let (requests, _, entries) = stored(&app.db(), &user_id).await;
     assert_eq!((requests, entries), (1, 1), "{log}");
-    let db = app.db();
-    let (entries, _) = switchyard::db::repo::logs::list(
-        &db,
-        &switchyard::db::repo::logs::LogFilter {
-            user_id: Some(user_id.clone()),
-            status: None,
-        },
-        switchyard::db::repo::Page {
-            limit: 10,
-            offset: 0,
-        },
-    )
-    .await
-    .unwrap();
-    assert!(entries[0].partial, "{log}");
+    assert!(
+        stored_entries(&app.db(), &user_id).await[0].partial,
+        "{log}"
+    );
 }
 
 /// `calls` successful calls while the database is away, which comes back once writes have

@@ -69,6 +69,17 @@ fn streamed_text(chunks: &[Value]) -> String {
         .collect()
 }
 
+/// Each log entry is a whole chat completion answered 200, with the provider's token counts.
+fn metered_whole<'a>(entries: impl IntoIterator<Item = &'a Value>, prompt: i64, completion: i64) {
+    for entry in entries {
+        assert_eq!(entry["route"], "/v1/chat/completions", "{entry}");
+        assert_eq!(entry["status"], 200, "{entry}");
+        assert_eq!(entry["prompt_tokens"], prompt, "{entry}");
+        assert_eq!(entry["completion_tokens"], completion, "{entry}");
+        assert_eq!(entry["partial"], false, "{entry}");
+    }
+}
+
 /// A user on `level`, with a key.
 async fn user_on(app: &TestApp, level: i32) -> (String, String) {
     let user = app.create_user(json!({"level": level})).await;
@@ -194,13 +205,7 @@ async fn chat_completions_reach_anthropic_keys_translated(backend: Backend) {
         .filter(|e| e["upstream_model"] == "claude-3-5-haiku-latest")
         .collect();
     assert_eq!(claude.len(), 5, "{entries:?}");
-    for entry in claude {
-        assert_eq!(entry["route"], "/v1/chat/completions", "{entry}");
-        assert_eq!(entry["status"], 200, "{entry}");
-        assert_eq!(entry["prompt_tokens"], 30, "{entry}");
-        assert_eq!(entry["completion_tokens"], 7, "{entry}");
-        assert_eq!(entry["partial"], false, "{entry}");
-    }
+    metered_whole(claude, 30, 7);
     assert_eq!(mock.calls_with("ok-oai"), 1);
 }
 
@@ -378,12 +383,7 @@ async fn chat_completions_reach_gemini_keys_translated(backend: Backend) {
     assert_eq!(arguments, json!({"city": "Oslo"}));
 
     let entries = log_entries(&app, &format!("user_id={user_id}"), 5).await;
-    for entry in &entries {
-        assert_eq!(entry["route"], "/v1/chat/completions", "{entry}");
-        assert_eq!(entry["prompt_tokens"], 12, "{entry}");
-        assert_eq!(entry["completion_tokens"], 10, "{entry}");
-        assert_eq!(entry["partial"], false, "{entry}");
-    }
+    metered_whole(&entries, 12, 10);
     assert_eq!(mock.calls_with("ok-oai"), 0);
 }
 
