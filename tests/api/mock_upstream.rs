@@ -274,7 +274,17 @@ async fn handle(
         .or(body["tools"][0]["functionDeclarations"][0]["name"].as_str())
         .map(str::to_owned);
     if req.path() == "/v1/messages" {
-        return anthropic_message(&model, stream, secret.starts_with("cut"), tool.as_deref());
+        if let Some(refusal) = anthropic_thinking_refusal(&body) {
+            return refusal;
+        }
+        let thinking = body["thinking"]["type"] == "enabled";
+        return anthropic_message(
+            &model,
+            stream,
+            secret.starts_with("cut"),
+            tool.as_deref(),
+            thinking,
+        );
     }
     if let Some(target) = req.path().strip_prefix("/v1beta/models/") {
         if secret.starts_with("badkey") {
@@ -463,13 +473,55 @@ async fn handle(
     }))
 }
 
+/// Anthropic's 400s for thinking it cannot do: with a forced tool choice, and in a tool-use
+/// cycle whose last assistant turn does not start with its thinking block.
+fn anthropic_thinking_refusal(body: &Value) -> Option<HttpResponse> {
+    if body["thinking"]["type"] != "enabled" {
+        return None;
+    }
+    let refuse = |message: &str| {
+        HttpResponse::BadRequest().json(json!({"type": "error", "error": {
+            "type": "invalid_request_error", "message": message}}))
+    };
+    if matches!(body["tool_choice"]["type"].as_str(), Some("any" | "tool")) {
+        return Some(refuse(
+            "Thinking may not be enabled when tool_choice forces tool use.",
+        ));
+    }
+    let messages = body["messages"].as_array()?;
+    let last = messages.iter().rposition(|m| m["role"] == "assistant")?;
+    let blocks = messages[last]["content"].as_array()?;
+    let calls = blocks.iter().any(|b| b["type"] == "tool_use");
+    let starts_thinking = matches!(
+        blocks.first().and_then(|b| b["type"].as_str()),
+        Some("thinking" | "redacted_thinking")
+    );
+    (calls && !starts_thinking).then(|| {
+        refuse(&format!(
+            "messages.{last}.content.0.type: Expected `thinking` or `redacted_thinking`, but \
+             found `tool_use`. When `thinking` is enabled, a final `assistant` message must \
+             start with a thinking block."
+        ))
+    })
+}
+
+/// The mock's thinking before a tool call, and the signature Anthropic would give it.
+const MOCK_THOUGHT: &str = "Oslo it is.";
+pub const MOCK_THOUGHT_SIGNATURE: &str = "c2lnLW1vY2s=";
+
 /// An Anthropic Messages answer, or its event stream (`cut`: without its end); asked with a
-/// tool, a call of it.
-fn anthropic_message(model: &str, stream: bool, cut: bool, tool: Option<&str>) -> HttpResponse {
+/// tool, a call of it (after a signed thinking block, with `thinking`).
+fn anthropic_message(
+    model: &str,
+    stream: bool,
+    cut: bool,
+    tool: Option<&str>,
+    thinking: bool,
+) -> HttpResponse {
     let usage = json!({"input_tokens": 25, "output_tokens": 7,
                        "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0});
     if let Some(tool) = tool {
-        return anthropic_tool_call(model, stream, tool, usage);
+        return anthropic_tool_call(model, stream, tool, usage, thinking);
     }
     if !stream {
         return HttpResponse::Ok().json(json!({
@@ -499,30 +551,64 @@ fn anthropic_message(model: &str, stream: bool, cut: bool, tool: Option<&str>) -
     typed_events(&events)
 }
 
-/// A Messages answer calling `tool` with `{"city": "Oslo"}`, whole or streamed.
-fn anthropic_tool_call(model: &str, stream: bool, tool: &str, usage: Value) -> HttpResponse {
+/// A Messages answer calling `tool` with `{"city": "Oslo"}`, whole or streamed; with
+/// `thinking`, a signed thinking block comes first.
+fn anthropic_tool_call(
+    model: &str,
+    stream: bool,
+    tool: &str,
+    usage: Value,
+    thinking: bool,
+) -> HttpResponse {
     if !stream {
+        let mut content = vec![
+            json!({"type": "text", "text": "Checking."}),
+            json!({"type": "tool_use", "id": "toolu_mock", "name": tool,
+                   "input": {"city": "Oslo"}}),
+        ];
+        if thinking {
+            content.insert(
+                0,
+                json!({"type": "thinking", "thinking": MOCK_THOUGHT,
+                       "signature": MOCK_THOUGHT_SIGNATURE}),
+            );
+        }
         return HttpResponse::Ok().json(json!({
             "id": "msg_tool", "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": "Checking."}, {"type": "tool_use",
-                "id": "toolu_mock", "name": tool, "input": {"city": "Oslo"}}],
-            "stop_reason": "tool_use", "stop_sequence": null, "usage": usage,
+            "content": content, "stop_reason": "tool_use", "stop_sequence": null, "usage": usage,
         }));
     }
-    let events = [
-        json!({"type": "message_start", "message": {"id": "msg_tool", "type": "message",
-            "role": "assistant", "model": model, "content": [], "usage": usage}}),
-        json!({"type": "content_block_start", "index": 0, "content_block":
+    let mut events = vec![
+        json!({"type": "message_start", "message": {"id": "msg_tool",
+        "type": "message", "role": "assistant", "model": model, "content": [], "usage": usage}}),
+    ];
+    let call = usize::from(thinking);
+    if thinking {
+        let (text, rest) = MOCK_THOUGHT.split_at(5);
+        events.extend([
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "thinking", "thinking": ""}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "thinking_delta", "thinking": text}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "thinking_delta", "thinking": rest}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "signature_delta", "signature": MOCK_THOUGHT_SIGNATURE}}),
+            json!({"type": "content_block_stop", "index": 0}),
+        ]);
+    }
+    events.extend([
+        json!({"type": "content_block_start", "index": call, "content_block":
             {"type": "tool_use", "id": "toolu_mock", "name": tool, "input": {}}}),
-        json!({"type": "content_block_delta", "index": 0,
+        json!({"type": "content_block_delta", "index": call,
                "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}}),
-        json!({"type": "content_block_delta", "index": 0,
+        json!({"type": "content_block_delta", "index": call,
                "delta": {"type": "input_json_delta", "partial_json": "\"Oslo\"}"}}),
-        json!({"type": "content_block_stop", "index": 0}),
+        json!({"type": "content_block_stop", "index": call}),
         json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
                "usage": {"output_tokens": 7}}),
         json!({"type": "message_stop"}),
-    ];
+    ]);
     typed_events(&events)
 }
 

@@ -13,6 +13,7 @@ on_both_backends!(
     the_openai_python_sdk_works_through_the_router,
     the_anthropic_python_sdk_works_through_the_router,
     the_openai_python_sdk_reaches_claude_and_gemini,
+    the_openai_python_sdk_keeps_claudes_thinking_in_a_tool_loop,
 );
 
 const SCRIPT: &str = r#"
@@ -166,4 +167,47 @@ async fn the_openai_python_sdk_reaches_claude_and_gemini(backend: Backend) {
         .iter()
         .all(|c| c.secret == "ok-ant" && c.path == "/v1/messages"));
     assert!(calls[2..].iter().all(|c| c.secret == "ok-gem"));
+}
+
+/// A tool loop as OpenAI's docs write it: the answer's message is appended as the SDK gives it,
+/// then the tool's result.
+const TOOL_LOOP_SCRIPT: &str = r#"
+import os
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["SY_BASE"], api_key=os.environ["SY_KEY"], max_retries=0)
+tools = [{"type": "function", "function": {"name": "weather",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+messages = [{"role": "user", "content": "Weather in Oslo?"}]
+for turn in range(2):
+    r = client.chat.completions.create(model=os.environ["SY_MODEL"], messages=messages,
+                                       tools=tools, reasoning_effort="low")
+    message = r.choices[0].message
+    print("TURN", turn, r.choices[0].finish_reason, message.tool_calls[0].function.name)
+    messages.append(message)
+    messages.append({"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "rain"})
+"#;
+
+/// Through the OpenAI SDK, a Claude tool loop with thinking keeps going: the SDK sends the
+/// answer's `thinking_blocks` back, and Anthropic gets the signed thinking first in that turn.
+async fn the_openai_python_sdk_keeps_claudes_thinking_in_a_tool_loop(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(
+        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-ant"}),
+    )
+    .await;
+    let (_, key) = app.user_with_key().await;
+    let base = format!("{}/v1", app.address);
+    let stdout = run_python(TOOL_LOOP_SCRIPT, base, key, "claude-sonnet-4-5").await;
+    assert!(stdout.contains("TURN 0 tool_calls weather"), "{stdout}");
+    assert!(stdout.contains("TURN 1 tool_calls weather"), "{stdout}");
+    let second = mock.calls().remove(1).body;
+    assert_eq!(second["thinking"]["type"], "enabled", "{second}");
+    assert_eq!(
+        second["messages"][1]["content"][0],
+        json!({"type": "thinking", "thinking": "Oslo it is.",
+               "signature": crate::mock_upstream::MOCK_THOUGHT_SIGNATURE}),
+        "{second}"
+    );
 }

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::helpers::{into_json, log_entries, spawn_app_with, Backend, TestApp};
-use crate::mock_upstream::MockUpstream;
+use crate::mock_upstream::{MockUpstream, MOCK_THOUGHT_SIGNATURE};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -13,6 +13,7 @@ on_both_backends!(
     anthropic_errors_and_cut_streams_come_back_as_openais,
     chat_completions_reach_gemini_keys_translated,
     reasoning_effort_reaches_both_providers_as_thinking,
+    claude_thinking_goes_back_with_its_tool_calls,
 );
 
 async fn app(backend: Backend) -> TestApp {
@@ -425,4 +426,83 @@ async fn reasoning_effort_reaches_both_providers_as_thinking(backend: Backend) {
     assert_eq!(status, 400, "{error}");
     assert_eq!(error["error"]["code"], "invalid_request");
     assert_eq!(mock.calls().len(), 3, "sent nowhere");
+}
+
+/// Claude's thinking before a tool call comes back as `thinking_blocks` (whole, or streamed
+/// whole once signed), and the next turn that sends the answer back as it came gives Anthropic
+/// its signed thinking first. A client that keeps only OpenAI's fields, or forces a tool, gets
+/// its answer without thinking where Anthropic would refuse the turn.
+async fn claude_thinking_goes_back_with_its_tool_calls(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(key("anthropic", &mock, "ok-ant", 1)).await;
+    let (_, key) = user_on(&app, 1).await;
+    let thinking = |stream: bool| {
+        let mut body = with_tool(chat("claude-sonnet-4-5", stream));
+        body["reasoning_effort"] = json!("low");
+        body
+    };
+    let signed = json!([{"type": "thinking", "thinking": "Oslo it is.",
+                         "signature": MOCK_THOUGHT_SIGNATURE}]);
+
+    let (status, answer) = into_json(app.chat(&key, thinking(false)).await).await;
+    assert_eq!(status, 200, "{answer}");
+    let message = answer["choices"][0]["message"].clone();
+    assert_eq!(message["thinking_blocks"], signed, "{answer}");
+    assert_eq!(message["reasoning_content"], "Oslo it is.");
+    assert_eq!(message["tool_calls"][0]["id"], "toolu_mock");
+
+    // The next turn, with the answer as it came: the thinking goes first, signed.
+    let next = |assistant: Value, extra: Value| {
+        let mut body = thinking(false);
+        let messages = body["messages"].as_array_mut().unwrap();
+        messages.push(assistant);
+        messages.push(json!({"role": "tool", "tool_call_id": "toolu_mock", "content": "rain"}));
+        for (name, value) in extra.as_object().unwrap() {
+            body[name] = value.clone();
+        }
+        body
+    };
+    let (status, answer) = into_json(app.chat(&key, next(message.clone(), json!({}))).await).await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = mock.calls().remove(1).body;
+    assert_eq!(sent["thinking"]["type"], "enabled", "{sent}");
+    let turn = &sent["messages"][1];
+    assert_eq!(turn["role"], "assistant");
+    assert_eq!(turn["content"][0], signed[0], "{sent}");
+    assert_eq!(turn["content"][2]["type"], "tool_use", "{sent}");
+
+    // Only OpenAI's fields back: the turn goes without thinking, not to Anthropic's 400.
+    let bare = json!({"role": "assistant", "content": message["content"],
+                      "tool_calls": message["tool_calls"]});
+    let (status, answer) = into_json(app.chat(&key, next(bare, json!({}))).await).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(mock.calls()[2].body.get("thinking").is_none());
+    // A forced tool and thinking do not go together on Anthropic: the tool wins.
+    let (status, answer) = into_json(
+        app.chat(&key, next(message, json!({"tool_choice": "required"})))
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = &mock.calls()[3].body;
+    assert!(sent.get("thinking").is_none(), "{sent}");
+    assert_eq!(sent["tool_choice"]["type"], "any");
+
+    // Streamed: the reasoning as it comes, then the block whole once signed.
+    let text = stream_text(&app, &key, thinking(true)).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    let delta = |c: &Value| c["choices"][0]["delta"].clone();
+    let reasoning: String = streamed
+        .iter()
+        .filter_map(|c| delta(c)["reasoning_content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(reasoning, "Oslo it is.", "{text}");
+    let blocks: Vec<Value> = streamed
+        .iter()
+        .filter_map(|c| delta(c).get("thinking_blocks").cloned())
+        .collect();
+    assert_eq!(blocks, [signed], "{text}");
+    assert!(finishes(&streamed, "tool_calls"), "{text}");
 }

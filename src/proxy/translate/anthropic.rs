@@ -34,6 +34,10 @@ pub(super) fn request(
         .get("messages")
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::invalid("request body must have a `messages` array"))?;
+    let choice = tool_choice(chat);
+    let thinking = reasoning_budget(chat, LEAST_THINKING)?
+        .filter(|budget| *budget > 0)
+        .filter(|_| thinking_possible(messages, choice.as_ref()));
     let mut system: Vec<Value> = Vec::new();
     // The Messages API alternates turns.
     let mut turns = Turns::default();
@@ -52,7 +56,7 @@ pub(super) fn request(
                 "user",
                 user_parts(content, "Anthropic", text_block, image_block)?,
             ),
-            "assistant" => ("assistant", assistant_blocks(message)),
+            "assistant" => ("assistant", assistant_blocks(message, thinking.is_some())),
             // A tool's result goes back in a user turn, after the assistant's call.
             "tool" => {
                 let id = message.get("tool_call_id").and_then(Value::as_str);
@@ -65,7 +69,6 @@ pub(super) fn request(
         };
         turns.push(role, blocks);
     }
-    let thinking = reasoning_budget(chat, LEAST_THINKING)?.filter(|budget| *budget > 0);
     // OpenAI's output cap counts the reasoning; Anthropic's thinking budget lies within the cap
     // too. Without a cap, the answer keeps the default beyond the thinking.
     let cap = max_tokens(chat).unwrap_or(DEFAULT_MAX_TOKENS + thinking.unwrap_or(0));
@@ -104,7 +107,7 @@ pub(super) fn request(
     if let Some(tools) = chat.get("tools").and_then(Value::as_array) {
         body["tools"] = Value::Array(tools.iter().filter_map(tool).collect());
     }
-    if let Some(choice) = tool_choice(chat) {
+    if let Some(choice) = choice {
         body["tool_choice"] = choice;
     }
     let mut headers = vec![(
@@ -134,9 +137,52 @@ fn image_block(image: Image<'_>) -> Value {
     }
 }
 
-/// An assistant message (text and tool calls) as Messages blocks.
-fn assistant_blocks(message: &Value) -> Vec<Value> {
+/// Whether the Messages API takes thinking for this chat. It refuses thinking with a forced tool
+/// choice, and when the last assistant message called tools without starting with its thinking
+/// blocks, as a client that keeps only OpenAI's fields of the answer sends it back. Such a chat
+/// goes without thinking, which the API allows at any turn, rather than failing.
+fn thinking_possible(messages: &[Value], choice: Option<&Value>) -> bool {
+    let forced = choice
+        .and_then(|c| c.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|kind| kind == "any" || kind == "tool");
+    let last_assistant = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("assistant"));
+    let unthought_calls = last_assistant.is_some_and(|message| {
+        let calls = message.get("tool_calls").and_then(Value::as_array);
+        calls.is_some_and(|calls| !calls.is_empty()) && kept_thoughts(message).next().is_none()
+    });
+    !forced && !unthought_calls
+}
+
+/// The thinking blocks an assistant message brings back (`thinking_blocks`, as the answer gave
+/// them). Anthropic checks each block's signature, so each goes back exactly as it came.
+fn kept_thoughts(message: &Value) -> impl Iterator<Item = Value> + '_ {
+    let blocks = message.get("thinking_blocks").and_then(Value::as_array);
+    blocks.into_iter().flatten().filter_map(thought)
+}
+
+/// A thinking block of the Messages API (`thinking` with its signature, or `redacted_thinking`)
+/// as it is given to the client and taken back; anything else is none.
+fn thought(block: &Value) -> Option<Value> {
+    let text = |key: &str| block.get(key).and_then(Value::as_str);
+    match text("type")? {
+        "thinking" => Some(json!({"type": "thinking", "thinking": text("thinking")?,
+                                  "signature": text("signature")?})),
+        "redacted_thinking" => Some(json!({"type": "redacted_thinking", "data": text("data")?})),
+        _ => None,
+    }
+}
+
+/// An assistant message (its thinking when `thinking` is on, text and tool calls) as Messages
+/// blocks. Without thinking its blocks are left out: they only count in a chat that thinks.
+fn assistant_blocks(message: &Value, thinking: bool) -> Vec<Value> {
     let mut blocks = Vec::new();
+    if thinking {
+        blocks.extend(kept_thoughts(message));
+    }
     let text = content_text(message.get("content"));
     if !text.is_empty() {
         blocks.push(json!({"type": "text", "text": text}));
@@ -222,8 +268,10 @@ pub(super) fn answer(message: &Value, model: &str) -> Option<Value> {
     let blocks = message.get("content")?.as_array()?;
     let mut text = String::new();
     let mut thinking = String::new();
+    let mut thoughts = Vec::new();
     let mut calls = Vec::new();
     for block in blocks {
+        thoughts.extend(thought(block));
         match block.get("type").and_then(Value::as_str) {
             Some("text") => text.push_str(block.get("text").and_then(Value::as_str)?),
             Some("thinking") => {
@@ -244,12 +292,12 @@ pub(super) fn answer(message: &Value, model: &str) -> Option<Value> {
     let finish = finish_reason(message.get("stop_reason").and_then(Value::as_str));
     let text = (!text.is_empty() || calls.is_empty()).then_some(text);
     let id = message.get("id").and_then(Value::as_str);
-    Some(completion(
-        id,
-        model,
-        vec![choice(0, text, thinking, calls, finish)],
-        Some(counted),
-    ))
+    let mut choice = choice(0, text, thinking, calls, finish);
+    // Where LiteLLM puts them: a client that sends the message back as it came keeps them.
+    if !thoughts.is_empty() {
+        choice["message"]["thinking_blocks"] = Value::Array(thoughts);
+    }
+    Some(completion(id, model, vec![choice], Some(counted)))
 }
 
 /// What a Messages stream has said so far.
@@ -260,12 +308,22 @@ pub(super) struct StreamState {
     usage: Usage,
     /// The content block index of each tool call, in the order they came (OpenAI's index).
     tool_blocks: Vec<u64>,
+    /// The thinking block streaming now, its text and signature so far: it goes to the client
+    /// whole when it ends, as `thinking_blocks`, to come back in the next turn.
+    thought: Option<Value>,
 }
 
 impl StreamState {
     /// The counts so far, once the message started.
     pub(super) fn usage(&self) -> Option<Usage> {
         self.started.then_some(self.usage)
+    }
+
+    /// Appends `text` to a field of the thinking block streaming now.
+    fn add_to_thought(&mut self, field: &str, text: &str) {
+        if let Some(Value::String(so_far)) = self.thought.as_mut().and_then(|t| t.get_mut(field)) {
+            so_far.push_str(text);
+        }
     }
 
     pub(super) fn event(&mut self, event: &Value, out: &mut ChunkWriter) {
@@ -300,7 +358,21 @@ impl StreamState {
                             out.delta(0, json!({"content": text}), None);
                         }
                     }
+                    Some("thinking") => {
+                        let text = block.get("thinking").and_then(Value::as_str).unwrap_or("");
+                        if !text.is_empty() {
+                            out.delta(0, json!({"reasoning_content": text}), None);
+                        }
+                        self.thought = Some(json!({"type": "thinking", "thinking": text,
+                                                   "signature": ""}));
+                    }
+                    Some("redacted_thinking") => self.thought = thought(block),
                     _ => {}
+                }
+            }
+            "content_block_stop" => {
+                if let Some(thought) = self.thought.take() {
+                    out.delta(0, json!({"thinking_blocks": [thought]}), None);
                 }
             }
             "content_block_delta" => {
@@ -310,8 +382,10 @@ impl StreamState {
                 match delta.get("type").and_then(Value::as_str) {
                     Some("text_delta") => out.delta(0, json!({"content": text("text")}), None),
                     Some("thinking_delta") => {
+                        self.add_to_thought("thinking", text("thinking"));
                         out.delta(0, json!({"reasoning_content": text("thinking")}), None)
                     }
+                    Some("signature_delta") => self.add_to_thought("signature", text("signature")),
                     Some("input_json_delta") => {
                         let Some(call) = self.tool_blocks.iter().position(|b| *b == index) else {
                             return;
@@ -452,6 +526,11 @@ mod tests {
         let choice = &out["choices"][0];
         assert_eq!(choice["message"]["content"], "Let me check.");
         assert_eq!(choice["message"]["reasoning_content"], "Oslo, then.");
+        assert_eq!(
+            choice["message"]["thinking_blocks"],
+            json!([{"type": "thinking", "thinking": "Oslo, then.", "signature": "s"}]),
+            "signed, to come back with the tool's result"
+        );
         assert_eq!(choice["finish_reason"], "tool_calls");
         let call = &choice["message"]["tool_calls"][0];
         assert_eq!(call["function"]["name"], "weather");
@@ -459,5 +538,110 @@ mod tests {
         assert_eq!(out["usage"]["prompt_tokens"], 16);
         assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 6);
         assert_eq!(out["usage"]["completion_tokens"], 4);
+    }
+
+    /// The thinking blocks of an answer come back before its tool calls, and a chat that cannot
+    /// think (its calls came back without them, or a tool is forced) goes without thinking.
+    #[test]
+    fn thinking_goes_back_with_its_tool_calls() {
+        let sent = |assistant: Value, extra: Value| {
+            let mut chat = json!({"reasoning_effort": "low", "messages": [
+                {"role": "user", "content": "Weather?"},
+                assistant,
+                {"role": "tool", "tool_call_id": "toolu_1", "content": "rain"},
+            ], "tools": [{"type": "function", "function": {"name": "weather"}}]});
+            for (key, value) in extra.as_object().unwrap() {
+                chat[key] = value.clone();
+            }
+            let Value::Object(chat) = chat else { panic!() };
+            let out = request(&chat, "claude", false).unwrap();
+            serde_json::from_slice::<Value>(&out.body).unwrap()
+        };
+        let call = json!([{"id": "toolu_1", "type": "function",
+                           "function": {"name": "weather", "arguments": "{}"}}]);
+        let thoughts = json!([
+            {"type": "thinking", "thinking": "Oslo.", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "opaque"},
+            {"type": "thinking", "thinking": "unsigned"},
+        ]);
+        let kept = json!({"role": "assistant", "content": "Checking.", "tool_calls": call,
+                          "thinking_blocks": thoughts});
+        let body = sent(kept.clone(), json!({}));
+        assert_eq!(body["thinking"]["budget_tokens"], 1024);
+        assert_eq!(
+            body["messages"][1]["content"],
+            json!([
+                {"type": "thinking", "thinking": "Oslo.", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}},
+            ]),
+            "a block without its signature is not one Anthropic takes"
+        );
+        let bare = json!({"role": "assistant", "content": null, "tool_calls": call});
+        let body = sent(bare, json!({}));
+        assert!(body.get("thinking").is_none(), "{body}");
+        let body = sent(kept.clone(), json!({"tool_choice": "required"}));
+        assert!(body.get("thinking").is_none(), "a forced tool: {body}");
+        assert_eq!(body["tool_choice"]["type"], "any");
+        assert_eq!(body["messages"][1]["content"][0]["type"], "text");
+        let body = sent(kept, json!({"reasoning_effort": "none"}));
+        assert!(body.get("thinking").is_none(), "{body}");
+        assert_eq!(
+            body["messages"][1]["content"][0]["type"], "text",
+            "thinking blocks only go to a chat that thinks"
+        );
+    }
+
+    /// A streamed thinking block reaches the client as reasoning deltas, then whole with its
+    /// signature once it ends.
+    #[test]
+    fn streamed_thinking_ends_as_a_whole_block() {
+        let mut state = StreamState::default();
+        let mut out = ChunkWriter::new("asked");
+        for event in [
+            json!({"type": "message_start", "message": {"id": "msg_1", "usage": {}}}),
+            json!({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "thinking", "thinking": ""}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "thinking_delta", "thinking": "Oslo"}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "thinking_delta", "thinking": ", then."}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "signature_delta", "signature": "sig"}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "content_block_start", "index": 1,
+                   "content_block": {"type": "redacted_thinking", "data": "opaque"}}),
+            json!({"type": "content_block_stop", "index": 1}),
+            json!({"type": "content_block_start", "index": 2,
+                   "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_stop", "index": 2}),
+        ] {
+            state.event(&event, &mut out);
+        }
+        let text = String::from_utf8(out.out.to_vec()).unwrap();
+        let deltas: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .map(|c| c["choices"][0]["delta"].clone())
+            .collect();
+        let reasoning: String = deltas
+            .iter()
+            .filter_map(|d| d["reasoning_content"].as_str())
+            .collect();
+        assert_eq!(reasoning, "Oslo, then.");
+        let blocks: Vec<&Value> = deltas
+            .iter()
+            .filter_map(|d| d.get("thinking_blocks"))
+            .collect();
+        assert_eq!(
+            blocks,
+            [
+                &json!([{"type": "thinking", "thinking": "Oslo, then.", "signature": "sig"}]),
+                &json!([{"type": "redacted_thinking", "data": "opaque"}]),
+            ],
+            "{text}"
+        );
     }
 }
