@@ -278,11 +278,17 @@ async fn handle(
             return refusal;
         }
         let thinking = body["thinking"]["type"] == "enabled";
+        // A forced tool is called at once, with no words before it.
+        let forced = body["tool_choice"]["type"] == "tool";
+        let tool = match body["tool_choice"]["name"].as_str() {
+            Some(named) if forced => Some(named.to_owned()),
+            _ => tool,
+        };
         return anthropic_message(
             &model,
             stream,
             secret.starts_with("cut"),
-            tool.as_deref(),
+            tool.as_deref().map(|name| (name, forced)),
             thinking,
         );
     }
@@ -515,13 +521,13 @@ fn anthropic_message(
     model: &str,
     stream: bool,
     cut: bool,
-    tool: Option<&str>,
+    tool: Option<(&str, bool)>,
     thinking: bool,
 ) -> HttpResponse {
     let usage = json!({"input_tokens": 25, "output_tokens": 7,
                        "cache_read_input_tokens": 5, "cache_creation_input_tokens": 0});
-    if let Some(tool) = tool {
-        return anthropic_tool_call(model, stream, tool, usage, thinking);
+    if let Some((tool, forced)) = tool {
+        return anthropic_tool_call(model, stream, tool, usage, thinking, forced);
     }
     if !stream {
         return HttpResponse::Ok().json(json!({
@@ -552,20 +558,21 @@ fn anthropic_message(
 }
 
 /// A Messages answer calling `tool` with `{"city": "Oslo"}`, whole or streamed; with
-/// `thinking`, a signed thinking block comes first.
+/// `thinking`, a signed thinking block comes first; unless `forced`, a few words before it.
 fn anthropic_tool_call(
     model: &str,
     stream: bool,
     tool: &str,
     usage: Value,
     thinking: bool,
+    forced: bool,
 ) -> HttpResponse {
     if !stream {
-        let mut content = vec![
-            json!({"type": "text", "text": "Checking."}),
-            json!({"type": "tool_use", "id": "toolu_mock", "name": tool,
-                   "input": {"city": "Oslo"}}),
-        ];
+        let mut content = vec![json!({"type": "tool_use", "id": "toolu_mock", "name": tool,
+                                      "input": {"city": "Oslo"}})];
+        if !forced {
+            content.insert(0, json!({"type": "text", "text": "Checking."}));
+        }
         if thinking {
             content.insert(
                 0,

@@ -14,6 +14,7 @@ on_both_backends!(
     the_anthropic_python_sdk_works_through_the_router,
     the_openai_python_sdk_reaches_claude_and_gemini,
     the_openai_python_sdk_keeps_claudes_thinking_in_a_tool_loop,
+    the_openai_python_sdk_parses_claudes_structured_answers,
 );
 
 const SCRIPT: &str = r#"
@@ -209,5 +210,39 @@ async fn the_openai_python_sdk_keeps_claudes_thinking_in_a_tool_loop(backend: Ba
         json!({"type": "thinking", "thinking": "Oslo it is.",
                "signature": crate::mock_upstream::MOCK_THOUGHT_SIGNATURE}),
         "{second}"
+    );
+}
+
+/// The SDK's structured outputs: a Pydantic model as `response_format`, the answer parsed.
+const PARSE_SCRIPT: &str = r#"
+import os
+from openai import OpenAI
+from pydantic import BaseModel
+
+class Place(BaseModel):
+    city: str
+
+client = OpenAI(base_url=os.environ["SY_BASE"], api_key=os.environ["SY_KEY"], max_retries=0)
+r = client.chat.completions.parse(model=os.environ["SY_MODEL"], response_format=Place,
+                                  messages=[{"role": "user", "content": "Where is it raining?"}])
+print("PARSED", r.choices[0].message.parsed.city, r.choices[0].finish_reason)
+"#;
+
+/// `client.chat.completions.parse` against a Claude model parses the answer into its model.
+async fn the_openai_python_sdk_parses_claudes_structured_answers(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(
+        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-ant"}),
+    )
+    .await;
+    let (_, key) = app.user_with_key().await;
+    let base = format!("{}/v1", app.address);
+    let stdout = run_python(PARSE_SCRIPT, base, key, "claude-sonnet-4-5").await;
+    assert!(stdout.contains("PARSED Oslo stop"), "{stdout}");
+    let sent = mock.calls().remove(0).body;
+    assert_eq!(
+        sent["tools"][0]["input_schema"]["properties"]["city"]["type"], "string",
+        "{sent}"
     );
 }

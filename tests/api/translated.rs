@@ -14,6 +14,7 @@ on_both_backends!(
     chat_completions_reach_gemini_keys_translated,
     reasoning_effort_reaches_both_providers_as_thinking,
     claude_thinking_goes_back_with_its_tool_calls,
+    claude_answers_json_when_asked_for_it,
 );
 
 async fn app(backend: Backend) -> TestApp {
@@ -505,4 +506,45 @@ async fn claude_thinking_goes_back_with_its_tool_calls(backend: Backend) {
         .collect();
     assert_eq!(blocks, [signed], "{text}");
     assert!(finishes(&streamed, "tool_calls"), "{text}");
+}
+
+/// `response_format` on a Claude model: the model is made to call a tool of the schema, and its
+/// input comes back as the answer's JSON text (whole and streamed), with no tool call in sight.
+async fn claude_answers_json_when_asked_for_it(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(key("anthropic", &mock, "ok-ant", 1)).await;
+    let (user_id, key) = user_on(&app, 1).await;
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}},
+                        "required": ["city"], "additionalProperties": false});
+    let asking = |stream: bool| {
+        let mut body = chat("claude-sonnet-4-5", stream);
+        body["response_format"] = json!({"type": "json_schema",
+            "json_schema": {"name": "place", "schema": schema, "strict": true}});
+        body
+    };
+
+    let (status, answer) = into_json(app.chat(&key, asking(false)).await).await;
+    assert_eq!(status, 200, "{answer}");
+    let choice = &answer["choices"][0];
+    assert_eq!(choice["finish_reason"], "stop", "{answer}");
+    assert!(choice["message"].get("tool_calls").is_none(), "{answer}");
+    let content: Value =
+        serde_json::from_str(choice["message"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(content, json!({"city": "Oslo"}));
+    let sent = mock.calls().remove(0).body;
+    assert_eq!(sent["tools"][0]["input_schema"], schema, "{sent}");
+    assert_eq!(sent["tool_choice"]["type"], "tool", "{sent}");
+    assert_eq!(sent["tool_choice"]["name"], sent["tools"][0]["name"]);
+
+    let text = stream_text(&app, &key, asking(true)).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done, "{text}");
+    let content: Value = serde_json::from_str(&streamed_text(&streamed)).expect(&text);
+    assert_eq!(content, json!({"city": "Oslo"}), "{text}");
+    assert!(!text.contains("tool_calls"), "{text}");
+    assert!(finishes(&streamed, "stop"), "{text}");
+
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 2).await;
+    metered_whole(&entries, 30, 7);
 }

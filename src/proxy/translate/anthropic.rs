@@ -17,6 +17,11 @@ const DEFAULT_MAX_TOKENS: u64 = 4096;
 /// The smallest thinking budget the Messages API takes.
 const LEAST_THINKING: u64 = 1024;
 
+/// The tool a chat asking for a JSON answer (`response_format`) is made to call: the Messages
+/// API has no JSON mode, and a forced tool's input is JSON of the tool's schema (as LiteLLM
+/// does it). Its input comes back as the answer's text, never as a tool call.
+const ANSWER_TOOL: &str = "json_answer";
+
 /// The API version the translation is written for.
 const VERSION: &str = "2023-06-01";
 
@@ -34,7 +39,16 @@ pub(super) fn request(
         .get("messages")
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::invalid("request body must have a `messages` array"))?;
-    let choice = tool_choice(chat);
+    let answer_tool = answer_tool(chat);
+    let user_tools = chat.get("tools").and_then(Value::as_array);
+    let choice = match &answer_tool {
+        // Alone, the answer tool is forced; beside the caller's tools, the caller's choice
+        // stands and the model may answer through either.
+        Some(_) if user_tools.is_none_or(Vec::is_empty) => {
+            Some(json!({"type": "tool", "name": ANSWER_TOOL}))
+        }
+        _ => tool_choice(chat),
+    };
     let thinking = reasoning_budget(chat, LEAST_THINKING)?
         .filter(|budget| *budget > 0)
         .filter(|_| thinking_possible(messages, choice.as_ref()));
@@ -104,8 +118,10 @@ pub(super) fn request(
     if stream {
         body["stream"] = Value::Bool(true);
     }
-    if let Some(tools) = chat.get("tools").and_then(Value::as_array) {
-        body["tools"] = Value::Array(tools.iter().filter_map(tool).collect());
+    let mut tools: Vec<Value> = user_tools.into_iter().flatten().filter_map(tool).collect();
+    tools.extend(answer_tool);
+    if user_tools.is_some() || !tools.is_empty() {
+        body["tools"] = Value::Array(tools);
     }
     if let Some(choice) = choice {
         body["tool_choice"] = choice;
@@ -215,6 +231,39 @@ fn tool(tool: &Value) -> Option<Value> {
     Some(out)
 }
 
+/// The tool whose input is the JSON answer a `response_format` of `json_object` or
+/// `json_schema` asks for (`text` asks for nothing).
+fn answer_tool(chat: &Map<String, Value>) -> Option<Value> {
+    let format = chat.get("response_format")?;
+    let (schema, name) = match format.get("type")?.as_str()? {
+        "json_object" => (json!({"type": "object"}), None),
+        "json_schema" => (
+            format
+                .pointer("/json_schema/schema")
+                .cloned()
+                .unwrap_or_else(|| json!({"type": "object"})),
+            format.pointer("/json_schema/name").and_then(Value::as_str),
+        ),
+        _ => return None,
+    };
+    let mut description = "Give your answer by calling this tool: its input is the answer, as \
+                           JSON of this schema."
+        .to_owned();
+    if let Some(name) = name {
+        description.push_str(" The answer is a `");
+        description.push_str(name);
+        description.push_str("`.");
+    }
+    if let Some(about) = format
+        .pointer("/json_schema/description")
+        .and_then(Value::as_str)
+    {
+        description.push(' ');
+        description.push_str(about);
+    }
+    Some(json!({"name": ANSWER_TOOL, "description": description, "input_schema": schema}))
+}
+
 /// How the model may use the tools (only with tools: the API refuses a choice without them).
 fn tool_choice(chat: &Map<String, Value>) -> Option<Value> {
     chat.get("tools")?
@@ -240,10 +289,12 @@ fn tool_choice(chat: &Map<String, Value>) -> Option<Value> {
     Some(choice)
 }
 
-/// Anthropic's `stop_reason` as OpenAI's `finish_reason`.
-fn finish_reason(stop_reason: Option<&str>) -> &'static str {
+/// Anthropic's `stop_reason` as OpenAI's `finish_reason`; a stop for the answer tool alone is
+/// a plain stop, as the caller asked for no tool.
+fn finish_reason<T>(stop_reason: Option<&str>, calls: &[T]) -> &'static str {
     match stop_reason {
         Some("max_tokens") => "length",
+        Some("tool_use") if calls.is_empty() => "stop",
         Some("tool_use") => "tool_calls",
         Some("refusal") => "content_filter",
         _ => "stop",
@@ -270,12 +321,16 @@ pub(super) fn answer(message: &Value, model: &str) -> Option<Value> {
     let mut thinking = String::new();
     let mut thoughts = Vec::new();
     let mut calls = Vec::new();
+    let mut json_answer = None;
     for block in blocks {
         thoughts.extend(thought(block));
         match block.get("type").and_then(Value::as_str) {
             Some("text") => text.push_str(block.get("text").and_then(Value::as_str)?),
             Some("thinking") => {
                 thinking.push_str(block.get("thinking").and_then(Value::as_str).unwrap_or(""))
+            }
+            Some("tool_use") if block.get("name").and_then(Value::as_str) == Some(ANSWER_TOOL) => {
+                json_answer = block.get("input").map(Value::to_string);
             }
             Some("tool_use") => calls.push(tool_call(
                 block.get("id").and_then(Value::as_str).unwrap_or(""),
@@ -289,7 +344,9 @@ pub(super) fn answer(message: &Value, model: &str) -> Option<Value> {
     if let Some(u) = message.get("usage") {
         usage(u, &mut counted);
     }
-    let finish = finish_reason(message.get("stop_reason").and_then(Value::as_str));
+    let finish = finish_reason(message.get("stop_reason").and_then(Value::as_str), &calls);
+    // A JSON answer is the answer tool's input alone: any words around it would not parse.
+    let text = json_answer.unwrap_or(text);
     let text = (!text.is_empty() || calls.is_empty()).then_some(text);
     let id = message.get("id").and_then(Value::as_str);
     let mut choice = choice(0, text, thinking, calls, finish);
@@ -311,6 +368,8 @@ pub(super) struct StreamState {
     /// The thinking block streaming now, its text and signature so far: it goes to the client
     /// whole when it ends, as `thinking_blocks`, to come back in the next turn.
     thought: Option<Value>,
+    /// The content block index of the answer tool's call, whose input streams as the text.
+    answer_block: Option<u64>,
 }
 
 impl StreamState {
@@ -343,6 +402,11 @@ impl StreamState {
                 let block = event.get("content_block").unwrap_or(&Value::Null);
                 let index = event.get("index").and_then(Value::as_u64).unwrap_or(0);
                 match block.get("type").and_then(Value::as_str) {
+                    Some("tool_use")
+                        if block.get("name").and_then(Value::as_str) == Some(ANSWER_TOOL) =>
+                    {
+                        self.answer_block = Some(index);
+                    }
                     Some("tool_use") => {
                         let call = json!({
                             "index": self.tool_blocks.len(), "id": block.get("id"),
@@ -386,6 +450,9 @@ impl StreamState {
                         out.delta(0, json!({"reasoning_content": text("thinking")}), None)
                     }
                     Some("signature_delta") => self.add_to_thought("signature", text("signature")),
+                    Some("input_json_delta") if self.answer_block == Some(index) => {
+                        out.delta(0, json!({"content": text("partial_json")}), None)
+                    }
                     Some("input_json_delta") => {
                         let Some(call) = self.tool_blocks.iter().position(|b| *b == index) else {
                             return;
@@ -402,7 +469,7 @@ impl StreamState {
                     usage(u, &mut self.usage);
                 }
                 let stop = event.pointer("/delta/stop_reason").and_then(Value::as_str);
-                out.delta(0, json!({}), Some(finish_reason(stop)));
+                out.delta(0, json!({}), Some(finish_reason(stop, &self.tool_blocks)));
             }
             "message_stop" => out.done(self.usage),
             "error" => {
@@ -422,6 +489,22 @@ impl StreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chunks a Messages event stream becomes, and their text.
+    fn translated_stream(events: &[Value]) -> (String, Vec<Value>) {
+        let mut state = StreamState::default();
+        let mut out = ChunkWriter::new("asked");
+        for event in events {
+            state.event(event, &mut out);
+        }
+        let text = String::from_utf8(out.out.to_vec()).unwrap();
+        let chunks = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .collect();
+        (text, chunks)
+    }
 
     #[test]
     fn chats_become_messages() {
@@ -597,9 +680,7 @@ mod tests {
     /// signature once it ends.
     #[test]
     fn streamed_thinking_ends_as_a_whole_block() {
-        let mut state = StreamState::default();
-        let mut out = ChunkWriter::new("asked");
-        for event in [
+        let (text, chunks) = translated_stream(&[
             json!({"type": "message_start", "message": {"id": "msg_1", "usage": {}}}),
             json!({"type": "content_block_start", "index": 0,
                    "content_block": {"type": "thinking", "thinking": ""}}),
@@ -616,16 +697,8 @@ mod tests {
             json!({"type": "content_block_start", "index": 2,
                    "content_block": {"type": "text", "text": ""}}),
             json!({"type": "content_block_stop", "index": 2}),
-        ] {
-            state.event(&event, &mut out);
-        }
-        let text = String::from_utf8(out.out.to_vec()).unwrap();
-        let deltas: Vec<Value> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .map(|c| c["choices"][0]["delta"].clone())
-            .collect();
+        ]);
+        let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
         let reasoning: String = deltas
             .iter()
             .filter_map(|d| d["reasoning_content"].as_str())
@@ -642,6 +715,92 @@ mod tests {
                 &json!([{"type": "redacted_thinking", "data": "opaque"}]),
             ],
             "{text}"
+        );
+    }
+
+    /// A chat asking for JSON makes the model call the answer tool, whose input comes back as
+    /// the answer's text, whole or streamed.
+    #[test]
+    fn json_answers_come_through_the_answer_tool() {
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}},
+                            "required": ["city"]});
+        let chat = |extra: Value| {
+            let mut chat = json!({"messages": [{"role": "user", "content": "Where?"}],
+                "response_format": {"type": "json_schema",
+                    "json_schema": {"name": "place", "schema": schema, "strict": true}}});
+            for (key, value) in extra.as_object().unwrap() {
+                chat[key] = value.clone();
+            }
+            let Value::Object(chat) = chat else { panic!() };
+            serde_json::from_slice::<Value>(&request(&chat, "claude", false).unwrap().body).unwrap()
+        };
+        let body = chat(json!({"reasoning_effort": "low"}));
+        assert_eq!(body["tools"][0]["name"], ANSWER_TOOL);
+        assert_eq!(body["tools"][0]["input_schema"], schema);
+        assert!(body["tools"][0]["description"]
+            .as_str()
+            .unwrap()
+            .contains("`place`"));
+        assert_eq!(
+            body["tool_choice"],
+            json!({"type": "tool", "name": ANSWER_TOOL})
+        );
+        assert!(
+            body.get("thinking").is_none(),
+            "a forced tool goes without thinking"
+        );
+        let with_tools = chat(json!({"tools": [{"type": "function",
+            "function": {"name": "weather"}}]}));
+        let names: Vec<&Value> = with_tools["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| &t["name"])
+            .collect();
+        assert_eq!(names, [&json!("weather"), &json!(ANSWER_TOOL)]);
+        assert!(with_tools.get("tool_choice").is_none(), "{with_tools}");
+        let Value::Object(plain) =
+            json!({"messages": [], "response_format": {"type": "json_object"}})
+        else {
+            panic!()
+        };
+        let plain: Value =
+            serde_json::from_slice(&request(&plain, "claude", false).unwrap().body).unwrap();
+        assert_eq!(plain["tools"][0]["input_schema"], json!({"type": "object"}));
+
+        let message = json!({"id": "msg_1", "content": [{"type": "text", "text": "Here:"},
+            {"type": "tool_use", "id": "toolu_1",
+            "name": ANSWER_TOOL, "input": {"city": "Oslo"}}], "stop_reason": "tool_use",
+            "usage": {"input_tokens": 3, "output_tokens": 2}});
+        let out = answer(&message, "asked").unwrap();
+        let choice = &out["choices"][0];
+        assert_eq!(
+            choice["message"]["content"], "{\"city\":\"Oslo\"}",
+            "the JSON alone, without the words around it"
+        );
+        assert!(choice["message"].get("tool_calls").is_none(), "{out}");
+        assert_eq!(choice["finish_reason"], "stop");
+
+        let (text, chunks) = translated_stream(&[
+            json!({"type": "message_start", "message": {"id": "msg_1", "usage": {}}}),
+            json!({"type": "content_block_start", "index": 0, "content_block":
+                {"type": "tool_use", "id": "toolu_1", "name": ANSWER_TOOL, "input": {}}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}}),
+            json!({"type": "content_block_delta", "index": 0,
+                   "delta": {"type": "input_json_delta", "partial_json": "\"Oslo\"}"}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}}),
+        ]);
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(content, "{\"city\": \"Oslo\"}");
+        assert!(!text.contains("tool_calls"), "{text}");
+        assert_eq!(
+            chunks.last().unwrap()["choices"][0]["finish_reason"],
+            "stop"
         );
     }
 }
