@@ -6,7 +6,7 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::helpers::{spawn_app, Backend};
-use crate::mock_upstream::MockUpstream;
+use crate::mock_upstream::{MockUpstream, Received, MOCK_THOUGHT_SIGNATURE};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -170,6 +170,21 @@ async fn the_openai_python_sdk_reaches_claude_and_gemini(backend: Backend) {
     assert!(calls[2..].iter().all(|c| c.secret == "ok-gem"));
 }
 
+/// Runs an OpenAI SDK `script` asking for a Claude model, through a router whose one key is an
+/// Anthropic key on the mock; returns what it printed and what the mock received.
+async fn run_python_on_claude(backend: Backend, script: &'static str) -> (String, Vec<Received>) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(
+        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-ant"}),
+    )
+    .await;
+    let (_, key) = app.user_with_key().await;
+    let base = format!("{}/v1", app.address);
+    let stdout = run_python(script, base, key, "claude-sonnet-4-5").await;
+    (stdout, mock.calls())
+}
+
 /// A tool loop as OpenAI's docs write it: the answer's message is appended as the SDK gives it,
 /// then the tool's result.
 const TOOL_LOOP_SCRIPT: &str = r#"
@@ -192,23 +207,15 @@ for turn in range(2):
 /// Through the OpenAI SDK, a Claude tool loop with thinking keeps going: the SDK sends the
 /// answer's `thinking_blocks` back, and Anthropic gets the signed thinking first in that turn.
 async fn the_openai_python_sdk_keeps_claudes_thinking_in_a_tool_loop(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let mock = MockUpstream::start();
-    app.add_upstream(
-        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-ant"}),
-    )
-    .await;
-    let (_, key) = app.user_with_key().await;
-    let base = format!("{}/v1", app.address);
-    let stdout = run_python(TOOL_LOOP_SCRIPT, base, key, "claude-sonnet-4-5").await;
+    let (stdout, mut sent) = run_python_on_claude(backend, TOOL_LOOP_SCRIPT).await;
     assert!(stdout.contains("TURN 0 tool_calls weather"), "{stdout}");
     assert!(stdout.contains("TURN 1 tool_calls weather"), "{stdout}");
-    let second = mock.calls().remove(1).body;
+    let second = sent.remove(1).body;
     assert_eq!(second["thinking"]["type"], "enabled", "{second}");
     assert_eq!(
         second["messages"][1]["content"][0],
         json!({"type": "thinking", "thinking": "Oslo it is.",
-               "signature": crate::mock_upstream::MOCK_THOUGHT_SIGNATURE}),
+               "signature": MOCK_THOUGHT_SIGNATURE}),
         "{second}"
     );
 }
@@ -230,17 +237,9 @@ print("PARSED", r.choices[0].message.parsed.city, r.choices[0].finish_reason)
 
 /// `client.chat.completions.parse` against a Claude model parses the answer into its model.
 async fn the_openai_python_sdk_parses_claudes_structured_answers(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let mock = MockUpstream::start();
-    app.add_upstream(
-        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-ant"}),
-    )
-    .await;
-    let (_, key) = app.user_with_key().await;
-    let base = format!("{}/v1", app.address);
-    let stdout = run_python(PARSE_SCRIPT, base, key, "claude-sonnet-4-5").await;
+    let (stdout, mut sent) = run_python_on_claude(backend, PARSE_SCRIPT).await;
     assert!(stdout.contains("PARSED Oslo stop"), "{stdout}");
-    let sent = mock.calls().remove(0).body;
+    let sent = sent.remove(0).body;
     assert_eq!(
         sent["tools"][0]["input_schema"]["properties"]["city"]["type"], "string",
         "{sent}"
