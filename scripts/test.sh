@@ -77,17 +77,17 @@ ensure_redis() {
   redis_ok || { echo "Redis is not reachable at $REDIS_URL" >&2; exit 1; }
 }
 
-# The official OpenAI and Anthropic Python SDKs, for the tests that drive Switchyard through
-# them.
+# The official OpenAI, Anthropic and Google GenAI Python SDKs, for the tests that drive Switchyard
+# through them.
 ensure_python_sdks() {
   command -v python3 >/dev/null || apt_install python3
   # Debian's python3 comes without pip.
   python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
   PYLIB="$HOME/.cache/switchyard-pylib"
-  if ! PYTHONPATH="$PYLIB" python3 -c 'import openai, anthropic' 2>/dev/null; then
-    log "installing the openai and anthropic Python SDKs into $PYLIB"
+  if ! PYTHONPATH="$PYLIB" python3 -c 'import openai, anthropic, google.genai' 2>/dev/null; then
+    log "installing the openai, anthropic and google-genai Python SDKs into $PYLIB"
     python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$PYLIB" \
-      'openai>=1.40,<3' 'anthropic>=0.40,<1'
+      'openai>=1.40,<3' 'anthropic>=0.40,<1' 'google-genai>=1,<2'
   fi
   export SWITCHYARD_TEST_PYTHONPATH="$PYLIB"
 }

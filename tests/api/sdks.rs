@@ -1,5 +1,6 @@
-//! The official OpenAI and Anthropic Python SDKs, unchanged but for their base URL and key,
-//! through Switchyard: JSON and streamed calls, a mapped model, and an authentication error.
+//! The official OpenAI, Anthropic and Google GenAI Python SDKs, unchanged but for their base
+//! URL and key, through Switchyard: JSON and streamed calls, a mapped model, and an
+//! authentication error.
 
 use std::process::Command;
 
@@ -12,6 +13,7 @@ use crate::on_both_backends;
 on_both_backends!(
     the_openai_python_sdk_works_through_the_router,
     the_anthropic_python_sdk_works_through_the_router,
+    the_google_genai_python_sdk_works_through_the_router,
     the_openai_python_sdk_reaches_claude_and_gemini,
     the_openai_python_sdk_keeps_claudes_thinking_in_a_tool_loop,
     the_openai_python_sdk_parses_claudes_structured_answers,
@@ -132,6 +134,63 @@ async fn the_anthropic_python_sdk_works_through_the_router(backend: Backend) {
     assert!(calls
         .iter()
         .all(|c| c.body["model"] == "claude-3-5-haiku-latest" && c.secret == "ok-sdk"));
+}
+
+const GENAI_SCRIPT: &str = r#"
+import os
+from google import genai
+from google.genai import errors, types
+
+def client(key):
+    options = types.HttpOptions(base_url=os.environ["SY_BASE"], api_version="v1beta")
+    return genai.Client(api_key=key, http_options=options)
+
+sy = client(os.environ["SY_KEY"])
+r = sy.models.generate_content(model="alias", contents="hi")
+u = r.usage_metadata
+print("JSON", r.model_version, r.text, u.prompt_token_count, u.candidates_token_count,
+      u.thoughts_token_count)
+parts, last = [], None
+for chunk in sy.models.generate_content_stream(model="alias", contents="hi"):
+    parts.append(chunk.text or "")
+    last = chunk
+print("STREAM", last.model_version, "".join(parts), last.candidates[0].finish_reason.name)
+chat = sy.chats.create(model="alias")
+print("CHAT", chat.send_message("hi").text, chat.send_message("again").text)
+bad = client("sk-0123456789abcdef-not-a-real-key")
+try:
+    bad.models.generate_content(model="alias", contents="hi")
+except errors.ClientError as e:
+    print("AUTH", e.code, e.status)
+"#;
+
+/// Google's GenAI SDK on the native Gemini routes: `generateContent`, its stream (`alt=sse`),
+/// a chat of two turns, and a refused key in Google's error shape.
+async fn the_google_genai_python_sdk_works_through_the_router(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let mock = MockUpstream::start();
+    let gemini_base = mock.base_url.replace("/v1", "/v1beta");
+    app.add_upstream(json!({"provider": "gemini", "base_url": gemini_base, "secret": "ok-gem"}))
+        .await;
+    app.add_mapping(json!({"from": "alias", "to": "gemini-2.0-flash"}))
+        .await;
+    let (_, key) = app.user_with_key().await;
+    // The SDK adds `/v1beta/models/{model}:generateContent` to its base URL.
+    let stdout = run_python(GENAI_SCRIPT, app.address.clone(), key, "alias").await;
+    assert!(stdout.contains("JSON alias Hello 12 6 4"), "{stdout}");
+    assert!(stdout.contains("STREAM alias Hello STOP"), "{stdout}");
+    assert!(stdout.contains("CHAT Hello Hello"), "{stdout}");
+    assert!(stdout.contains("AUTH 401 UNAUTHENTICATED"), "{stdout}");
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 4, "the refused key reaches no provider");
+    assert!(calls
+        .iter()
+        .all(|c| c.secret == "ok-gem" && c.path.starts_with("/v1beta/models/gemini-2.0-flash:")));
+    assert_eq!(calls[1].query, "alt=sse");
+    // The chat's second turn carries the first, as the SDK keeps it.
+    let turns = calls[3].body["contents"].as_array().unwrap();
+    assert_eq!(turns.len(), 3, "{}", calls[3].body);
+    assert_eq!(turns[1]["role"], "model");
 }
 
 /// The OpenAI SDK's chat completions, JSON and streamed, reaching an Anthropic key and a
