@@ -36,7 +36,10 @@
 //! 12 prompt (2 cached), 6 candidate and 4 thought tokens; streams as events with `alt=sse`,
 //! else as one JSON array; `badkey` answers Gemini's 400 `API_KEY_INVALID`. Asked with tools,
 //! both call the first one with `{"city": "Oslo"}`; `r400` answers in the shape of the
-//! provider whose API was called.
+//! provider whose API was called. Both refuse what the real ones refuse: Anthropic thinking
+//! with a forced tool or an unsigned tool-call turn, `temperature` with `top_p`, above 1, or
+//! with thinking; Gemini `additionalProperties` in a tool's OpenAPI `parameters`. Gemini
+//! blocks a prompt that says `forbidden` (no candidates, `promptFeedback.blockReason`).
 //!
 //! Embeddings report 8 prompt tokens; images answer `n` images (2 MiB each as `b64_json`);
 //! speech answers audio bytes;
@@ -274,7 +277,9 @@ async fn handle(
         .or(body["tools"][0]["functionDeclarations"][0]["name"].as_str())
         .map(str::to_owned);
     if req.path() == "/v1/messages" {
-        if let Some(refusal) = anthropic_thinking_refusal(&body) {
+        if let Some(refusal) =
+            anthropic_thinking_refusal(&body).or_else(|| anthropic_sampling_refusal(&body))
+        {
             return refusal;
         }
         let thinking = body["thinking"]["type"] == "enabled";
@@ -302,6 +307,12 @@ async fn handle(
         }
         let (model, method) = target.rsplit_once(':').unwrap_or((target, ""));
         let sse = req.query_string().split('&').any(|p| p == "alt=sse");
+        if let Some(refusal) = gemini_schema_refusal(&body) {
+            return refusal;
+        }
+        if body["contents"].to_string().contains("forbidden") {
+            return gemini_blocked(method == "streamGenerateContent", sse);
+        }
         return gemini_answer(
             model,
             method == "streamGenerateContent",
@@ -509,6 +520,54 @@ fn anthropic_thinking_refusal(body: &Value) -> Option<HttpResponse> {
              start with a thinking block."
         ))
     })
+}
+
+/// Anthropic's refusals of sampling options: recent Claude models take `temperature` or
+/// `top_p`, not both; `temperature` goes up to 1; thinking takes neither changed.
+fn anthropic_sampling_refusal(body: &Value) -> Option<HttpResponse> {
+    let refuse = |message: &str| {
+        Some(
+            HttpResponse::BadRequest().json(json!({"type": "error", "error": {
+            "type": "invalid_request_error", "message": message}})),
+        )
+    };
+    let temperature = body.get("temperature").and_then(Value::as_f64);
+    if temperature.is_some() && body.get("top_p").is_some() {
+        return refuse("`temperature` and `top_p` cannot both be specified for this model. Please use only one.");
+    }
+    if temperature.is_some_and(|t| t > 1.0) {
+        return refuse("temperature: range: 0..1");
+    }
+    if body["thinking"]["type"] == "enabled" && temperature.is_some_and(|t| t != 1.0) {
+        return refuse("`temperature` may only be set to 1 when thinking is enabled.");
+    }
+    None
+}
+
+/// Gemini's refusal of JSON Schema keys in a tool's OpenAPI `parameters`.
+fn gemini_schema_refusal(body: &Value) -> Option<HttpResponse> {
+    let declarations = body["tools"][0]["functionDeclarations"].as_array()?;
+    let strict = declarations
+        .iter()
+        .any(|d| d["parameters"].to_string().contains("additionalProperties"));
+    strict.then(|| {
+        HttpResponse::BadRequest().json(json!({"error": {"code": 400, "status": "INVALID_ARGUMENT",
+            "message": "Invalid JSON payload received. Unknown name \"additionalProperties\" at \
+                        'tools[0].function_declarations[0].parameters': Cannot find field."}}))
+    })
+}
+
+/// Gemini's answer to a prompt it blocked: no candidates, the reason, the prompt's usage.
+fn gemini_blocked(stream: bool, sse: bool) -> HttpResponse {
+    let answer = json!({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+        "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9}});
+    match (stream, sse) {
+        (false, _) => HttpResponse::Ok().json(answer),
+        (true, true) => HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .body(format!("data: {answer}\r\n\r\n")),
+        (true, false) => HttpResponse::Ok().json(json!([answer])),
+    }
 }
 
 /// The mock's thinking before a tool call, and the signature Anthropic would give it.

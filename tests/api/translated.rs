@@ -15,6 +15,7 @@ on_both_backends!(
     reasoning_effort_reaches_both_providers_as_thinking,
     claude_thinking_goes_back_with_its_tool_calls,
     claude_answers_json_when_asked_for_it,
+    what_openai_clients_send_reaches_claude_and_gemini_as_they_take_it,
 );
 
 async fn app(backend: Backend) -> TestApp {
@@ -547,4 +548,82 @@ async fn claude_answers_json_when_asked_for_it(backend: Backend) {
 
     let entries = log_entries(&app, &format!("user_id={user_id}"), 2).await;
     metered_whole(&entries, 30, 7);
+}
+
+/// What OpenAI clients send by habit reaches each provider in the form it takes (the mock
+/// refuses as the real ones do): a strict tool schema to Gemini, `temperature` with `top_p`
+/// or above 1 to Claude, a PDF to both; a prompt Gemini blocks is a filtered answer, metered.
+async fn what_openai_clients_send_reaches_claude_and_gemini_as_they_take_it(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(key("anthropic", &mock, "ok-ant", 1)).await;
+    app.add_upstream(key("gemini", &mock, "ok-gem", 1)).await;
+    let (user_id, key) = user_on(&app, 1).await;
+    let strict = json!([{"type": "function", "function": {"name": "weather", "strict": true,
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"], "additionalProperties": false}}}]);
+    let pdf = json!({"role": "user", "content": [
+        {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}},
+        {"type": "text", "text": "Sum it up."}]});
+
+    let mut body = chat("gemini-2.5-flash", false);
+    body["tools"] = strict.clone();
+    body["messages"].as_array_mut().unwrap().push(pdf.clone());
+    let (status, answer) = into_json(app.chat(&key, body).await).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["choices"][0]["finish_reason"], "tool_calls",
+        "{answer}"
+    );
+
+    let mut body = chat("claude-sonnet-4-5", false);
+    body["tools"] = strict;
+    body["temperature"] = json!(1.6);
+    body["top_p"] = json!(0.9);
+    body["messages"].as_array_mut().unwrap().push(pdf);
+    let (status, answer) = into_json(app.chat(&key, body).await).await;
+    assert_eq!(status, 200, "{answer}");
+    let sent = mock.calls().remove(1).body;
+    assert_eq!(sent["temperature"], 1.0, "{sent}");
+    // The two user messages are one turn.
+    assert_eq!(
+        sent["messages"][0]["content"][1]["type"], "document",
+        "{sent}"
+    );
+    assert!(sent.get("top_p").is_none(), "{sent}");
+
+    // Audio is for Gemini only: refused before any key is tried.
+    let mut body = chat("claude-sonnet-4-5", false);
+    body["messages"][1]["content"] = json!([{"type": "input_audio",
+        "input_audio": {"data": "UklGRg==", "format": "wav"}}]);
+    let (status, error) = into_json(app.chat(&key, body).await).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_request", "{error}");
+    assert_eq!(mock.calls().len(), 2);
+
+    let mut blocked = chat("gemini-2.5-flash", false);
+    blocked["messages"][1]["content"] = json!("Something forbidden");
+    let (status, answer) = into_json(app.chat(&key, blocked.clone()).await).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["choices"][0]["finish_reason"], "content_filter",
+        "{answer}"
+    );
+    assert_eq!(answer["choices"][0]["message"]["content"], "", "{answer}");
+    blocked["stream"] = json!(true);
+    let text = stream_text(&app, &key, blocked).await;
+    let (streamed, done) = chunks(&text);
+    assert!(done && finishes(&streamed, "content_filter"), "{text}");
+
+    let entries = log_entries(&app, &format!("user_id={user_id}&status=200"), 4).await;
+    let blocked: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["model"] == "gemini-2.5-flash" && e["completion_tokens"] == 0)
+        .collect();
+    assert_eq!(blocked.len(), 2, "{entries:?}");
+    for entry in blocked {
+        assert_eq!(entry["status"], 200, "{entry}");
+        assert_eq!(entry["prompt_tokens"], 9, "{entry}");
+        assert_eq!(entry["partial"], false, "{entry}");
+    }
 }

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     arguments_object, choice, completion, content_text, max_tokens, reasoning_budget,
-    stop_sequences, tool_call, unknown_role, user_parts, ChunkWriter, Image, Translated, Turns,
+    stop_sequences, tool_call, unknown_role, user_parts, ChunkWriter, Media, Translated, Turns,
     Usage,
 };
 use crate::error::ApiError;
@@ -68,7 +68,7 @@ pub(super) fn request(
             }
             "user" => (
                 "user",
-                user_parts(content, "Anthropic", text_block, image_block)?,
+                user_parts(content, "Anthropic", text_block, media_block)?,
             ),
             "assistant" => ("assistant", assistant_blocks(message, thinking.is_some())),
             // A tool's result goes back in a user turn, after the assistant's call.
@@ -104,10 +104,8 @@ pub(super) fn request(
     if !system.is_empty() {
         body["system"] = Value::Array(system);
     }
-    for (from, to) in [("temperature", "temperature"), ("top_p", "top_p")] {
-        if let Some(value) = chat.get(from).filter(|v| v.is_number()) {
-            body[to] = value.clone();
-        }
+    if let Some((name, value)) = sampling(chat, thinking.is_some()) {
+        body[name] = value.into();
     }
     if let Some(stops) = stop_sequences(chat) {
         body["stop_sequences"] = stops;
@@ -144,13 +142,27 @@ fn text_block(text: &Value) -> Value {
     json!({"type": "text", "text": text})
 }
 
-/// An image as a Messages block: base64, or by URL.
-fn image_block(image: Image<'_>) -> Value {
-    match image {
-        Image::Inline { media_type, data } => json!({"type": "image", "source":
+/// An image (base64, or by URL) or a PDF as a Messages block; the API takes no other media.
+fn media_block(media: Media<'_>) -> Result<Value, ApiError> {
+    let block = match media {
+        Media::Inline {
+            media_type: media_type @ "application/pdf",
+            data,
+        } => json!({"type": "document", "source":
             {"type": "base64", "media_type": media_type, "data": data}}),
-        Image::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
-    }
+        Media::Inline { media_type, data } if media_type.starts_with("image/") => {
+            json!({"type": "image", "source":
+                {"type": "base64", "media_type": media_type, "data": data}})
+        }
+        Media::Inline { media_type, .. } => {
+            return Err(ApiError::invalid(format!(
+                "content of type `{media_type}` cannot be sent to Anthropic, which takes \
+                 images and PDFs"
+            )))
+        }
+        Media::Url(url) => json!({"type": "image", "source": {"type": "url", "url": url}}),
+    };
+    Ok(block)
 }
 
 /// Whether the Messages API takes thinking for this chat. It refuses thinking with a forced tool
@@ -289,11 +301,25 @@ fn tool_choice(chat: &Map<String, Value>) -> Option<Value> {
     Some(choice)
 }
 
+/// The one sampling option sent, as the Messages API takes them: `temperature` (at most 1,
+/// Anthropic's top, where OpenAI's goes to 2), else `top_p`. Recent Claude models refuse both
+/// together, and none with thinking on, which samples as it must.
+fn sampling(chat: &Map<String, Value>, thinking: bool) -> Option<(&'static str, f64)> {
+    let number = |name: &str| chat.get(name).and_then(Value::as_f64);
+    if thinking {
+        return None;
+    }
+    match number("temperature") {
+        Some(temperature) => Some(("temperature", temperature.min(1.0))),
+        None => number("top_p").map(|top_p| ("top_p", top_p)),
+    }
+}
+
 /// Anthropic's `stop_reason` as OpenAI's `finish_reason`; a stop for the answer tool alone is
 /// a plain stop, as the caller asked for no tool.
 fn finish_reason<T>(stop_reason: Option<&str>, calls: &[T]) -> &'static str {
     match stop_reason {
-        Some("max_tokens") => "length",
+        Some("max_tokens" | "model_context_window_exceeded") => "length",
         Some("tool_use") if calls.is_empty() => "stop",
         Some("tool_use") => "tool_calls",
         Some("refusal") => "content_filter",
@@ -593,6 +619,56 @@ mod tests {
             let error = body(refused.clone()).unwrap_err();
             assert_eq!(error.code(), "invalid_request", "{refused}");
         }
+    }
+
+    /// One sampling option within Anthropic's range, none with thinking; PDFs as documents,
+    /// empty text left out, and media the API cannot take refused before any key is tried.
+    #[test]
+    fn sampling_and_media_as_the_messages_api_takes_them() {
+        let body = |chat: Value| {
+            let Value::Object(chat) = chat else { panic!() };
+            request(&chat, "claude", false)
+                .map(|out| serde_json::from_slice::<Value>(&out.body).unwrap())
+        };
+        let both = body(json!({"temperature": 1.5, "top_p": 0.9, "messages": []})).unwrap();
+        assert_eq!(both["temperature"], 1.0, "{both}");
+        assert!(both.get("top_p").is_none(), "{both}");
+        let top_p = body(json!({"top_p": 0.9, "messages": []})).unwrap();
+        assert_eq!(top_p["top_p"], 0.9, "{top_p}");
+        let thinking = body(
+            json!({"reasoning_effort": "low", "temperature": 0.2, "top_p": 0.5,
+                                   "messages": []}),
+        )
+        .unwrap();
+        assert!(thinking.get("temperature").is_none() && thinking.get("top_p").is_none());
+
+        let pdf = "data:application/pdf;base64,JVBERi0=";
+        let sent = body(json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": ""},
+            {"type": "file", "file": {"filename": "a.pdf", "file_data": pdf}},
+            {"type": "text", "text": "Sum it up."}]}]}))
+        .unwrap();
+        assert_eq!(
+            sent["messages"][0]["content"],
+            json!([{"type": "document", "source": {"type": "base64",
+                     "media_type": "application/pdf", "data": "JVBERi0="}},
+                   {"type": "text", "text": "Sum it up."}])
+        );
+        for refused in [
+            json!({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}),
+            json!({"type": "file", "file": {"file_id": "file-abc"}}),
+            json!({"type": "file", "file": {"file_data": "data:text/csv;base64,YQ=="}}),
+            json!({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "ogg"}}),
+        ] {
+            let chat = json!({"messages": [{"role": "user", "content": [refused.clone()]}]});
+            let error = body(chat).unwrap_err();
+            assert_eq!(error.code(), "invalid_request", "{refused}");
+        }
+
+        let cut = json!({"id": "msg_1", "content": [{"type": "text", "text": "Par"}],
+                         "stop_reason": "model_context_window_exceeded"});
+        let out = answer(&cut, "asked").unwrap();
+        assert_eq!(out["choices"][0]["finish_reason"], "length");
     }
 
     #[test]

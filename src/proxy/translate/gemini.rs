@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     arguments_object, choice, completion, content_text, max_tokens, reasoning_budget,
-    stop_sequences, tool_call, unknown_role, user_parts, ChunkWriter, Image, Translated, Turns,
+    stop_sequences, tool_call, unknown_role, user_parts, ChunkWriter, Media, Translated, Turns,
     Usage,
 };
 use crate::error::ApiError;
@@ -43,7 +43,7 @@ pub(super) fn request(
             }
             "user" => (
                 "user",
-                user_parts(content, "Gemini", text_part, image_part)?,
+                user_parts(content, "Gemini", text_part, media_part)?,
             ),
             "assistant" => {
                 let mut parts = Vec::new();
@@ -135,14 +135,14 @@ fn text_part(text: &Value) -> Value {
     json!({ "text": text })
 }
 
-/// An image as a Gemini part: inline data, or a file by URL.
-fn image_part(image: Image<'_>) -> Value {
-    match image {
-        Image::Inline { media_type, data } => {
+/// An image, a file or a recording as a Gemini part: inline data, or a file by URL.
+fn media_part(media: Media<'_>) -> Result<Value, ApiError> {
+    Ok(match media {
+        Media::Inline { media_type, data } => {
             json!({"inlineData": {"mimeType": media_type, "data": data}})
         }
-        Image::Url(url) => json!({"fileData": {"fileUri": url}}),
-    }
+        Media::Url(url) => json!({"fileData": {"fileUri": url}}),
+    })
 }
 
 /// OpenAI's sampling options as Gemini's `generationConfig`.
@@ -183,14 +183,19 @@ fn generation_config(chat: &Map<String, Value>) -> Map<String, Value> {
     config
 }
 
-/// An OpenAI function tool as a Gemini function declaration.
+/// An OpenAI function tool as a Gemini function declaration. Its parameters go as JSON Schema
+/// (`parametersJsonSchema`): Gemini's `parameters` takes only an OpenAPI subset and refuses
+/// keys such as `additionalProperties`, which the SDKs' strict schemas carry. A function
+/// without parameters (`{}`) declares none.
 fn declaration(tool: &Value) -> Option<Value> {
     let function = tool.get("function")?;
     let mut out = json!({"name": function.get("name")?});
-    for key in ["description", "parameters"] {
-        if let Some(value) = function.get(key) {
-            out[key] = value.clone();
-        }
+    if let Some(description) = function.get("description") {
+        out["description"] = description.clone();
+    }
+    let parameters = function.get("parameters");
+    if let Some(schema) = parameters.filter(|p| p.as_object().is_some_and(|p| !p.is_empty())) {
+        out["parametersJsonSchema"] = schema.clone();
     }
     Some(out)
 }
@@ -308,8 +313,28 @@ fn parts_of(candidate: &Value) -> Parts {
     parts
 }
 
-/// A whole `generateContent` answer as a chat completion.
+/// Whether Gemini blocked the prompt: it then answers with no candidates, and says why in
+/// `promptFeedback`.
+fn blocked(response: &Value) -> bool {
+    response.get("candidates").is_none()
+        && response.pointer("/promptFeedback/blockReason").is_some()
+}
+
+/// A whole `generateContent` answer as a chat completion; a blocked prompt is one empty choice
+/// that `content_filter` finished, as OpenAI answers a filtered one.
 pub(super) fn answer(response: &Value, model: &str) -> Option<Value> {
+    let counted = response.get("usageMetadata").map(usage);
+    let id = response.get("responseId").and_then(Value::as_str);
+    if blocked(response) {
+        let filtered = choice(
+            0,
+            Some(String::new()),
+            String::new(),
+            Vec::new(),
+            "content_filter",
+        );
+        return Some(completion(id, model, vec![filtered], counted));
+    }
     let candidates = response.get("candidates")?.as_array()?;
     let choices = candidates
         .iter()
@@ -331,8 +356,6 @@ pub(super) fn answer(response: &Value, model: &str) -> Option<Value> {
             choice(index, text, parts.thoughts, calls, finish)
         })
         .collect();
-    let counted = response.get("usageMetadata").map(usage);
-    let id = response.get("responseId").and_then(Value::as_str);
     Some(completion(id, model, choices, counted))
 }
 
@@ -365,6 +388,11 @@ impl StreamState {
         }
         if let Some(metadata) = event.get("usageMetadata") {
             self.usage = Some(usage(metadata));
+        }
+        if blocked(event) {
+            self.finished = true;
+            out.delta(0, json!({"content": ""}), Some("content_filter"));
+            return;
         }
         let candidates = event.get("candidates").and_then(Value::as_array);
         for (i, candidate) in candidates.into_iter().flatten().enumerate() {
@@ -470,6 +498,53 @@ mod tests {
         let chat = json!({"reasoning_effort": "max", "messages": []});
         let Value::Object(chat) = chat else { panic!() };
         assert!(request(&chat, "g", false).is_err());
+    }
+
+    /// Strict JSON Schemas go as `parametersJsonSchema`; files and recordings inline.
+    #[test]
+    fn tools_and_media_as_gemini_takes_them() {
+        let schema = json!({"type": "object", "additionalProperties": false,
+                            "properties": {"city": {"type": "string"}}, "required": ["city"]});
+        let chat = json!({"messages": [{"role": "user", "content": [
+                {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0="}},
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                {"type": "text", "text": ""}]}],
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": schema}},
+                      {"type": "function", "function": {"name": "now", "parameters": {}}}]});
+        let Value::Object(chat) = chat else { panic!() };
+        let out = request(&chat, "gemini-2.5-flash", false).unwrap();
+        let body: Value = serde_json::from_slice(&out.body).unwrap();
+        let declarations = &body["tools"][0]["functionDeclarations"];
+        assert_eq!(declarations[0]["parametersJsonSchema"], schema);
+        assert!(declarations[0].get("parameters").is_none());
+        assert_eq!(declarations[1], json!({"name": "now"}));
+        assert_eq!(
+            body["contents"][0]["parts"],
+            json!([{"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}},
+                   {"inlineData": {"mimeType": "audio/wav", "data": "UklGRg=="}}])
+        );
+    }
+
+    /// A prompt Gemini blocked (no candidates) is an empty choice finished by the filter, in
+    /// a whole answer and in a stream, which then ends whole.
+    #[test]
+    fn a_blocked_prompt_is_a_filtered_answer() {
+        let blocked = json!({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+            "usageMetadata": {"promptTokenCount": 9, "totalTokenCount": 9}});
+        let out = answer(&blocked, "asked").unwrap();
+        assert_eq!(out["choices"][0]["finish_reason"], "content_filter");
+        assert_eq!(out["choices"][0]["message"]["content"], "");
+        assert_eq!(out["usage"]["prompt_tokens"], 9);
+        let mut state = StreamState::default();
+        let mut out = ChunkWriter::new("asked");
+        state.event(&blocked, &mut out);
+        state.end(&mut out);
+        let text = String::from_utf8(out.out.to_vec()).unwrap();
+        assert!(
+            text.contains(r#""finish_reason":"content_filter""#),
+            "{text}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     }
 
     /// A call's thought signature goes out in its tool call's id and comes back on the call;

@@ -369,34 +369,76 @@ fn content_text(content: Option<&Value>) -> String {
     }
 }
 
-/// An image part's URL: a `data:` URL as its media type and base64 data, else the URL.
-enum Image<'a> {
+/// What a media part of a user message carries: data inline (a `data:` URL's media type and
+/// base64, a PDF, a recording), or a URL for the provider to fetch.
+enum Media<'a> {
     Inline { media_type: &'a str, data: &'a str },
     Url(&'a str),
 }
 
-fn image_of(part: &Value) -> Result<Image<'_>, ApiError> {
+/// A `data:` URL as its media type and base64 data; another URL as itself.
+fn media_of_url<'a>(url: &'a str, what: &str) -> Result<Media<'a>, ApiError> {
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Ok(Media::Url(url));
+    };
+    let (media_type, data) = rest
+        .split_once(";base64,")
+        .ok_or_else(|| ApiError::invalid(format!("{what} `data:` URL must be base64")))?;
+    Ok(Media::Inline { media_type, data })
+}
+
+/// An `image_url` part's image.
+fn image_of(part: &Value) -> Result<Media<'_>, ApiError> {
     let url = part
         .pointer("/image_url/url")
         .or_else(|| part.get("image_url"))
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid("an `image_url` part must have a `url`"))?;
-    if let Some(rest) = url.strip_prefix("data:") {
-        let (media_type, data) = rest
-            .split_once(";base64,")
-            .ok_or_else(|| ApiError::invalid("an image `data:` URL must be base64"))?;
-        return Ok(Image::Inline { media_type, data });
-    }
-    Ok(Image::Url(url))
+    media_of_url(url, "an image")
 }
 
-/// A user message's content as a provider's parts, made by `text` (from the text) and `image`;
-/// part types the provider cannot take are refused.
+/// A `file` part's file, sent inline as `file_data` (a `data:` URL). A `file_id` names a file
+/// kept by OpenAI, which no other provider can read.
+fn file_of<'a>(part: &'a Value, provider: &str) -> Result<Media<'a>, ApiError> {
+    if let Some(data) = part.pointer("/file/file_data").and_then(Value::as_str) {
+        return match media_of_url(data, "a file's")? {
+            inline @ Media::Inline { .. } => Ok(inline),
+            Media::Url(_) => Err(ApiError::invalid(
+                "a file's `file_data` must be a `data:` URL of its base64 content",
+            )),
+        };
+    }
+    Err(ApiError::invalid(format!(
+        "a `file` part must carry its content in `file_data` for {provider}: a `file_id` names \
+         a file kept by OpenAI"
+    )))
+}
+
+/// An `input_audio` part's recording (`wav` or `mp3`, base64).
+fn audio_of(part: &Value) -> Result<Media<'_>, ApiError> {
+    let data = part.pointer("/input_audio/data").and_then(Value::as_str);
+    let format = part.pointer("/input_audio/format").and_then(Value::as_str);
+    let media_type = match format {
+        Some("wav") => "audio/wav",
+        Some("mp3") => "audio/mp3",
+        _ => {
+            return Err(ApiError::invalid(
+                "an `input_audio` part's `format` must be `wav` or `mp3`",
+            ))
+        }
+    };
+    let data = data.ok_or_else(|| ApiError::invalid("an `input_audio` part must have `data`"))?;
+    Ok(Media::Inline { media_type, data })
+}
+
+/// A user message's content as a provider's parts, made by `text` (from the text) and `media`
+/// (from an image, a file or a recording, which it may refuse); empty text parts are left out,
+/// as the providers refuse them, and part types no provider takes are refused.
 fn user_parts(
     content: Option<&Value>,
     provider: &str,
     text: impl Fn(&Value) -> Value,
-    image: impl Fn(Image<'_>) -> Value,
+    media: impl Fn(Media<'_>) -> Result<Value, ApiError>,
 ) -> Result<Vec<Value>, ApiError> {
     let parts = match content {
         Some(Value::String(said)) if said.is_empty() => return Ok(Vec::new()),
@@ -404,11 +446,15 @@ fn user_parts(
         Some(Value::Array(parts)) => parts,
         _ => return Ok(Vec::new()),
     };
+    let said = |part: &Value| part.get("text").is_none_or(|t| t != "");
     parts
         .iter()
+        .filter(|part| part.get("type").and_then(Value::as_str) != Some("text") || said(part))
         .map(|part| match part.get("type").and_then(Value::as_str) {
             Some("text") => Ok(text(part.get("text").unwrap_or(&Value::Null))),
-            Some("image_url") => Ok(image(image_of(part)?)),
+            Some("image_url") => media(image_of(part)?),
+            Some("file") => media(file_of(part, provider)?),
+            Some("input_audio") => media(audio_of(part)?),
             other => Err(ApiError::invalid(format!(
                 "content parts of type `{}` cannot be sent to {provider}",
                 other.unwrap_or("(none)")
