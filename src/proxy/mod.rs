@@ -194,8 +194,10 @@ fn parse_json_call(
             Bytes::from(spliced)
         }
         _ => {
-            let mut object: Map<String, Value> =
-                serde_json::from_slice(&body).map_err(ApiError::internal)?;
+            // The peek skipped the fields it does not read; this parse reads them all, and a
+            // bad one (a number out of range, a lone surrogate) is the caller's.
+            let mut object: Map<String, Value> = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))?;
             if let Some(to) = &mapped {
                 object.insert("model".into(), Value::String(to.to_string()));
             }
@@ -339,11 +341,12 @@ fn parse_gemini_call(
         .map_err(|e| ApiError::invalid(crate::routes::describe_json_error(&e)))?;
     let mapped = proxy.mapper.resolve(&principal.user.id, model);
     let upstream_model = mapped.as_deref().unwrap_or(model);
-    // The caller's own key stays here; everything else (`alt=sse`, field masks) goes on.
+    // The caller's own key stays here; everything else (`alt=sse`, field masks) goes on. Names
+    // are compared decoded, as authentication and Google read them (`k%65y` is `key`).
     let query: Vec<&str> = req
         .query_string()
         .split('&')
-        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("key"))
+        .filter(|pair| query_pair(pair).is_some_and(|(name, _)| name != "key"))
         .collect();
     let mut path = format!("/models/{}:{method}", escape_segment(upstream_model));
     if !query.is_empty() {
@@ -352,7 +355,8 @@ fn parse_gemini_call(
     }
     let sse = query
         .iter()
-        .any(|pair| pair.eq_ignore_ascii_case("alt=sse"));
+        .filter_map(|pair| query_pair(pair))
+        .any(|(name, value)| name == "alt" && value.eq_ignore_ascii_case("sse"));
     let mut headers = Vec::new();
     if sse {
         headers.push((
@@ -375,6 +379,11 @@ fn parse_gemini_call(
         translatable: false,
         usage_asked: false,
     })
+}
+
+/// A query pair (`name=value`) decoded, as a server reads it; none for an empty pair.
+fn query_pair(pair: &str) -> Option<(std::borrow::Cow<'_, str>, std::borrow::Cow<'_, str>)> {
+    url::form_urlencoded::parse(pair.as_bytes()).next()
 }
 
 /// A model name as one path segment: anything but unreserved characters percent-encoded.

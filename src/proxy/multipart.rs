@@ -46,6 +46,20 @@ pub async fn read_form(content_type: &str, body: Bytes) -> Result<Form, ApiError
             data,
         });
     }
+    // One value each: servers differ on which of two they read (Starlette the last), so a
+    // second `model` could run a model other than the one checked and billed here.
+    for once in ["model", "stream"] {
+        if parts
+            .iter()
+            .filter(|p| p.name.as_deref() == Some(once))
+            .count()
+            > 1
+        {
+            return Err(ApiError::invalid(format!(
+                "the form has more than one `{once}` field"
+            )));
+        }
+    }
     let text = |wanted: &str| {
         parts
             .iter()

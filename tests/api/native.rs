@@ -289,11 +289,12 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
     let (user_id, key) = app.user_with_key().await;
     let content = json!({"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]});
 
-    // The Google SDKs' `?key=`: it authenticates the caller and never goes upstream.
+    // The Google SDKs' `?key=`: it authenticates the caller and never goes upstream, however
+    // its name is encoded.
     let response = app
         .http
         .post(format!(
-            "{}/v1beta/models/g-alias:generateContent?key={key}",
+            "{}/v1beta/models/g-alias:generateContent?key={key}&k%65y={key}",
             app.address
         ))
         .json(&content)

@@ -180,6 +180,17 @@ async fn a_transcription_form_passes_through_intact(backend: Backend) {
         .await
         .unwrap();
     assert_error(into_json(response).await, 400, "invalid_request");
+    // Two `model` fields: which one a server reads differs, so neither is.
+    let twice = transcription_form("whisper-1").text("model", "whisper-large");
+    let response = app
+        .http
+        .post(&url)
+        .bearer_auth(&key)
+        .multipart(twice)
+        .send()
+        .await
+        .unwrap();
+    assert_error(into_json(response).await, 400, "invalid_request");
     assert_eq!(mock.calls().len(), 2);
 }
 
@@ -908,6 +919,9 @@ async fn bad_call_bodies_are_refused_with_400(backend: Backend) {
         // Control characters: no name holds one, and PostgreSQL cannot store a NUL.
         "{\"model\": \"gpt\\u0000x\"}",
         "{\"model\": \"gpt\\nx\"}",
+        // Fields only a full parse reads (a stream asking for its usage is parsed again).
+        "{\"model\": \"m\", \"stream\": true, \"stream_options\": {}, \"x\": 1e400}",
+        "{\"model\": \"m\", \"stream\": true, \"stream_options\": {}, \"x\": \"\\ud800\"}",
     ] {
         let response = app
             .http
