@@ -128,6 +128,9 @@ pub async fn send(
                     let key_refused = match status.as_u16() {
                         401 => true,
                         400 => matches!(&code, ErrorCode::Json(Some(c)) if c == "API_KEY_INVALID"),
+                        // Anthropic refuses a bad key with a 401; its 403 (`permission_error`,
+                        // with no code) is about the model or feature the call asked for.
+                        403 if key.provider == Provider::Anthropic => false,
                         403 => match &code {
                             ErrorCode::Json(Some(code)) => !CALL_REFUSALS.contains(&code.as_str()),
                             ErrorCode::Json(None) | ErrorCode::Unreadable => true,

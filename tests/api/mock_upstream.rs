@@ -15,7 +15,7 @@
 //! | `waf403` | 403 with an HTML page, as a firewall in front of a provider refuses a call |
 //! | `r402` | 402, an account out of credit (as DeepSeek and OpenRouter answer) |
 //! | `quota` | 429 `insufficient_quota`, without `Retry-After` (as OpenAI answers) |
-//! | `noaccess` | like `ok`, but 403 `model_not_found` for `locked-model` |
+//! | `noaccess` | like `ok`, but 403 `model_not_found` for `locked-model` (on `/v1/messages`, Anthropic's 403 `permission_error`) |
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
 //! | `cut` | like `ok`, but a `/responses` stream ends before its `response.completed` |
@@ -249,6 +249,12 @@ async fn handle(
     }
     if secret.starts_with("r500") {
         return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom"}}));
+    }
+    if secret.starts_with("noaccess") && model == "locked-model" && req.path() == "/v1/messages" {
+        // As Anthropic answers a key without access to what the call asks for.
+        return HttpResponse::Forbidden().json(json!({"type": "error", "error": {
+            "type": "permission_error",
+            "message": "Your API key does not have permission to use the specified resource."}}));
     }
     if secret.starts_with("noaccess") && model == "locked-model" {
         // As OpenAI answers a project that may not use a model.

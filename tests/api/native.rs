@@ -14,6 +14,7 @@ on_both_backends!(
     anthropic_errors_come_in_anthropics_shape_and_failover_holds,
     gemini_calls_reach_gemini_keys_and_are_metered,
     gemini_errors_come_in_googles_shape_and_a_refused_key_is_disabled,
+    an_anthropic_403_refuses_the_call_not_the_key,
 );
 
 async fn app(backend: Backend) -> TestApp {
@@ -435,4 +436,24 @@ async fn gemini_errors_come_in_googles_shape_and_a_refused_key_is_disabled(backe
         }
     })
     .await;
+}
+
+/// Anthropic refuses a bad key with a 401; its 403 `permission_error` is about what the call
+/// asked for, so it goes back to the caller and the key keeps serving everyone else.
+async fn an_anthropic_403_refuses_the_call_not_the_key(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    let id = app.add_upstream(anthropic_key(&mock, "noaccess-ant")).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) =
+        into_json(post_message(&app, &key, message("locked-model", false)).await).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["type"], "permission_error", "{body}");
+    let (status, body) = into_json(post_message(&app, &key, message("m", false)).await).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, view) = app
+        .admin_json(Method::GET, &format!("/admin/upstream-keys/{id}"), None)
+        .await;
+    assert_eq!(view["state"], "healthy", "{view}");
+    assert_eq!(mock.calls_with("noaccess-ant"), 2);
 }
