@@ -525,6 +525,29 @@ mod tests {
         );
     }
 
+    /// With `n` above 1, each choice's first chunk carries its role, as OpenAI's do.
+    #[test]
+    fn every_streamed_choice_starts_with_its_role() {
+        let candidate = |index: u64| {
+            json!({"index": index,
+            "content": {"role": "model", "parts": [{"text": "Hi"}]}})
+        };
+        let event = json!({"candidates": [candidate(0), candidate(1)]});
+        let mut state = StreamState::default();
+        let mut out = ChunkWriter::new("asked");
+        state.event(&event, &mut out);
+        state.event(&event, &mut out);
+        let text = String::from_utf8(out.out.to_vec()).unwrap();
+        let roles: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter(|c| c["choices"][0]["delta"]["role"] == "assistant")
+            .map(|c| c["choices"][0]["index"].as_u64().unwrap())
+            .collect();
+        assert_eq!(roles, [0, 1], "{text}");
+    }
+
     /// A prompt Gemini blocked (no candidates) is an empty choice finished by the filter, in
     /// a whole answer and in a stream, which then ends whole.
     #[test]

@@ -245,8 +245,8 @@ struct ChunkWriter {
     out: BytesMut,
     /// The stream ended (`[DONE]`, or an error event): nothing more is written.
     finished: bool,
-    /// The role went out in the first chunk.
-    started: bool,
+    /// The choices whose role went out (in each one's first chunk, as OpenAI sends it).
+    started: Vec<u64>,
 }
 
 impl ChunkWriter {
@@ -257,14 +257,14 @@ impl ChunkWriter {
             model: model.to_owned(),
             out: BytesMut::new(),
             finished: false,
-            started: false,
+            started: Vec::new(),
         }
     }
 
-    /// A chunk of choice `index` carrying `delta` (and the role, in the stream's first).
+    /// A chunk of choice `index` carrying `delta` (and the role, in that choice's first).
     fn delta(&mut self, index: u64, mut delta: Value, finish: Option<&str>) {
-        if !self.started {
-            self.started = true;
+        if !self.started.contains(&index) {
+            self.started.push(index);
             if let Value::Object(delta) = &mut delta {
                 delta.insert("role".into(), "assistant".into());
             }
