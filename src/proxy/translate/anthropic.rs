@@ -110,7 +110,11 @@ pub(super) fn request(
     if let Some(stops) = stop_sequences(chat) {
         body["stop_sequences"] = stops;
     }
-    if let Some(user) = chat.get("user").and_then(Value::as_str) {
+    if let Some(user) = chat
+        .get("user")
+        .and_then(Value::as_str)
+        .filter(|u| opaque(u))
+    {
         body["metadata"] = json!({"user_id": user});
     }
     if stream {
@@ -299,6 +303,21 @@ fn tool_choice(chat: &Map<String, Value>) -> Option<Value> {
         choice["disable_parallel_tool_use"] = Value::Bool(true);
     }
     Some(choice)
+}
+
+/// Whether a chat's `user` may go to Anthropic as `metadata.user_id`, which its docs want an
+/// opaque id (a UUID, a hash) of at most 256 characters, never an email address or a phone
+/// number (as LiteLLM checks it); apps often send the user's email, which stays here.
+fn opaque(user: &str) -> bool {
+    let email = user
+        .split_once('@')
+        .is_some_and(|(name, domain)| !name.is_empty() && domain.contains('.'));
+    let digits = user.bytes().filter(u8::is_ascii_digit).count();
+    let phone = digits >= 7
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b" +-().".contains(&b));
+    !user.is_empty() && user.len() <= 256 && !email && !phone
 }
 
 /// The one sampling option sent, as the Messages API takes them: `temperature` (at most 1,
@@ -663,6 +682,16 @@ mod tests {
             let chat = json!({"messages": [{"role": "user", "content": [refused.clone()]}]});
             let error = body(chat).unwrap_err();
             assert_eq!(error.code(), "invalid_request", "{refused}");
+        }
+
+        for (user, sent) in [
+            ("usr_8f2c", true),
+            ("0b5e9c1e-3c4f-4e0f-9d1a-2f6f3e1b7a10", true),
+            ("ada@example.com", false),
+            ("+47 22 33 44 55", false),
+        ] {
+            let out = body(json!({"user": user, "messages": []})).unwrap();
+            assert_eq!(out.get("metadata").is_some(), sent, "{user}: {out}");
         }
 
         let cut = json!({"id": "msg_1", "content": [{"type": "text", "text": "Par"}],
