@@ -183,6 +183,27 @@ mod tests {
         assert!(book.price_of("llama-3", None).is_none());
     }
 
+    /// Variants that cost several times their base have entries of their own.
+    #[test]
+    fn pricier_variants_are_not_priced_as_their_base() {
+        let book = book();
+        for (model, priced_as) in [
+            ("o3-pro-2025-06-10", "o3-pro"),
+            ("o1-pro", "o1-pro"),
+            ("gpt-5-pro-2025-10-06", "gpt-5-pro"),
+            ("claude-opus-4-5-20251101", "claude-opus-4-5"),
+            ("claude-opus-4-20250514", "claude-opus-4"),
+            ("gpt-3.5-turbo-instruct", "gpt-3.5-turbo-instruct"),
+            ("gpt-4-0613", "gpt-4"),
+        ] {
+            assert_eq!(
+                book.price_of(model, None).unwrap().model,
+                priced_as,
+                "{model}"
+            );
+        }
+    }
+
     #[test]
     fn image_prices_follow_quality_and_size() {
         let book = book();
