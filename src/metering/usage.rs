@@ -116,6 +116,10 @@ pub fn reported(endpoint: Endpoint, observed: &Observed) -> Option<Usage> {
             audio_seconds: s,
             ..Usage::default()
         }),
+        // Only the tail of a large answer is kept (images in base64, say): its usage is the
+        // last usage object in it, which other fields may follow (a Responses answer ends
+        // `"usage": {…}, "user": null, "metadata": {}`).
+        Err(_) if observed.truncated => last_usage(body).and_then(|(usage, _)| usage.into_usage()),
         Err(_) => None,
     }
 }
@@ -227,14 +231,7 @@ fn delivered(observed: &Observed, request: &[u8], model: &str) -> Usage {
 /// escaped, and a string followed by a colon is a key. Its object is the answer itself when
 /// nothing but the answer's closing brace follows its value.
 fn trailing_usage(body: &[u8]) -> Option<Usage> {
-    const KEY: &[u8] = b"\"usage\"";
-    let at = memchr::memmem::rfind(body, KEY)?;
-    let value = body[at + KEY.len()..]
-        .trim_ascii_start()
-        .strip_prefix(b":")?;
-    let mut reader = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
-    let reported = reader.next()?.ok()?;
-    let rest = &value[reader.byte_offset()..];
+    let (reported, rest) = last_usage(body)?;
     if rest
         .trim_ascii()
         .strip_prefix(b"}")?
@@ -245,6 +242,18 @@ fn trailing_usage(body: &[u8]) -> Option<Usage> {
     } else {
         None
     }
+}
+
+/// The value of the last `"usage"` key in `body`, read as a usage report, and what follows it.
+fn last_usage(body: &[u8]) -> Option<(Reported, &[u8])> {
+    const KEY: &[u8] = b"\"usage\"";
+    let at = memchr::memmem::rfind(body, KEY)?;
+    let value = body[at + KEY.len()..]
+        .trim_ascii_start()
+        .strip_prefix(b":")?;
+    let mut reader = serde_json::Deserializer::from_slice(value).into_iter::<Reported>();
+    let reported = reader.next()?.ok()?;
+    Some((reported, &value[reader.byte_offset()..]))
 }
 
 /// The usage of a Gemini answer: the last `usageMetadata` in it, whether the answer is one

@@ -35,7 +35,7 @@ on_both_backends!(
     a_burst_is_metered_whole_though_accounted_in_slices,
     concurrent_prunes_count_each_entry_once,
     calls_dropped_in_an_outage_leave_the_budget,
-    a_long_responses_stream_is_metered_from_its_last_event,
+    long_responses_are_metered_from_their_usage,
     an_escaped_path_is_metered_as_the_route_it_reached,
     a_row_the_database_refuses_is_set_aside_and_the_rest_are_written,
     a_whole_stream_without_usage_is_metered_from_what_it_delivered,
@@ -863,9 +863,10 @@ async fn usage_survives_a_database_outage(backend: Backend) {
     log_entries(&app, &format!("user_id={user_id}"), 11).await;
 }
 
-/// A Responses stream longer than metering keeps whole still gives its usage: its last event,
-/// which repeats the output ahead of the usage, is kept whole.
-async fn a_long_responses_stream_is_metered_from_its_last_event(backend: Backend) {
+/// A Responses answer longer than metering keeps whole still gives its usage: a stream's last
+/// event, which repeats the output ahead of the usage, is kept whole, and a JSON answer's tail
+/// holds its usage, which other fields follow.
+async fn long_responses_are_metered_from_their_usage(backend: Backend) {
     let app = metered_app(backend).await;
     let (_mock, user_id, key) = setup(&app, "long-r").await;
     let response = app
@@ -878,10 +879,22 @@ async fn a_long_responses_stream_is_metered_from_its_last_event(backend: Backend
         .unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.bytes().await.unwrap().len() > 5 * 1024 * 1024);
-    let entries = log_entries(&app, &format!("user_id={user_id}"), 1).await;
-    assert_eq!(entries[0]["prompt_tokens"], 9, "{entries:?}");
-    assert_eq!(entries[0]["completion_tokens"], 2, "{entries:?}");
-    assert_eq!(entries[0]["partial"], false);
+    let response = app
+        .http
+        .post(format!("{}/v1/responses", app.address))
+        .bearer_auth(&key)
+        .json(&json!({"model": "metered-model", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().await.unwrap().len() > 5 * 1024 * 1024);
+    let entries = log_entries(&app, &format!("user_id={user_id}"), 2).await;
+    for entry in &entries {
+        assert_eq!(entry["prompt_tokens"], 9, "{entry}");
+        assert_eq!(entry["completion_tokens"], 2, "{entry}");
+        assert_eq!(entry["partial"], false, "{entry}");
+    }
 }
 
 /// Calls dropped because the outage outlasted the buffer are lost, and so is their spend: it

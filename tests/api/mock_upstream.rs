@@ -19,7 +19,7 @@
 //! | `r400` | 400 with a provider error body (the caller's fault) |
 //! | `slow` | waits 3 s, then answers like `ok` |
 //! | `cut` | like `ok`, but a `/responses` stream ends before its `response.completed` |
-//! | `long` | like `ok`, but a `/responses` stream of 5 MiB, and a 100 KiB last event |
+//! | `long` | like `ok`, but a `/responses` stream of 5 MiB, and a 100 KiB last event; a `/responses` JSON answer of 5 MiB, its `usage` followed by `user` and `metadata` as OpenAI orders them |
 //! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
 //! | `stall-sized` | as `stall`, a JSON answer declaring a `content-length` of 200 |
 //! | `short` | 200, a JSON answer declaring a `content-length` of 200 that sends 25 bytes and closes |
@@ -373,6 +373,15 @@ async fn handle(
                 "usage": {"input_tokens": 9, "output_tokens": 2, "total_tokens": 11},
             }));
         }
+    }
+    if req.path().ends_with("/responses") && !stream && secret.starts_with("long") {
+        let text = "x".repeat(5 * 1024 * 1024);
+        let body = format!(
+            r#"{{"id":"{response_id}","object":"response","model":"{model}","status":"completed","output":[{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":"{text}"}}]}}],"usage":{{"input_tokens":9,"output_tokens":2,"total_tokens":11}},"user":null,"metadata":{{}}}}"#
+        );
+        return HttpResponse::Ok()
+            .content_type("application/json")
+            .body(body);
     }
     if req.path().ends_with("/responses") && stream {
         // A Responses API stream: events named by type, the model inside each `response`.
