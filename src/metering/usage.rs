@@ -167,6 +167,15 @@ pub fn measure(
         // Anthropic reports the prompt when a stream starts and the completion at its end,
         // Gemini a running count in every event: a cut stream's completion is at least the
         // text it delivered.
+        // A transcript that says nothing of the audio's length (`response_format=text`, or a
+        // server's bare `{"text"}`) is metered from the words spoken, at 150 a minute, rather
+        // than at nothing.
+        Endpoint::Transcriptions if usage.is_none() && observed.succeeded() => {
+            usage = Some(Usage {
+                audio_seconds: spoken_seconds(observed.body()),
+                ..Usage::default()
+            });
+        }
         Endpoint::Messages | Endpoint::Gemini
             if observed.stream
                 && observed.succeeded()
@@ -353,6 +362,20 @@ fn subtitle_seconds(body: &[u8]) -> Option<f64> {
         .filter_map(|line| line.split_once("-->"))
         .filter_map(|(_, end)| parse_timestamp(end.split_whitespace().next()?))
         .reduce(f64::max)
+}
+
+/// The seconds it takes to say a transcript (its `text` when it is JSON), at 150 words a
+/// minute, a usual rate of speech.
+fn spoken_seconds(body: &[u8]) -> f64 {
+    #[derive(Deserialize)]
+    struct Transcript {
+        text: String,
+    }
+    let text = match serde_json::from_slice::<Transcript>(body) {
+        Ok(transcript) => transcript.text,
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    };
+    text.split_whitespace().count() as f64 / 2.5
 }
 
 /// `HH:MM:SS,mmm` (SRT) or `[HH:]MM:SS.mmm` (WebVTT).
@@ -654,6 +677,14 @@ mod tests {
                 .audio_seconds,
             64.25
         );
+        // Plain text says nothing of the audio: 25 words are 10 seconds of speech.
+        let words = "word ".repeat(25);
+        for body in [words.clone(), format!(r#"{{"text":"{words}"}}"#)] {
+            let plain = observed(false, &[Box::leak(body.into_bytes().into_boxed_slice())]);
+            let usage = reported(Endpoint::Transcriptions, &plain);
+            let usage = measure(Endpoint::Transcriptions, &plain, usage, b"", "whisper-1").unwrap();
+            assert_eq!(usage.audio_seconds, 10.0);
+        }
     }
 
     #[test]

@@ -384,8 +384,19 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
             .unwrap()
             .to_owned(),
     );
+    // A plain-text transcript says nothing of the audio: its 4 words are 1.6 s of speech.
+    let response = app
+        .http
+        .post(format!("{}/v1/audio/transcriptions", app.address))
+        .bearer_auth(&key)
+        .multipart(transcription_form("listen-model").text("response_format", "text"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "hello from the mock\n");
 
-    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 6).await;
+    let rows = usage_rows(&app, &format!("group_by=model&user_id={user_id}"), 7).await;
     let row = |model: &str| rows.iter().find(|r| r["model"] == model).unwrap().clone();
     // Four models: pages of two.
     assert_eq!(rows.len(), 4);
@@ -422,8 +433,8 @@ async fn embeddings_images_and_audio_are_metered(backend: Backend) {
     );
     assert_eq!(
         row("listen-model")["cost_usd"],
-        json!(0.003),
-        "30 s at 0.0001"
+        json!(0.00316),
+        "30 s and 1.6 s at 0.0001"
     );
 
     let db = app.db();

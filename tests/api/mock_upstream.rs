@@ -43,7 +43,7 @@
 //!
 //! Embeddings report 8 prompt tokens; images answer `n` images (2 MiB each as `b64_json`);
 //! speech answers audio bytes;
-//! transcriptions report 30 seconds of audio.
+//! transcriptions report 30 seconds of audio (in `response_format=text`, the transcript alone).
 //!
 //! Two raw TCP providers beside it: `start_breaking_upstream` (every stream breaks after one
 //! event) and `start_closing_upstream` (every connection answers one call, then closes as the
@@ -172,7 +172,7 @@ async fn handle(
             query: req.query_string().to_owned(),
             anthropic_version: header("anthropic-version"),
             body: body.clone(),
-            raw,
+            raw: raw.clone(),
             content_type,
         });
         let first = calls.iter().filter(|c| c.secret == secret).count() == 1;
@@ -212,6 +212,12 @@ async fn handle(
             .json(json!({"error": {"message": "bad key", "code": "invalid_api_key"}}));
     }
     if req.path().ends_with("/audio/transcriptions") {
+        // `response_format=text`: the transcript alone, as OpenAI sends it.
+        if memchr::memmem::find(&raw, b"name=\"response_format\"\r\n\r\ntext\r\n").is_some() {
+            return HttpResponse::Ok()
+                .content_type("text/plain; charset=utf-8")
+                .body("hello from the mock\n");
+        }
         return HttpResponse::Ok().json(
             json!({"text": "hello from the mock", "usage": {"type": "duration", "seconds": 30}}),
         );
