@@ -36,21 +36,6 @@ use crate::state::AppState;
 use crate::telemetry::{self, RequestSpan};
 use crate::upstream;
 
-/// Shows a newly generated admin token once, so a newcomer can call the admin API at once. It
-/// goes to the terminal only: when stdout is a pipe or a file (a container, a log collector),
-/// only the file that holds it is named.
-fn announce_admin_token(token: &str, path: &std::path::Path) {
-    use std::io::IsTerminal;
-    if std::io::stdout().is_terminal() {
-        println!(
-            "\n  Switchyard admin token (saved in {}):\n\n    {token}\n\n  Use it as: Authorization: Bearer <token>\n",
-            path.display()
-        );
-    } else {
-        tracing::info!(file = %path.display(), "generated an admin token; read it from the file");
-    }
-}
-
 /// Waits for SIGTERM or SIGINT; returns which.
 async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
@@ -91,9 +76,6 @@ impl Application {
             "database ready"
         );
         bootstrap::seed_first_start(&db, &secrets.master_key).await?;
-        if let Some((token, path)) = &secrets.generated_admin_token {
-            announce_admin_token(token, path);
-        }
 
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         let metering = Arc::new(Metering::start(&settings, metrics.clone()).await?);

@@ -31,7 +31,7 @@ async fn upstream_secret_is_encrypted_and_never_shown(backend: Backend) {
     assert_eq!(status, 201, "{created}");
     assert!(!created.to_string().contains(secret));
     assert!(created.get("secret").is_none());
-    assert_eq!(created["secret_hint"], "...9876");
+    assert_eq!(created["secret_hint"], "9876");
     assert_eq!(created["level"], 2);
     assert_eq!(created["weight"], 3);
     assert_eq!(created["state"], "healthy");
@@ -78,7 +78,7 @@ async fn upstream_key_defaults_and_updates(backend: Backend) {
     assert_eq!(patched["level"], 2);
     assert_eq!(patched["enabled"], false);
     assert_eq!(patched["state"], "disabled");
-    assert_eq!(patched["secret_hint"], "...2222");
+    assert_eq!(patched["secret_hint"], "2222");
     let (_, fetched) = app.admin_json(Method::GET, &path, None).await;
     assert_eq!(fetched, patched);
 
@@ -86,6 +86,40 @@ async fn upstream_key_defaults_and_updates(backend: Backend) {
         .admin_json(Method::PATCH, &path, Some(json!({"enabled": true})))
         .await;
     assert_eq!(enabled["state"], "healthy");
+
+    // Another provider: its default base URL in place of the old one's, a custom one kept.
+    let (status, moved) = app
+        .admin_json(Method::PATCH, &path, Some(json!({"provider": "gemini"})))
+        .await;
+    assert_eq!(status, 200, "{moved}");
+    assert_eq!(moved["provider"], "gemini");
+    assert_eq!(
+        moved["base_url"],
+        "https://generativelanguage.googleapis.com/v1beta"
+    );
+    let (_, moved) = app
+        .admin_json(
+            Method::PATCH,
+            &path,
+            Some(json!({"provider": "openai", "base_url": "http://10.0.0.7:8000/v1"})),
+        )
+        .await;
+    assert_eq!(moved["base_url"], "http://10.0.0.7:8000/v1");
+    let (_, moved) = app
+        .admin_json(Method::PATCH, &path, Some(json!({"provider": "anthropic"})))
+        .await;
+    assert_eq!(
+        moved["base_url"], "http://10.0.0.7:8000/v1",
+        "its own, kept"
+    );
+    assert_error(
+        app.admin_json(Method::PATCH, &path, Some(json!({"provider": "azure"})))
+            .await,
+        400,
+        "invalid_request",
+    );
+    let (_, fetched) = app.admin_json(Method::GET, &path, None).await;
+    assert_eq!(fetched["provider"], "anthropic");
 
     let (status, deleted) = app.admin_json(Method::DELETE, &path, None).await;
     assert_eq!(status, 200);
@@ -130,7 +164,8 @@ async fn bad_upstream_key_input_is_refused_with_400(backend: Backend) {
     for body in [
         json!({"level": -1}),
         json!({"base_url": "https://user:pw@host/v1"}),
-        json!({"provider": "openai"}),
+        json!({"provider": "azure"}),
+        json!({"provider": null}),
         json!({"weight": "heavy"}),
         // Fields with no null: a null would otherwise read as left out, and change nothing.
         json!({"models": null}),
@@ -174,7 +209,7 @@ async fn discovery_adds_the_keys_the_provider_accepts(backend: Backend) {
     assert_eq!(result["added"].as_array().unwrap().len(), 2, "{result}");
     let rejected = result["rejected"].as_array().unwrap();
     assert_eq!(rejected.len(), 2, "{result}");
-    assert_eq!(rejected[0]["hint"], "...bbbb");
+    assert_eq!(rejected[0]["hint"], "bbbb");
     assert!(rejected[0]["reason"].as_str().unwrap().contains("401"));
     assert_eq!(rejected[1]["reason"], "listed twice");
     assert!(!result.to_string().contains("good-key-aaaa"));

@@ -125,36 +125,44 @@ async fn first_start_on_sqlite_needs_nothing_and_keeps_its_secrets_in_files() {
     let env = [("OPENAI_API_KEY", "openai-from-env-4321")];
     let server = Server::start(dir.path(), &env).await;
     assert!(dir.path().join("switchyard.db").exists());
-    let token = std::fs::read_to_string(dir.path().join("switchyard.admin_token"))
-        .unwrap()
-        .trim()
-        .to_owned();
     #[cfg(unix)]
-    for file in ["switchyard.admin_token", "switchyard.master_key"] {
+    {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(file))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600, "{file}");
+        let file = dir.path().join("switchyard.master_key");
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
-    // Output that is not a terminal (here a file; in production a log collector) names the
-    // token's file but never holds the token.
-    assert!(
-        !server.log().contains(&token),
-        "the token never reaches a log"
-    );
-    // Log lines reach the file within the log writer's 50 ms flush.
+    // No admin token configured: the admin API answers 401 to every call, and says why.
+    assert!(!dir.path().join("switchyard.admin_token").exists());
+    let (status, body) = admin(
+        &server.address,
+        "anything",
+        Method::GET,
+        "/admin/users",
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_admin_token", "{body}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !server.log().contains("switchyard.admin_token") {
+    while !server.log().contains("SWITCHYARD_ADMIN_TOKEN is not set") {
         assert!(Instant::now() < deadline, "{}", server.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (status, _) = server.terminate();
+    assert!(status.success());
 
-    // The provider key from the environment is a level-1 upstream key, shown only by its hint.
+    // With a token, the provider key from the environment is there: a level-1 upstream key,
+    // shown only by its hint, added once.
+    let token = "admin-token-for-this-test";
+    let env = [
+        ("OPENAI_API_KEY", "another-env-key-8765"),
+        ("SWITCHYARD_ADMIN_TOKEN", token),
+    ];
+    let server = Server::start(dir.path(), &env).await;
     let (status, keys) = admin(
         &server.address,
-        &token,
+        token,
         Method::GET,
         "/admin/upstream-keys",
         None,
@@ -165,25 +173,34 @@ async fn first_start_on_sqlite_needs_nothing_and_keeps_its_secrets_in_files() {
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["provider"], "openai");
     assert_eq!(keys[0]["level"], 1);
-    assert_eq!(keys[0]["secret_hint"], "...4321");
-    let (status, _) = server.terminate();
-    assert!(status.success());
-
-    // A second start reuses the files, prints no token and adds no key again.
-    let server = Server::start(dir.path(), &[("OPENAI_API_KEY", "another-env-key-8765")]).await;
+    assert_eq!(keys[0]["secret_hint"], "4321");
     assert!(
-        !server.log().contains("generated an admin token"),
-        "only on first start"
+        !server.log().contains(token),
+        "the token never reaches a log"
     );
-    let (_, keys) = admin(
+    drop(server);
+
+    // A token file an earlier version generated is named, never used.
+    std::fs::write(dir.path().join("switchyard.admin_token"), "sya-earlier\n").unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let (status, _) = admin(
         &server.address,
-        &token,
+        "sya-earlier",
         Method::GET,
-        "/admin/upstream-keys",
+        "/admin/users",
         None,
     )
     .await;
-    assert_eq!(keys["data"].as_array().unwrap().len(), 1);
+    assert_eq!(status, 401);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.log().contains("switchyard.admin_token") {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !server.log().contains("sya-earlier"),
+        "its content never reaches a log"
+    );
     drop(server);
 
     // Losing the master key file while secrets are stored is refused, not papered over.

@@ -82,6 +82,7 @@ pub async fn update(
             .find(&key.id)
             .filter(upstream_keys::updated_at.eq(seen));
         let admin_columns = (
+            upstream_keys::provider.eq(&row.provider),
             upstream_keys::base_url.eq(&row.base_url),
             upstream_keys::secret_enc.eq(&row.secret_enc),
             upstream_keys::secret_hint.eq(&row.secret_hint),

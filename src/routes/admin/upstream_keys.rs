@@ -34,6 +34,8 @@ pub struct CreateUpstreamKey {
 #[serde(deny_unknown_fields)]
 pub struct UpdateUpstreamKey {
     #[serde(default, deserialize_with = "not_null")]
+    provider: Option<Provider>,
+    #[serde(default, deserialize_with = "not_null")]
     base_url: Option<String>,
     #[serde(default, deserialize_with = "not_null")]
     secret: Option<String>,
@@ -250,6 +252,15 @@ fn apply_update(
     key: &mut UpstreamKey,
 ) -> Result<bool, ApiError> {
     let mut reset_health = false;
+    if let Some(provider) = body.provider.filter(|p| *p != key.provider) {
+        // A key moved to another provider keeps a base URL of its own, and trades the old
+        // provider's default for the new one's; its health starts afresh.
+        if key.base_url == key.provider.default_base_url() {
+            key.base_url = provider.default_base_url().to_owned();
+        }
+        key.provider = provider;
+        reset_health = true;
+    }
     if let Some(url) = body.base_url.as_deref() {
         key.base_url = base_url_or_default(key.provider, Some(url))?;
     }
