@@ -32,11 +32,19 @@ impl Gate {
         if self.trusted_proxies.is_empty() {
             return Some(peer.to_canonical());
         }
-        let forwarded = req
+        // Read whole, bytes that are not text included: a header left out for one byte a client
+        // wrote would leave the proxy's own address as the client's. Such bytes make a hop that
+        // is no address, and a caller whose nearest hop is one matches no allowlist.
+        let forwarded: Vec<_> = req
             .headers()
             .get_all("x-forwarded-for")
-            .filter_map(|v| v.to_str().ok());
-        client_ip::resolve(peer, forwarded, &self.trusted_proxies)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()))
+            .collect();
+        client_ip::resolve(
+            peer,
+            forwarded.iter().map(|v| v.as_ref()),
+            &self.trusted_proxies,
+        )
     }
 }
 

@@ -121,6 +121,25 @@ async fn a_trusted_proxy_names_the_client(backend: Backend) {
     );
     // Without the header the proxy itself is the caller.
     assert_error(chat_from(&app, &key, None).await, 403, "ip_not_allowed");
+
+    // A header with bytes that are not text is read all the same: the client's garbage is no
+    // address, so the proxy's own one is not taken for the caller's.
+    let (_, inside) = user(&app, json!({"ip_allowlist": ["127.0.0.0/8"]})).await;
+    for forged in [&b"\xff"[..], b"\xff, 6.6.6.6"] {
+        let response = app
+            .http
+            .post(format!("{}/v1/chat/completions", app.address))
+            .bearer_auth(&inside)
+            .header(
+                "x-forwarded-for",
+                reqwest::header::HeaderValue::from_bytes(forged).unwrap(),
+            )
+            .json(&hello("gpt-4o-mini"))
+            .send()
+            .await
+            .unwrap();
+        assert_error(into_json(response).await, 403, "ip_not_allowed");
+    }
 }
 
 async fn suspended_over_budget_and_acl_refusals_have_their_codes(backend: Backend) {
