@@ -16,15 +16,25 @@ pub struct ModelLimit {
     pub tpm: Option<i64>,
 }
 
-/// Reads a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address (taken as a single host).
+/// Reads a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a bare address (taken as a single host). An
+/// IPv4-mapped block (`::ffff:10.0.0.0/104`) is read as the IPv4 block it maps, as a caller's
+/// mapped address is read as IPv4.
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
-    if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => text
+            .parse::<std::net::IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("`{text}` is not a CIDR block or IP address"))?,
+    };
+    if let IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            let mapped = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).expect("96 to 128 less 96");
+            return Ok(IpNet::V4(mapped));
+        }
     }
-    text.parse::<std::net::IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("`{text}` is not a CIDR block or IP address"))
+    Ok(net)
 }
 
 /// Checks a model-name glob such as `gpt-4o*`.
@@ -116,6 +126,14 @@ mod tests {
     fn cidrs_and_bare_addresses_parse_and_garbage_does_not() {
         assert_eq!(parse_cidr("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("::1").unwrap().to_string(), "::1/128");
+        assert_eq!(
+            parse_cidr("::ffff:10.0.0.1").unwrap().to_string(),
+            "10.0.0.1/32"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:10.1.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert_eq!(
             parse_cidr("192.168.1.1").unwrap().to_string(),
             "192.168.1.1/32"
