@@ -166,6 +166,8 @@ impl Tally {
 enum Place {
     /// The body itself.
     Top,
+    /// Gemini's `generationConfig`, which holds its cap.
+    Config,
     /// Under one of `TEXT_KEYS`: strings are text, numbers pre-tokenised ids.
     Text,
     /// Anywhere else.
@@ -224,7 +226,7 @@ impl<'de> Visitor<'de> for Walk<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
         let place = match self.place {
-            Place::Top => Place::Other,
+            Place::Top | Place::Config => Place::Other,
             place => place,
         };
         let mut count = 0;
@@ -242,13 +244,13 @@ impl<'de> Visitor<'de> for Walk<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while let Some(key) = map.next_key::<Key>()? {
-            let place = if key == Key::Text {
-                Place::Text
-            } else {
-                Place::Other
+            let place = match key {
+                Key::Text => Place::Text,
+                Key::Config if self.place == Place::Top => Place::Config,
+                _ => Place::Other,
             };
             match (self.place, key) {
-                (Place::Top, Key::Cap) => {
+                (Place::Top | Place::Config, Key::Cap) => {
                     if let Some(cap) = map.next_value::<Cap>()?.0 {
                         self.tally.cap = self.tally.cap.max(cap);
                     }
@@ -290,6 +292,7 @@ enum Key {
     Text,
     Cap,
     Messages,
+    Config,
     Other,
 }
 
@@ -308,6 +311,8 @@ impl<'de> Deserialize<'de> for Key {
                     Key::Cap
                 } else if key == "messages" {
                     Key::Messages
+                } else if key == "generationConfig" {
+                    Key::Config
                 } else {
                     Key::Other
                 })
@@ -435,7 +440,7 @@ mod tests {
     }
 
     #[test]
-    fn caps_count_only_as_integers_at_the_top() {
+    fn caps_count_only_as_integers_at_the_top_or_in_gemini_config() {
         let t = |body: &[u8]| tokens("other", body);
         assert_eq!(t(br#"{"max_tokens":10,"max_output_tokens":30}"#), 30);
         assert_eq!(t(br#"{"max_tokens":-5}"#), 0);
@@ -443,6 +448,16 @@ mod tests {
         assert_eq!(t(br#"{"max_tokens":"10"}"#), 0);
         assert_eq!(t(br#"{"max_tokens":[10],"x":{"max_tokens":10}}"#), 0);
         assert_eq!(t(br#"{"max_tokens":18446744073709551615}"#), 0);
+        // Gemini's cap sits in its `generationConfig`, and only there.
+        assert_eq!(t(br#"{"generationConfig":{"maxOutputTokens":100}}"#), 100);
+        assert_eq!(
+            t(br#"{"x":{"generationConfig":{"maxOutputTokens":100}}}"#),
+            0
+        );
+        assert_eq!(
+            t(br#"{"generationConfig":{"x":{"maxOutputTokens":100}}}"#),
+            0
+        );
         // The largest cap that fits is charged, but never more than a window can sum.
         let most = br#"{"max_tokens":9223372036854775807,"messages":[{"content":"hi"}]}"#;
         assert_eq!(t(most), crate::limits::MOST_TOKENS);

@@ -375,6 +375,23 @@ async fn tpm_is_settled_with_the_usage_the_answer_reports(backend: Backend) {
     assert_eq!(status, 429, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("lower max_tokens"), "{message}");
+    // So does one on Gemini's own route, whose cap sits in its `generationConfig`.
+    let response = app
+        .http
+        .post(format!(
+            "{}/v1beta/models/gemini-2.0-flash:generateContent",
+            app.address
+        ))
+        .header("x-goog-api-key", &key)
+        .json(&json!({"contents": [{"parts": [{"text": "hi"}]}],
+                      "generationConfig": {"maxOutputTokens": 5000}}))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = into_json(response).await;
+    assert_eq!(status, 429, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("lower max_tokens"), "{message}");
 }
 
 async fn tpm_is_settled_from_a_streamed_usage_chunk(backend: Backend) {
