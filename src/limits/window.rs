@@ -3,8 +3,9 @@
 //! counts here.
 //!
 //! A minute is 30 buckets of 2 s. A call is counted in the bucket of its admission and stays
-//! counted until that bucket has left the window, so at most `limit` calls are admitted in any
-//! 60 s, and a steady caller gets at least 58/60 of its limit.
+//! counted until that bucket has left the window, 58 to 60 s later: at most `limit` calls are
+//! admitted in any 58 s (in a bucket-aligned minute, at most `limit`), and a steady caller gets
+//! at least 58/60 of its limit.
 
 use std::hash::BuildHasher;
 
