@@ -2,10 +2,11 @@
 //! with the same arithmetic in `redis_store.rs`; a replica without Redis, or with Redis away,
 //! counts here.
 //!
-//! A minute is 30 buckets of 2 s. A call is counted in the bucket of its admission and stays
-//! counted until that bucket has left the window, 58 to 60 s later: at most `limit` calls are
-//! admitted in any 58 s (in a bucket-aligned minute, at most `limit`), and a steady caller gets
-//! at least 58/60 of its limit.
+//! The window is 31 buckets of 2 s: a minute and the bucket a call falls in. A call is counted in
+//! the bucket of its admission and stays counted until that bucket has left the window, 60 to
+//! 62 s later, so at most `limit` calls are admitted in any 60 s, and a steady caller gets at
+//! least 60/62 of its limit. (With 30 buckets a call left after 58 to 60 s, and calls at the end
+//! of one bucket and just past the window could reach twice the limit within 60 s.)
 
 use std::hash::BuildHasher;
 
@@ -17,7 +18,7 @@ use super::{Counter, Outcome, Used};
 /// Width of one bucket.
 pub const BUCKET_MS: i64 = 2_000;
 /// Buckets in the window.
-pub const BUCKETS: i64 = 30;
+pub const BUCKETS: i64 = 31;
 
 /// One bucket's counts.
 #[derive(Clone, Copy, Default)]
@@ -217,9 +218,11 @@ mod tests {
         let refused = w.acquire("u", &c, 0, t0 + 1_000);
         assert!(!refused.admitted);
         assert_eq!(refused.used[0].requests, 2);
-        // Counted in bucket 500 (1_000_000 / 2_000): free once bucket 530 starts.
-        assert_eq!(refused.retry_ms, 530 * BUCKET_MS - (t0 + 1_000));
-        assert!(w.acquire("u", &c, 0, 530 * BUCKET_MS).admitted);
+        // Counted in bucket 500 (1_000_000 / 2_000): free once bucket 531 starts, 62 s after
+        // the first call and 61.5 s after the second, never sooner than 60 s after either.
+        assert_eq!(refused.retry_ms, 531 * BUCKET_MS - (t0 + 1_000));
+        assert!(!w.acquire("u", &c, 0, t0 + 60_499).admitted);
+        assert!(w.acquire("u", &c, 0, 531 * BUCKET_MS).admitted);
     }
 
     #[test]
