@@ -470,6 +470,17 @@ where
         meter: CallMeter,
         finished: bool,
     }
+    impl<S> State<S> {
+        /// The stream ended whole: what is left of it to send.
+        fn end_whole(&mut self) -> Bytes {
+            self.finished = true;
+            self.meter.end(true);
+            self.framing
+                .as_mut()
+                .map(EventFraming::finish)
+                .unwrap_or_default()
+        }
+    }
     let is_sse = framing.is_some();
     let state = State {
         upstream,
@@ -501,21 +512,23 @@ where
                         return Some((Ok(out), st));
                     }
                 }
-                Ok(None) if st.done.as_ref().is_some_and(|d| !d.seen) => {
+                Ok(None) if st.done.as_ref().is_some_and(|d| !d.ended()) => {
                     st.finished = true;
                     st.meter.end(false);
                     tracing::warn!("upstream stream ended without its last event");
                     let event = dialect.stream_error_event(false);
                     return Some((Ok(Bytes::from_static(event)), st));
                 }
+                // The end, or a connection that breaks or goes silent after the stream's last
+                // event: the answer was whole.
                 Ok(None) => {
-                    st.finished = true;
-                    st.meter.end(true);
-                    let rest = st
-                        .framing
-                        .as_mut()
-                        .map(EventFraming::finish)
-                        .unwrap_or_default();
+                    let rest = st.end_whole();
+                    if !rest.is_empty() {
+                        return Some((Ok(rest), st));
+                    }
+                }
+                Ok(Some(Err(_))) | Err(_) if st.done.as_ref().is_some_and(DoneWatcher::ended) => {
+                    let rest = st.end_whole();
                     if !rest.is_empty() {
                         return Some((Ok(rest), st));
                     }
@@ -591,43 +604,58 @@ impl WholeLines {
 
 /// Watches a stream for the event that ends it normally, across chunk boundaries.
 struct DoneWatcher {
-    /// Any one of these ends the stream.
-    markers: &'static [&'static [u8]],
-    tail: Vec<u8>,
+    ends: StreamEnd,
+    /// The start of the line the last chunk ended in (the first `LINE_HEAD` bytes), or for
+    /// `StreamEnd::Keys` the last bytes, where a key split by the next chunk may start.
+    head: Vec<u8>,
     seen: bool,
 }
 
+/// What ends a route's stream normally.
+#[derive(Clone, Copy)]
+enum StreamEnd {
+    /// A `data: [DONE]` line (chat and text completions).
+    Done,
+    /// An event of one of these names, in its `event:` line or as the `type` its `data:` line's
+    /// object starts with (responses and messages streams, which also end with an `error`).
+    Events(&'static [&'static [u8]]),
+    /// An event holding one of these keys (Gemini's `"finishReason"`, or the `"blockReason"` of
+    /// a prompt it blocked): unescaped quotes around a name followed by a colon are a key,
+    /// never text inside a string.
+    Keys(&'static [&'static [u8]]),
+}
+
+/// How much of a line the watcher keeps: an event's name or `type` comes first.
+const LINE_HEAD: usize = 96;
+
 impl DoneWatcher {
-    /// The watcher for a route's streams, when the route's streams have a known last event.
+    /// The watcher for a route's streams (`path` with its query), when they have a known last
+    /// event.
     fn for_path(path: &str) -> Option<Self> {
-        // At the start of a line, with or without the space SSE allows after the colon: the
-        // same text inside a delta's JSON string is not the end.
-        const DONE: &[&[u8]] = &[b"\ndata: [DONE]", b"\ndata:[DONE]"];
-        // A response stream ends with one of these events (in its `type`, and its `event:` line).
         const RESPONSE_END: &[&[u8]] = &[
-            b"\"response.completed\"",
-            b"\"response.incomplete\"",
-            b"\"response.failed\"",
-            b"event: error",
-            b"\"type\":\"error\"",
+            b"response.completed",
+            b"response.incomplete",
+            b"response.failed",
+            b"error",
         ];
-        // A Messages stream ends with `message_stop`, or an error event of the provider's.
-        const MESSAGE_END: &[&[u8]] = &[
-            b"\"message_stop\"",
-            b"event: message_stop",
-            b"event: error",
-            b"\"type\":\"error\"",
-        ];
-        let markers = match path {
-            "/chat/completions" | "/completions" => DONE,
-            "/responses" => RESPONSE_END,
-            "/messages" => MESSAGE_END,
+        const MESSAGE_END: &[&[u8]] = &[b"message_stop", b"error"];
+        let (route, query) = path.split_once('?').unwrap_or((path, ""));
+        let ends = match route {
+            "/chat/completions" | "/completions" => StreamEnd::Done,
+            "/responses" => StreamEnd::Events(RESPONSE_END),
+            "/messages" => StreamEnd::Events(MESSAGE_END),
+            // Gemini's event stream; its JSON-array form is not watched (an error event would
+            // not fit it), and a cut there shows as an unclosed array.
+            _ if route.ends_with(":streamGenerateContent")
+                && query.split('&').any(|p| p == "alt=sse") =>
+            {
+                StreamEnd::Keys(&[b"\"finishReason\":", b"\"blockReason\":"])
+            }
             _ => return None,
         };
         Some(DoneWatcher {
-            markers,
-            // The stream's start is a line's start.
-            tail: b"\n".to_vec(),
+            ends,
+            head: Vec::new(),
             seen: false,
         })
     }
@@ -636,12 +664,71 @@ impl DoneWatcher {
         if self.seen {
             return;
         }
-        self.tail.extend_from_slice(chunk);
-        self.seen = self.markers.iter().any(|m| contains(&self.tail, m));
-        // Only the last few bytes can start a marker split by the next chunk.
-        let keep = self.markers.iter().map(|m| m.len()).max().unwrap_or(1) - 1;
-        if self.tail.len() > keep {
-            self.tail.drain(..self.tail.len() - keep);
+        if let StreamEnd::Keys(keys) = self.ends {
+            self.head.extend_from_slice(chunk);
+            self.seen = keys.iter().any(|key| contains(&self.head, key));
+            let keep = keys.iter().map(|key| key.len()).max().unwrap_or(1) - 1;
+            if self.head.len() > keep {
+                self.head.drain(..self.head.len() - keep);
+            }
+            return;
+        }
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            let (piece, ended) = match memchr::memchr(b'\n', rest) {
+                Some(at) => (&rest[..at], true),
+                None => (rest, false),
+            };
+            rest = &rest[(piece.len() + usize::from(ended)).min(rest.len())..];
+            let room = LINE_HEAD.saturating_sub(self.head.len());
+            self.head.extend_from_slice(&piece[..piece.len().min(room)]);
+            if ended {
+                if self.ends_here() {
+                    self.seen = true;
+                    return;
+                }
+                self.head.clear();
+            }
+        }
+    }
+
+    /// Whether the stream ended normally: its last event seen, or in the unfinished line it
+    /// closed on (a last line without its newline).
+    fn ended(&self) -> bool {
+        self.seen || (!matches!(self.ends, StreamEnd::Keys(_)) && self.ends_here())
+    }
+
+    /// Whether the line in `head` ends the stream.
+    fn ends_here(&self) -> bool {
+        let line = self.head.strip_suffix(b"\r").unwrap_or(&self.head);
+        let field = |name: &[u8]| {
+            line.strip_prefix(name)
+                .map(|value| value.strip_prefix(b" ").unwrap_or(value))
+        };
+        match self.ends {
+            StreamEnd::Done => field(b"data:") == Some(b"[DONE]"),
+            StreamEnd::Events(names) => {
+                if let Some(name) = field(b"event:") {
+                    return names.contains(&name);
+                }
+                let Some(data) = field(b"data:") else {
+                    return false;
+                };
+                let typed = data
+                    .strip_prefix(b"{")
+                    .map(<[u8]>::trim_ascii_start)
+                    .and_then(|d| d.strip_prefix(b"\"type\""))
+                    .map(<[u8]>::trim_ascii_start)
+                    .and_then(|d| d.strip_prefix(b":"))
+                    .map(<[u8]>::trim_ascii_start)
+                    .and_then(|d| d.strip_prefix(b"\""));
+                typed.is_some_and(|d| {
+                    names
+                        .iter()
+                        .any(|n| d.strip_prefix(*n).is_some_and(|r| r.first() == Some(&b'"')))
+                })
+            }
+            StreamEnd::Keys(_) => false,
         }
     }
 }
@@ -755,15 +842,15 @@ impl SseRewriter {
             let no_choices = object
                 .get("choices")
                 .and_then(Value::as_array)
-                .is_some_and(Vec::is_empty);
+                .is_none_or(Vec::is_empty);
             if reports_usage && no_choices {
                 // The event that only carries the usage: removed, with its blank line.
                 self.skip_blank = true;
                 return;
             }
-            if object.get("usage").is_some_and(Value::is_null) {
-                object.remove("usage");
-            }
+            // The usage a server put on a chunk with choices (its last, say), or its `null`
+            // on the others: the client asked for none.
+            object.remove("usage");
         }
         if let Some(model) = &self.model {
             rename_model(&mut object, model);
@@ -819,6 +906,72 @@ mod tests {
             b"data: {\"id\":1,\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n",
         ));
         assert_eq!(&b[..], b"data: [DONE]\n\n");
+        // A server that puts the usage on its last chunk with choices: the usage goes, the
+        // choices stay; a usage chunk without `choices` at all goes whole.
+        let c = r.push(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1}}\n\n",
+        ));
+        let c: Value =
+            serde_json::from_slice(c.strip_prefix(b"data: ").unwrap().trim_ascii()).unwrap();
+        assert!(c.get("usage").is_none(), "{c}");
+        assert_eq!(c["choices"][0]["finish_reason"], "stop");
+        let d = r.push(Bytes::from_static(
+            b"data: {\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n",
+        ));
+        assert_eq!(&d[..], b"data: [DONE]\n\n");
+    }
+
+    /// An end is an event of its own, never the same words inside a delta; Gemini's event
+    /// stream ends with a candidate's `finishReason`.
+    #[test]
+    fn ends_are_events_not_text() {
+        let seen = |path: &str, chunks: &[&[u8]]| {
+            let mut w = DoneWatcher::for_path(path).unwrap();
+            chunks.iter().for_each(|c| w.observe(c));
+            w.ended()
+        };
+        let text = |t: &str| {
+            format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"delta\":{{\"type\":\"text_delta\",\"text\":\"{t}\"}}}}\n\n")
+        };
+        for words in ["message_stop", "event: error"] {
+            assert!(!seen("/messages", &[text(words).as_bytes()]), "{words}");
+        }
+        assert!(seen(
+            "/messages",
+            &[
+                b"event: message_st",
+                b"op\ndata: {\"type\":\"message_stop\"}\n\n"
+            ]
+        ));
+        assert!(
+            seen("/messages", &[b"data: {\"type\": \"message_stop\"}"]),
+            "no newline at the end"
+        );
+        assert!(seen(
+            "/responses",
+            &[b"data: {\"type\":\"response.failed\",\"response\":{}}\n\n"]
+        ));
+        assert!(!seen(
+            "/responses",
+            &[b"data: {\"type\":\"response.completed_x\"}\n\n"]
+        ));
+        let gemini = "/models/gemini-2.5-flash:streamGenerateContent?alt=sse";
+        assert!(!seen(
+            gemini,
+            &[b"data: {\"candidates\":[{\"content\":{}}]}\r\n\r\n"]
+        ));
+        assert!(seen(
+            gemini,
+            &[
+                b"data: {\"candidates\":[{\"finish",
+                b"Reason\":\"STOP\"}]}\r\n\r\n"
+            ]
+        ));
+        assert!(seen(
+            gemini,
+            &[b"data: {\"promptFeedback\":{\"blockReason\":\"SAFETY\"}}\r\n\r\n"]
+        ));
+        assert!(DoneWatcher::for_path("/models/g:streamGenerateContent").is_none());
     }
 
     #[test]

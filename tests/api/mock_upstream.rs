@@ -34,7 +34,8 @@
 //! `/v1beta/models/{model}:generateContent` and `:streamGenerateContent` (the secret in
 //! `x-goog-api-key`) answer candidates with `modelVersion` set to the path's model, reporting
 //! 12 prompt (2 cached), 6 candidate and 4 thought tokens; streams as events with `alt=sse`,
-//! else as one JSON array; `badkey` answers Gemini's 400 `API_KEY_INVALID`. Asked with tools,
+//! else as one JSON array (`cut`: an event stream without its finishing event); `badkey`
+//! answers Gemini's 400 `API_KEY_INVALID`. Asked with tools,
 //! both call the first one with `{"city": "Oslo"}`; `r400` answers in the shape of the
 //! provider whose API was called. Both refuse what the real ones refuse: Anthropic thinking
 //! with a forced tool or an unsigned tool-call turn, `temperature` with `top_p`, above 1, or
@@ -325,12 +326,19 @@ async fn handle(
         if body["contents"].to_string().contains("forbidden") {
             return gemini_blocked(method == "streamGenerateContent", sse);
         }
-        return gemini_answer(
+        let mut answer = gemini_answer(
             model,
             method == "streamGenerateContent",
             sse,
             tool.as_deref(),
         );
+        // `cut…`: an event stream that stops before its finishing event.
+        if secret.starts_with("cut") && sse {
+            answer = HttpResponse::Ok()
+                .content_type("text/event-stream")
+                .body("data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hel\"}],\"role\":\"model\"},\"index\":0}]}\r\n\r\n");
+        }
+        return answer;
     }
     if secret.starts_with("drip") {
         let guard = DripGuard {

@@ -15,6 +15,7 @@ on_both_backends!(
     gemini_calls_reach_gemini_keys_and_are_metered,
     gemini_errors_come_in_googles_shape_and_a_refused_key_is_disabled,
     an_anthropic_403_refuses_the_call_not_the_key,
+    a_cut_gemini_event_stream_ends_with_an_error_event,
 );
 
 async fn app(backend: Backend) -> TestApp {
@@ -456,4 +457,33 @@ async fn an_anthropic_403_refuses_the_call_not_the_key(backend: Backend) {
         .await;
     assert_eq!(view["state"], "healthy", "{view}");
     assert_eq!(mock.calls_with("noaccess-ant"), 2);
+}
+
+/// awc reads a connection lost between chunks as a normal end, so a Gemini event stream is
+/// whole only once a candidate finished: one cut before ends with Google's error event and is
+/// metered as partial, never passed off as complete.
+async fn a_cut_gemini_event_stream_ends_with_an_error_event(backend: Backend) {
+    let app = app(backend).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(gemini_key(&mock, "cut-gem")).await;
+    let (user_id, key) = app.user_with_key().await;
+    let content = json!({"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]});
+    let response = post_gemini(
+        &app,
+        "gemini-2.0-flash:streamGenerateContent?alt=sse",
+        &key,
+        &content.to_string(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let streamed = events(&text);
+    assert_eq!(streamed.len(), 2, "{text}");
+    assert_eq!(
+        streamed[0]["candidates"][0]["content"]["parts"][0]["text"],
+        "Hel"
+    );
+    assert_eq!(streamed[1]["error"]["status"], "UNAVAILABLE", "{text}");
+    let entries = logs(&app, &user_id, 1).await;
+    assert_eq!(entries[0]["partial"], true, "{}", entries[0]);
 }
