@@ -174,7 +174,20 @@ pub async fn respond(
                 Some(body) => body,
                 None => read_answer(upstream, idle, MAX_REWRITE_BODY, &mut meter, &note_id).await?,
             };
-            Ok(response.body(rename_model_in_json(&body, &model)))
+            match rename_model_in_json(&body, &model) {
+                Some(renamed) => Ok(response.body(renamed)),
+                // JSON cut short: a chunked body that lost its connection reads as ended.
+                None => {
+                    let error = ApiError::new(
+                        actix_web::http::StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        "the upstream's answer is not valid JSON (cut short on the way?)",
+                    );
+                    meter.end(false);
+                    meter.refused(&error);
+                    Err(error)
+                }
+            }
         }
         (_, _, Some(body)) => Ok(response.body(body)),
         (_, false, None) => {
@@ -756,17 +769,18 @@ fn rename_model(object: &mut serde_json::Map<String, Value>, model: &str) {
     }
 }
 
-/// Sets the model a JSON object body names; anything else passes unchanged.
-fn rename_model_in_json(body: &[u8], model: &str) -> Bytes {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut object)) if MODEL_KEYS.iter().any(|k| object.contains_key(*k)) => {
+/// Sets the model a JSON object body names; other JSON passes unchanged; `None` when the body
+/// is not JSON at all.
+fn rename_model_in_json(body: &[u8], model: &str) -> Option<Bytes> {
+    Some(match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut object) if MODEL_KEYS.iter().any(|k| object.contains_key(*k)) => {
             rename_model(&mut object, model);
             serde_json::to_vec(&object)
                 .map(Bytes::from)
                 .unwrap_or_else(|_| Bytes::copy_from_slice(body))
         }
         _ => Bytes::copy_from_slice(body),
-    }
+    })
 }
 
 /// Rewrites the `data:` lines of an SSE stream: restores the client's model name, and removes
@@ -1033,10 +1047,11 @@ mod tests {
 
     #[test]
     fn json_bodies_get_the_asked_model() {
-        let out = rename_model_in_json(br#"{"model":"real","x":1}"#, "asked");
+        let out = rename_model_in_json(br#"{"model":"real","x":1}"#, "asked").unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "asked");
         assert_eq!(v["x"], 1);
-        assert_eq!(&rename_model_in_json(b"not json", "a")[..], b"not json");
+        assert_eq!(&rename_model_in_json(b"[1]", "a").unwrap()[..], b"[1]");
+        assert!(rename_model_in_json(br#"{"model":"real","x""#, "a").is_none());
     }
 }

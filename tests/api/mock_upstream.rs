@@ -47,8 +47,8 @@
 //! transcriptions report 30 seconds of audio (in `response_format=text`, the transcript alone).
 //!
 //! Two raw TCP providers beside it: `start_breaking_upstream` (every stream breaks after one
-//! event) and `start_closing_upstream` (every connection answers one call, then closes as the
-//! next one arrives on it).
+//! event, every other answer after the first bytes of its JSON) and `start_closing_upstream`
+//! (every connection answers one call, then closes as the next one arrives on it).
 
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -783,9 +783,9 @@ fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
 }
 
-/// A provider whose streams break: it answers every request with the head of a chunked SSE
-/// response and one event, then closes the connection without ending the body. Returns its
-/// base URL.
+/// A provider whose answers break: it answers a stream with the head of a chunked SSE response
+/// and one event, any other call with the head of a chunked JSON answer and its first bytes,
+/// then closes the connection without ending the body. Returns its base URL.
 pub fn start_breaking_upstream() -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -795,10 +795,20 @@ pub fn start_breaking_upstream() -> String {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         while let Ok((mut socket, _)) = listener.accept().await {
             let mut buf = vec![0u8; 65536];
-            let _ = socket.read(&mut buf).await;
-            let event = format!("data: {}\n\n", chunk("m", "Hel", None));
-            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-            let body = format!("{:x}\r\n{event}\r\n", event.len());
+            let read = socket.read(&mut buf).await.unwrap_or(0);
+            let stream = memchr::memmem::find(&buf[..read], b"\"stream\":true").is_some();
+            let (content_type, sent) = match stream {
+                true => (
+                    "text/event-stream",
+                    format!("data: {}\n\n", chunk("m", "Hel", None)),
+                ),
+                false => (
+                    "application/json",
+                    r#"{"id":"chatcmpl-cut","model":"m","cho"#.to_owned(),
+                ),
+            };
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n");
+            let body = format!("{:x}\r\n{sent}\r\n", sent.len());
             let _ = socket.write_all(head.as_bytes()).await;
             let _ = socket.write_all(body.as_bytes()).await;
             let _ = socket.flush().await;

@@ -690,6 +690,12 @@ async fn a_broken_stream_ends_with_an_error_event(backend: Backend) {
     assert!(text.contains("\"code\":\"upstream_error\""), "{text}");
     assert!(!text.contains("[DONE]"));
     assert!(!text.contains("\"finish_reason\":\"stop\""));
+
+    // A chunked JSON answer cut short, read whole to restore a mapped model's name: a 502, not
+    // a 200 with half a body.
+    app.add_mapping(json!({"from": "alias", "to": "m"})).await;
+    let cut = into_json(app.chat(&key, hello("alias")).await).await;
+    assert_error(cut, 502, "upstream_error");
 }
 
 /// A provider closing a kept-alive connection as a call is sent on it (a server whose idle
