@@ -168,7 +168,7 @@ pub async fn send(
                     } else {
                         // A small answer is read here, while a body that stalls or breaks can
                         // still move the call to the next key.
-                        match super::relay::read_small(response, idle).await {
+                        match super::relay::read_small(response, idle, call.stream).await {
                             Ok((response, body)) => {
                                 report(Outcome::Success);
                                 return Answered {

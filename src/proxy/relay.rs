@@ -314,21 +314,62 @@ fn declared_length(upstream: &UpstreamResponse) -> Option<u64> {
 /// completions, embeddings, errors) while the call can still move to another key: it nearly
 /// always arrives with its head, and one that stalls or breaks half way is then a failed
 /// attempt like any other, not a failure the client sees. Other answers pass untouched.
+///
+/// A JSON answer sent without a length (chunked, as Go servers such as Ollama send bodies of
+/// more than a few KiB) is read the same way up to 64 KiB and must be whole JSON: awc reads a
+/// connection lost mid-body as an end, and nothing else tells a cut body from a whole one. A
+/// larger one goes on to the client as it comes, the part read first included.
 pub async fn read_small(
     mut upstream: UpstreamResponse,
     idle: Duration,
+    stream: bool,
 ) -> Result<(UpstreamResponse, Option<Bytes>), ApiError> {
-    let is_sse = upstream
+    let content_type = upstream
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| has_prefix(v, "text/event-stream"));
+        .unwrap_or("");
+    let is_sse = has_prefix(content_type, "text/event-stream");
+    let is_json = has_prefix(content_type, "application/json");
     let declared = declared_length(&upstream);
-    if is_sse || declared.is_none_or(|length| length > WHOLE_BODY_BYTES) {
-        return Ok((upstream, None));
+    match declared {
+        _ if is_sse => Ok((upstream, None)),
+        // Not a stream sent as JSON (Gemini's array of events), which goes on as it comes.
+        None if is_json && !stream => read_unsized_json(upstream, idle).await,
+        Some(length) if length <= WHOLE_BODY_BYTES => {
+            let body = read_whole(&mut upstream, idle, WHOLE_BODY_BYTES as usize, declared).await?;
+            Ok((upstream, Some(body)))
+        }
+        _ => Ok((upstream, None)),
     }
-    let body = read_whole(&mut upstream, idle, WHOLE_BODY_BYTES as usize, declared).await?;
-    Ok((upstream, Some(body)))
+}
+
+/// Reads a JSON answer of no declared length (see `read_small`): whole when it ends within
+/// 64 KiB, and then it must parse; otherwise the part read is put back in front of the rest.
+async fn read_unsized_json(
+    mut upstream: UpstreamResponse,
+    idle: Duration,
+) -> Result<(UpstreamResponse, Option<Bytes>), ApiError> {
+    let mut body = BytesMut::new();
+    let mut payload = actix_web::HttpMessage::take_payload(&mut upstream);
+    while body.len() as u64 <= WHOLE_BODY_BYTES {
+        match tokio::time::timeout(idle, payload.next()).await {
+            Ok(Some(Ok(chunk))) => body.extend_from_slice(&chunk),
+            Ok(None) => {
+                let body = body.freeze();
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                    return Err(body_failed("it ended before it was whole JSON"));
+                }
+                return Ok((upstream, Some(body)));
+            }
+            Ok(Some(Err(_))) => return Err(body_failed("the connection broke")),
+            Err(_) => return Err(body_stalled(idle)),
+        }
+    }
+    let read = futures_util::stream::once(async move { Ok(body.freeze()) });
+    let rest: std::pin::Pin<Box<dyn Stream<Item = _>>> = Box::pin(read.chain(payload));
+    let upstream = upstream.map_body(|_, _| actix_web::dev::Payload::Stream { payload: rest });
+    Ok((upstream, None))
 }
 
 /// Reads a whole non-streamed answer for the client, showing it to the meter and noting a stored
@@ -378,14 +419,7 @@ async fn read_whole<S>(
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
 {
-    use actix_web::http::StatusCode;
-    let failed = |why: &str| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            format!("reading the upstream answer failed: {why}"),
-        )
-    };
+    let failed = body_failed;
     // A body that comes in one chunk, as most do, is kept as it came, without a copy.
     let mut first: Option<Bytes> = None;
     let mut body = BytesMut::new();
@@ -415,18 +449,30 @@ where
                 }
                 return Ok(body);
             }
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    format!(
-                        "the upstream sent nothing for {} s in the middle of its answer",
-                        idle.as_secs()
-                    ),
-                ))
-            }
+            Err(_) => return Err(body_stalled(idle)),
         }
     }
+}
+
+/// A 502: the answer's body could not be read whole, for `why`.
+fn body_failed(why: &str) -> ApiError {
+    ApiError::new(
+        actix_web::http::StatusCode::BAD_GATEWAY,
+        "upstream_error",
+        format!("reading the upstream answer failed: {why}"),
+    )
+}
+
+/// A 504: the answer's body went silent for `idle`.
+fn body_stalled(idle: Duration) -> ApiError {
+    ApiError::new(
+        actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+        "upstream_timeout",
+        format!(
+            "the upstream sent nothing for {} s in the middle of its answer",
+            idle.as_secs()
+        ),
+    )
 }
 
 /// Whether an answer's body is text worth keeping for its usage (JSON, events, subtitles), not

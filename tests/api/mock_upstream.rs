@@ -22,6 +22,7 @@
 //! | `long` | like `ok`, but a `/responses` stream of 5 MiB, and a 100 KiB last event; a `/responses` JSON answer of 5 MiB, its `usage` followed by `user` and `metadata` as OpenAI orders them |
 //! | `stall` | 200, then (streams: a whole first event and) half a line, then 30 s of silence |
 //! | `stall-sized` | as `stall`, a JSON answer declaring a `content-length` of 200 |
+//! | `chunked` | like `ok`, the JSON answer sent without a length, in pieces (`chunked-big`: its content 100 KiB) |
 //! | `short` | 200, a JSON answer declaring a `content-length` of 200 that sends 25 bytes and closes |
 //! | `drip` | streams 50 chunks, 100 ms apart; counts streams cut before their end |
 //! | `tokens` | like `ok`, reporting 100 prompt and 500 completion tokens |
@@ -509,14 +510,30 @@ async fn handle(
             model = Value::String(model),
         ));
     }
-    HttpResponse::Ok().json(json!({
+    let content = match secret.starts_with("chunked-big") {
+        true => "x".repeat(100 * 1024),
+        false => "Hello".to_owned(),
+    };
+    let answer = json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 1,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         "usage": usage,
-    }))
+    });
+    if secret.starts_with("chunked") {
+        // Without a length, in pieces, as Go servers send bodies of more than a few KiB.
+        let text = answer.to_string().into_bytes();
+        let pieces: Vec<Result<Bytes, std::io::Error>> = text
+            .chunks(16 * 1024)
+            .map(|piece| Ok(Bytes::copy_from_slice(piece)))
+            .collect();
+        return HttpResponse::Ok()
+            .content_type("application/json")
+            .streaming(stream::iter(pieces));
+    }
+    HttpResponse::Ok().json(answer)
 }
 
 /// Anthropic's 400s for thinking it cannot do: with a forced tool choice, and in a tool-use

@@ -30,6 +30,7 @@ on_both_backends!(
     a_responses_follow_up_goes_to_the_key_that_stored_its_response,
     a_slow_provider_is_a_504,
     a_broken_stream_ends_with_an_error_event,
+    chunked_json_answers_come_through_whole,
     a_kept_alive_connection_the_provider_closed_is_sent_again,
     a_provider_stalling_mid_answer_ends_the_call_cleanly,
     a_small_answer_that_stalls_is_a_504_not_a_cut_body,
@@ -691,11 +692,28 @@ async fn a_broken_stream_ends_with_an_error_event(backend: Backend) {
     assert!(!text.contains("[DONE]"));
     assert!(!text.contains("\"finish_reason\":\"stop\""));
 
-    // A chunked JSON answer cut short, read whole to restore a mapped model's name: a 502, not
-    // a 200 with half a body.
+    // A JSON answer sent without a length and cut short: a 502, not a 200 with half a body,
+    // whether it is read whole to restore a mapped model's name or not.
+    let cut = into_json(app.chat(&key, hello("m")).await).await;
+    assert_error(cut, 502, "upstream_error");
     app.add_mapping(json!({"from": "alias", "to": "m"})).await;
     let cut = into_json(app.chat(&key, hello("alias")).await).await;
     assert_error(cut, 502, "upstream_error");
+}
+
+/// JSON answers sent without a length (chunked) come through whole, small or large.
+async fn chunked_json_answers_come_through_whole(backend: Backend) {
+    let (app, _mock, _) = setup(backend, &[("chunked-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello");
+    let (app, _mock, _) = setup(backend, &[("chunked-big-a", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_eq!(status, 200);
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.len(), 100 * 1024);
 }
 
 /// A provider closing a kept-alive connection as a call is sent on it (a server whose idle
