@@ -178,11 +178,7 @@ pub async fn respond(
                 Some(renamed) => Ok(response.body(renamed)),
                 // JSON cut short: a chunked body that lost its connection reads as ended.
                 None => {
-                    let error = ApiError::new(
-                        actix_web::http::StatusCode::BAD_GATEWAY,
-                        "upstream_error",
-                        "the upstream's answer is not valid JSON (cut short on the way?)",
-                    );
+                    let error = body_failed("it is not whole JSON (cut short on the way?)");
                     meter.end(false);
                     meter.refused(&error);
                     Err(error)
@@ -419,7 +415,6 @@ async fn read_whole<S>(
 where
     S: Stream<Item = Result<Bytes, awc::error::PayloadError>> + Unpin,
 {
-    let failed = body_failed;
     // A body that comes in one chunk, as most do, is kept as it came, without a copy.
     let mut first: Option<Bytes> = None;
     let mut body = BytesMut::new();
@@ -428,7 +423,7 @@ where
             Ok(Some(Ok(chunk))) => {
                 let so_far = first.as_ref().map_or(body.len(), Bytes::len);
                 if so_far + chunk.len() > limit {
-                    return Err(failed("it is larger than the router rewrites"));
+                    return Err(body_failed("it is larger than the router rewrites"));
                 }
                 match first.take() {
                     None if body.is_empty() => first = Some(chunk),
@@ -439,13 +434,13 @@ where
                     }
                 }
             }
-            Ok(Some(Err(_))) => return Err(failed("the connection broke")),
+            Ok(Some(Err(_))) => return Err(body_failed("the connection broke")),
             Ok(None) => {
                 let body = first.unwrap_or_else(|| body.freeze());
                 // awc reports a connection lost mid-body as a normal end: a body shorter than
                 // its declared length is the tell.
                 if declared.is_some_and(|length| length != body.len() as u64) {
-                    return Err(failed("it ended before its declared length"));
+                    return Err(body_failed("it ended before its declared length"));
                 }
                 return Ok(body);
             }
