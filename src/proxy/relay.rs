@@ -167,8 +167,8 @@ pub async fn respond(
         answer_read(body, &mut meter, &note_id);
     }
     match (rename, is_sse, read) {
-        // A whole JSON answer: restore the model name the client asked for (not in a Gemini
-        // stream sent as one JSON array, which is relayed as it arrives).
+        // A whole JSON answer: restore the model name the client asked for (a Gemini stream
+        // sent as one JSON array is relayed as it arrives, below).
         (Some(model), false, read) if is_json && (read.is_some() || !call.stream) => {
             let body = match read {
                 Some(body) => body,
@@ -186,6 +186,20 @@ pub async fn respond(
             }
         }
         (_, _, Some(body)) => Ok(response.body(body)),
+        // A Gemini stream sent as one JSON array: each object gets the asked name.
+        (Some(model), false, None) if is_json && call.stream => {
+            let framing = EventFraming::Array(ArrayRewriter::new(model));
+            let body = relay_stream(
+                upstream,
+                idle,
+                Some(framing),
+                None,
+                None,
+                meter,
+                call.dialect,
+            );
+            Ok(response.streaming(body))
+        }
         (_, false, None) => {
             // A larger answer of known size: relayed as it arrives, keeping its length so the
             // client gets a plain (not chunked) body.
@@ -535,7 +549,7 @@ where
                 .unwrap_or_default()
         }
     }
-    let is_sse = framing.is_some();
+    let is_sse = framing.as_ref().is_some_and(EventFraming::is_events);
     let state = State {
         upstream,
         framing,
@@ -612,6 +626,8 @@ where
 enum EventFraming {
     Lines(WholeLines),
     Rewrite(SseRewriter),
+    /// Not events: a stream sent as one JSON array (Gemini's without `alt=sse`).
+    Array(ArrayRewriter),
 }
 
 impl EventFraming {
@@ -619,6 +635,7 @@ impl EventFraming {
         match self {
             EventFraming::Lines(lines) => lines.push(chunk),
             EventFraming::Rewrite(rewriter) => rewriter.push(chunk),
+            EventFraming::Array(rewriter) => rewriter.push(&chunk),
         }
     }
 
@@ -626,7 +643,79 @@ impl EventFraming {
         match self {
             EventFraming::Lines(lines) => lines.finish(),
             EventFraming::Rewrite(rewriter) => rewriter.finish(),
+            EventFraming::Array(rewriter) => rewriter.pending.split().freeze(),
         }
+    }
+
+    /// Whether the stream is one of events, which a break ends with an error event of its own.
+    fn is_events(&self) -> bool {
+        !matches!(self, EventFraming::Array(_))
+    }
+}
+
+/// Restores the client's model name in each object of a stream sent as one JSON array: an
+/// object goes out once whole, with its name set; the brackets and commas between pass as they
+/// come.
+struct ArrayRewriter {
+    model: String,
+    /// The object being read.
+    pending: BytesMut,
+    /// How deep in the object the reader is (0: between objects).
+    depth: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl ArrayRewriter {
+    fn new(model: String) -> Self {
+        ArrayRewriter {
+            model,
+            pending: BytesMut::new(),
+            depth: 0,
+            in_string: false,
+            escaped: false,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> Bytes {
+        let mut out = BytesMut::new();
+        for &byte in chunk {
+            if self.depth == 0 {
+                if byte == b'{' {
+                    self.depth = 1;
+                    self.pending.extend_from_slice(b"{");
+                } else {
+                    out.extend_from_slice(&[byte]);
+                }
+                continue;
+            }
+            self.pending.extend_from_slice(&[byte]);
+            if self.in_string {
+                match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        let object = self.pending.split();
+                        match rename_model_in_json(&object, &self.model) {
+                            Some(renamed) => out.extend_from_slice(&renamed),
+                            None => out.extend_from_slice(&object),
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.freeze()
     }
 }
 
@@ -1084,6 +1173,30 @@ mod tests {
         let data = text.lines().nth(1).unwrap().strip_prefix("data: ").unwrap();
         let event: Value = serde_json::from_str(data).unwrap();
         assert_eq!(event["response"]["model"], "asked");
+    }
+
+    /// Each object of a JSON-array stream gets the asked name, however the chunks cut it, and
+    /// braces inside strings are text.
+    #[test]
+    fn array_streams_get_the_asked_model() {
+        let mut r = ArrayRewriter::new("asked".into());
+        let mut out = Vec::new();
+        for chunk in [
+            &b"[{\"modelVersion\":\"real\",\"t\":\"a}\\\"{\"},\r\n{\"model"[..],
+            b"Version\":\"real\",\"n\":[1,{\"x\":2}]}",
+            b"]",
+        ] {
+            out.extend_from_slice(&r.push(chunk));
+        }
+        let array: Vec<Value> = serde_json::from_slice(&out).unwrap();
+        assert_eq!(array.len(), 2);
+        assert!(
+            array.iter().all(|o| o["modelVersion"] == "asked"),
+            "{array:?}"
+        );
+        assert_eq!(array[0]["t"], "a}\"{");
+        assert_eq!(array[1]["n"][1]["x"], 2);
+        assert!(r.pending.is_empty());
     }
 
     #[test]

@@ -352,9 +352,24 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
     assert_eq!(response.status(), 200);
     let array: Vec<Value> = serde_json::from_str(&response.text().await.unwrap()).unwrap();
     assert_eq!(array.len(), 2);
+    // Mapped, each object of the array names the model asked for.
+    let response = post_gemini(
+        &app,
+        "g-alias:streamGenerateContent",
+        &key,
+        &content.to_string(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let array: Vec<Value> = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    assert_eq!(array.len(), 2);
+    assert!(
+        array.iter().all(|o| o["modelVersion"] == "g-alias"),
+        "{array:?}"
+    );
 
     // Each call: 12 prompt tokens (2 cached), 6 candidate and 4 thought tokens.
-    let entries = logs(&app, &user_id, 3).await;
+    let entries = logs(&app, &user_id, 4).await;
     for entry in &entries {
         assert_eq!(entry["status"], 200, "{entry}");
         assert_eq!(entry["prompt_tokens"], 12, "{entry}");
@@ -378,15 +393,15 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
             let rows = body["data"].as_array().unwrap().clone();
             let requests: i64 = rows.iter().map(|r| r["requests"].as_i64().unwrap()).sum();
             match requests {
-                3 => Ok(rows),
+                4 => Ok(rows),
                 _ => Err(format!("usage not written yet: {body}")),
             }
         }
     })
     .await;
     let sum = |field: &str| -> i64 { usage.iter().map(|r| r[field].as_i64().unwrap()).sum() };
-    assert_eq!(sum("reasoning_tokens"), 12, "{usage:?}");
-    assert_eq!(sum("cached_tokens"), 6, "{usage:?}");
+    assert_eq!(sum("reasoning_tokens"), 16, "{usage:?}");
+    assert_eq!(sum("cached_tokens"), 8, "{usage:?}");
     assert_eq!(mock.calls_with("ok-oai"), 0);
 }
 
