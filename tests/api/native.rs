@@ -48,6 +48,13 @@ async fn post_gemini(app: &TestApp, target: &str, key: &str, body: &str) -> reqw
         .unwrap()
 }
 
+/// A Gemini stream (`target` with its query) of `content`, answered 200: its text.
+async fn stream_gemini(app: &TestApp, target: &str, key: &str, content: &Value) -> String {
+    let response = post_gemini(app, target, key, &content.to_string()).await;
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
 async fn post_message(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
     app.http
         .post(format!("{}/v1/messages", app.address))
@@ -323,15 +330,13 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
     assert_eq!(calls[0].query, "", "the caller's key stays in the router");
 
     // Streamed as events (`alt=sse`), the key in `x-goog-api-key`.
-    let response = post_gemini(
+    let text = stream_gemini(
         &app,
         "gemini-2.0-flash:streamGenerateContent?alt=sse",
         &key,
-        &content.to_string(),
+        &content,
     )
     .await;
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.unwrap();
     let streamed = events(&text);
     assert_eq!(streamed.len(), 2, "{text}");
     assert_eq!(streamed[1]["candidates"][0]["finishReason"], "STOP");
@@ -342,26 +347,18 @@ async fn gemini_calls_reach_gemini_keys_and_are_metered(backend: Backend) {
     );
 
     // Streamed as one JSON array, relayed as it comes.
-    let response = post_gemini(
+    let text = stream_gemini(
         &app,
         "gemini-2.0-flash:streamGenerateContent",
         &key,
-        &content.to_string(),
+        &content,
     )
     .await;
-    assert_eq!(response.status(), 200);
-    let array: Vec<Value> = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    let array: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(array.len(), 2);
     // Mapped, each object of the array names the model asked for.
-    let response = post_gemini(
-        &app,
-        "g-alias:streamGenerateContent",
-        &key,
-        &content.to_string(),
-    )
-    .await;
-    assert_eq!(response.status(), 200);
-    let array: Vec<Value> = serde_json::from_str(&response.text().await.unwrap()).unwrap();
+    let text = stream_gemini(&app, "g-alias:streamGenerateContent", &key, &content).await;
+    let array: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(array.len(), 2);
     assert!(
         array.iter().all(|o| o["modelVersion"] == "g-alias"),
@@ -483,15 +480,13 @@ async fn a_cut_gemini_event_stream_ends_with_an_error_event(backend: Backend) {
     app.add_upstream(gemini_key(&mock, "cut-gem")).await;
     let (user_id, key) = app.user_with_key().await;
     let content = json!({"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]});
-    let response = post_gemini(
+    let text = stream_gemini(
         &app,
         "gemini-2.0-flash:streamGenerateContent?alt=sse",
         &key,
-        &content.to_string(),
+        &content,
     )
     .await;
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.unwrap();
     let streamed = events(&text);
     assert_eq!(streamed.len(), 2, "{text}");
     assert_eq!(

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, Backend};
+use crate::helpers::{spawn_app, Backend, TestApp};
 use crate::mock_upstream::{MockUpstream, Received, MOCK_THOUGHT_SIGNATURE};
 use crate::on_both_backends;
 
@@ -44,14 +44,28 @@ except openai.AuthenticationError as e:
     print("AUTH", e.status_code, e.code)
 "#;
 
-async fn the_openai_python_sdk_works_through_the_router(backend: Backend) {
+/// A router whose one upstream key (`ok-sdk`) is of `provider` on a new mock, with `alias`
+/// mapped to `model`, and a user's key.
+async fn router_with_alias(
+    backend: Backend,
+    provider: &str,
+    model: &str,
+) -> (TestApp, MockUpstream, String) {
     let app = spawn_app(backend).await;
     let mock = MockUpstream::start();
-    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-sdk"}))
+    let base_url = match provider {
+        "gemini" => mock.base_url.replace("/v1", "/v1beta"),
+        _ => mock.base_url.clone(),
+    };
+    app.add_upstream(json!({"provider": provider, "base_url": base_url, "secret": "ok-sdk"}))
         .await;
-    app.add_mapping(json!({"from": "alias", "to": "gpt-4o-mini"}))
-        .await;
+    app.add_mapping(json!({"from": "alias", "to": model})).await;
     let (_, key) = app.user_with_key().await;
+    (app, mock, key)
+}
+
+async fn the_openai_python_sdk_works_through_the_router(backend: Backend) {
+    let (app, mock, key) = router_with_alias(backend, "openai", "gpt-4o-mini").await;
     let stdout = run_python(SCRIPT, format!("{}/v1", app.address), key, "alias").await;
     assert!(stdout.contains("JSON alias Hello"), "{stdout}");
     assert!(stdout.contains("STREAM alias Hello"), "{stdout}");
@@ -109,15 +123,7 @@ except anthropic.AuthenticationError as e:
 "#;
 
 async fn the_anthropic_python_sdk_works_through_the_router(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let mock = MockUpstream::start();
-    app.add_upstream(
-        json!({"provider": "anthropic", "base_url": mock.base_url, "secret": "ok-sdk"}),
-    )
-    .await;
-    app.add_mapping(json!({"from": "alias", "to": "claude-3-5-haiku-latest"}))
-        .await;
-    let (_, key) = app.user_with_key().await;
+    let (app, mock, key) = router_with_alias(backend, "anthropic", "claude-3-5-haiku-latest").await;
     // The SDK adds `/v1/messages` to its base URL.
     let stdout = run_python(ANTHROPIC_SCRIPT, app.address.clone(), key, "alias").await;
     assert!(stdout.contains("JSON alias Hello 25 7"), "{stdout}");
@@ -167,14 +173,7 @@ except errors.ClientError as e:
 /// Google's GenAI SDK on the native Gemini routes: `generateContent`, its stream (`alt=sse`),
 /// a chat of two turns, and a refused key in Google's error shape.
 async fn the_google_genai_python_sdk_works_through_the_router(backend: Backend) {
-    let app = spawn_app(backend).await;
-    let mock = MockUpstream::start();
-    let gemini_base = mock.base_url.replace("/v1", "/v1beta");
-    app.add_upstream(json!({"provider": "gemini", "base_url": gemini_base, "secret": "ok-gem"}))
-        .await;
-    app.add_mapping(json!({"from": "alias", "to": "gemini-2.0-flash"}))
-        .await;
-    let (_, key) = app.user_with_key().await;
+    let (app, mock, key) = router_with_alias(backend, "gemini", "gemini-2.0-flash").await;
     // The SDK adds `/v1beta/models/{model}:generateContent` to its base URL.
     let stdout = run_python(GENAI_SCRIPT, app.address.clone(), key, "alias").await;
     assert!(stdout.contains("JSON alias Hello 12 6 4"), "{stdout}");
@@ -185,7 +184,7 @@ async fn the_google_genai_python_sdk_works_through_the_router(backend: Backend) 
     assert_eq!(calls.len(), 4, "the refused key reaches no provider");
     assert!(calls
         .iter()
-        .all(|c| c.secret == "ok-gem" && c.path.starts_with("/v1beta/models/gemini-2.0-flash:")));
+        .all(|c| c.secret == "ok-sdk" && c.path.starts_with("/v1beta/models/gemini-2.0-flash:")));
     assert_eq!(calls[1].query, "alt=sse");
     // The chat's second turn carries the first, as the SDK keeps it.
     let turns = calls[3].body["contents"].as_array().unwrap();
