@@ -110,6 +110,9 @@ impl Authenticator {
                     Err(DbError::NotFound) => return Err(invalid()),
                     Err(other) => return Err(other.into()),
                 };
+                // A revoked or expired key is refused whatever secret came with it, before
+                // argon2: holding a dead key's id must not buy a caller the slow check.
+                refuse_dead(stored.revoked_at, stored.expires_at)?;
                 let _permit = self
                     .argon2_permits
                     .acquire()
@@ -142,13 +145,7 @@ impl Authenticator {
     /// Refuses revoked and expired keys; otherwise the principal. The user's own state (status,
     /// addresses, budget) is the access gate's to check.
     async fn check_state(&self, key_id: String, key: &VerifiedKey) -> Result<Principal, ApiError> {
-        let now = crate::domain::now();
-        if key.revoked_at.is_some() {
-            return Err(ApiError::invalid_api_key("this API key has been revoked"));
-        }
-        if key.expires_at.is_some_and(|at| at <= now) {
-            return Err(ApiError::invalid_api_key("this API key has expired"));
-        }
+        refuse_dead(key.revoked_at, key.expires_at)?;
         let CachedUser { user, rules } = self.user(&key.user_id).await?;
         Ok(Principal {
             key_id,
@@ -184,7 +181,11 @@ impl Authenticator {
         };
         self.cache
             .insert_key(key_id.to_owned(), verified.clone(), generation);
-        self.shared.remember_key(key_id, &verified);
+        // Shared only if no change came in since the key was read: a record read before a
+        // revocation must not be planted in Redis after its tombstone is gone.
+        if self.cache.generation() == generation {
+            self.shared.remember_key(key_id, &verified);
+        }
         Ok(verified)
     }
 
@@ -200,7 +201,9 @@ impl Authenticator {
         }
         match repo::users::get(&self.db, user_id).await {
             Ok(user) => {
-                self.shared.remember_user(&user);
+                if self.cache.generation() == generation {
+                    self.shared.remember_user(&user);
+                }
                 let user = CachedUser::new(user);
                 self.cache.insert_user(user.clone(), generation);
                 Ok(user)
@@ -244,6 +247,20 @@ impl FromRequest for Principal {
             Ok(principal)
         })
     }
+}
+
+/// Refuses a key that is revoked, or expired by now.
+fn refuse_dead(
+    revoked_at: Option<chrono::NaiveDateTime>,
+    expires_at: Option<chrono::NaiveDateTime>,
+) -> Result<(), ApiError> {
+    if revoked_at.is_some() {
+        return Err(ApiError::invalid_api_key("this API key has been revoked"));
+    }
+    if expires_at.is_some_and(|at| at <= crate::domain::now()) {
+        return Err(ApiError::invalid_api_key("this API key has expired"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

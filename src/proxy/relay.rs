@@ -782,11 +782,17 @@ impl DoneWatcher {
             b"error",
         ];
         const MESSAGE_END: &[&[u8]] = &[b"message_stop", b"error"];
+        const TRANSCRIPT_END: &[&[u8]] = &[b"transcript.text.done", b"error"];
+        const SPEECH_END: &[&[u8]] = &[b"speech.audio.done", b"error"];
+        const IMAGE_END: &[&[u8]] = &[b"image_generation.completed", b"error"];
         let (route, query) = path.split_once('?').unwrap_or((path, ""));
         let ends = match route {
             "/chat/completions" | "/completions" => StreamEnd::Done,
             "/responses" => StreamEnd::Events(RESPONSE_END),
             "/messages" => StreamEnd::Events(MESSAGE_END),
+            "/audio/transcriptions" | "/audio/translations" => StreamEnd::Events(TRANSCRIPT_END),
+            "/audio/speech" => StreamEnd::Events(SPEECH_END),
+            "/images/generations" => StreamEnd::Events(IMAGE_END),
             // Gemini's event stream; its JSON-array form is not watched (an error event would
             // not fit it), and a cut there shows as an unclosed array.
             _ if route.ends_with(":streamGenerateContent")
@@ -1144,7 +1150,20 @@ mod tests {
         w.observe(b"event: response.completed\ndata: {\"type\":\"response.comp");
         w.observe(b"leted\",\"response\":{}}\n\n");
         assert!(w.seen);
-        assert!(DoneWatcher::for_path("/images/generations").is_none());
+        // The streams of the audio and image routes end with their own last events too, so a
+        // cut one ends with an error event rather than as if whole.
+        for (path, end) in [
+            ("/audio/transcriptions", "transcript.text.done"),
+            ("/audio/speech", "speech.audio.done"),
+            ("/images/generations", "image_generation.completed"),
+        ] {
+            let mut w = DoneWatcher::for_path(path).unwrap();
+            w.observe(b"data: {\"type\":\"x.delta\",\"delta\":\"done\"}\n\n");
+            assert!(!w.seen, "{path}");
+            w.observe(format!("data: {{\"type\":\"{end}\"}}\n\n").as_bytes());
+            assert!(w.seen, "{path}");
+        }
+        assert!(DoneWatcher::for_path("/embeddings").is_none());
     }
 
     #[test]

@@ -801,8 +801,8 @@ fn sse(value: &Value) -> Bytes {
 }
 
 /// A provider whose answers break: it answers a stream with the head of a chunked SSE response
-/// and one event, any other call with the head of a chunked JSON answer and its first bytes,
-/// then closes the connection without ending the body. Returns its base URL.
+/// and one event, speech with the first bytes of chunked audio, any other call with the head of
+/// a chunked JSON answer and its first bytes, then closes the connection without ending the body. Returns its base URL.
 pub fn start_breaking_upstream() -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -814,7 +814,9 @@ pub fn start_breaking_upstream() -> String {
             let mut buf = vec![0u8; 65536];
             let read = socket.read(&mut buf).await.unwrap_or(0);
             let stream = memchr::memmem::find(&buf[..read], b"\"stream\":true").is_some();
+            let speech = memchr::memmem::find(&buf[..read], b"/audio/speech").is_some();
             let (content_type, sent) = match stream {
+                _ if speech => ("audio/mpeg", "ID3audio".to_owned()),
                 true => (
                     "text/event-stream",
                     format!("data: {}\n\n", chunk("m", "Hel", None)),

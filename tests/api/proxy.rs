@@ -699,6 +699,18 @@ async fn a_broken_stream_ends_with_an_error_event(backend: Backend) {
     app.add_mapping(json!({"from": "alias", "to": "m"})).await;
     let cut = into_json(app.chat(&key, hello("alias")).await).await;
     assert_error(cut, 502, "upstream_error");
+
+    // Chunked audio cut short is not a whole answer: the client's body breaks rather than
+    // ending as if complete.
+    let speech = reqwest::Client::new()
+        .post(format!("{}/v1/audio/speech", app.address))
+        .bearer_auth(&key)
+        .json(&json!({"model": "tts-1", "input": "hello", "voice": "alloy"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(speech.status(), 200);
+    assert!(speech.bytes().await.is_err(), "a cut body read as whole");
 }
 
 /// JSON answers sent without a length (chunked) come through whole, small or large.

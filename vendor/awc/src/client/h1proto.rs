@@ -170,12 +170,19 @@ where
 
             Ok((head, Payload::None))
         }
-        _ => Ok((
-            head,
-            Payload::Stream {
-                payload: Box::pin(PlStream::new(framed)),
-            },
-        )),
+        _ => {
+            // Switchyard's patch: actix-http reads a body to the connection's end only for
+            // HTTP/1.0 answers and upgrades; any other body has a length or chunks, and a
+            // connection that ends before its last byte has cut it short.
+            let to_eof = head.version == actix_http::Version::HTTP_10
+                || head.status == StatusCode::SWITCHING_PROTOCOLS;
+            Ok((
+                head,
+                Payload::Stream {
+                    payload: Box::pin(PlStream::new(framed, to_eof)),
+                },
+            ))
+        }
     }
 }
 
@@ -252,14 +259,16 @@ pin_project! {
     pub(crate) struct PlStream<Io: ConnectionIo> {
         #[pin]
         framed: Framed<H1Connection<Io>, h1::ClientPayloadCodec>,
+        // Switchyard's patch: whether the body ends with the connection (see send_request).
+        to_eof: bool,
     }
 }
 
 impl<Io: ConnectionIo> PlStream<Io> {
-    fn new(framed: Framed<H1Connection<Io>, h1::ClientCodec>) -> Self {
+    fn new(framed: Framed<H1Connection<Io>, h1::ClientCodec>, to_eof: bool) -> Self {
         let framed = framed.into_map_codec(|codec| codec.into_payload_codec());
 
-        PlStream { framed }
+        PlStream { framed, to_eof }
     }
 }
 
@@ -276,6 +285,9 @@ impl<Io: ConnectionIo> Stream for PlStream<Io> {
                 this.framed.io_mut().on_release(keep_alive);
                 Poll::Ready(None)
             }
+            // Switchyard's patch: upstream, a body whose length or last chunk never came read
+            // as whole; it is an incomplete one.
+            None if !*this.to_eof => Poll::Ready(Some(Err(PayloadError::Incomplete(None)))),
             None => Poll::Ready(None),
         }
     }
