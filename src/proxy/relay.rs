@@ -176,7 +176,7 @@ pub async fn respond(
             };
             match rename_model_in_json(&body, &model) {
                 Some(renamed) => Ok(response.body(renamed)),
-                // JSON cut short: a chunked body that lost its connection reads as ended.
+                // Not JSON at all, though it says so: there is no model name to restore.
                 None => {
                     let error = body_failed("it is not whole JSON (cut short on the way?)");
                     meter.end(false);
@@ -326,9 +326,10 @@ fn declared_length(upstream: &UpstreamResponse) -> Option<u64> {
 /// attempt like any other, not a failure the client sees. Other answers pass untouched.
 ///
 /// A JSON answer sent without a length (chunked, as Go servers such as Ollama send bodies of
-/// more than a few KiB) is read the same way up to 64 KiB and must be whole JSON: awc reads a
-/// connection lost mid-body as an end, and nothing else tells a cut body from a whole one. A
-/// larger one goes on to the client as it comes, the part read first included.
+/// more than a few KiB) is read the same way up to 64 KiB and must be whole JSON (a connection
+/// lost mid-body is already an error of the patched awc; this also refuses a body that says it
+/// is JSON and is not). A larger one goes on to the client as it comes, the part read first
+/// included.
 pub async fn read_small(
     mut upstream: UpstreamResponse,
     idle: Duration,
