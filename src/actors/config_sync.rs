@@ -57,6 +57,18 @@ struct ForgetAgain {
     delay: Duration,
 }
 
+/// Counts in the stored configuration version, and announces, a change made here whose first
+/// count failed: until it is counted, replicas that missed its announcement would never learn
+/// of it.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct CountAgain {
+    entity: Entity,
+    id: String,
+    /// Until the next attempt: doubles from a second to a minute while the database is away.
+    delay: Duration,
+}
+
 const FIRST_FORGET_RETRY: Duration = Duration::from_secs(1);
 const LAST_FORGET_RETRY: Duration = Duration::from_secs(60);
 
@@ -82,6 +94,9 @@ pub struct ConfigSyncActor {
     ahead: BTreeSet<i64>,
     /// The last check found the stored version ahead, perhaps of an announcement on its way.
     behind: bool,
+    /// A reload failed (the database was away): what is held here may be older than `version`
+    /// says, so the next check reloads everything whatever the stored version.
+    stale: bool,
     check_every: Duration,
 }
 
@@ -106,6 +121,7 @@ impl ConfigSyncActor {
             version,
             ahead: BTreeSet::new(),
             behind: false,
+            stale: false,
             check_every,
         }
     }
@@ -127,6 +143,15 @@ impl ConfigSyncActor {
         self.ahead.retain(|&a| a > version);
         self.advance(version);
         self.behind = false;
+        self.stale = false;
+    }
+
+    /// Version `v` was announced; `reloaded` tells whether its reload succeeded.
+    fn applied(&mut self, v: i64, reloaded: bool) {
+        self.advance(v);
+        if !reloaded {
+            self.stale = true;
+        }
     }
 }
 
@@ -157,25 +182,24 @@ impl Handler<Changed> for ConfigSyncActor {
                 Some(kind) if !msg.created => caches.shared.forget(kind, &msg.id).await,
                 _ => true,
             };
-            react(&caches, &db, msg.entity, &msg.id).await;
-            let version = match repo::meta::bump_config_version(&db).await {
-                Ok(v) => v,
-                Err(err) => {
-                    tracing::error!(error = %err, "could not count a configuration change");
-                    0
-                }
-            };
-            bus.publish(Announcement::Changed {
-                entity: msg.entity,
-                id: msg.id,
-                version,
-            })
-            .await;
-            (version, forgotten)
+            let reloaded = react(&caches, &db, msg.entity, &msg.id).await;
+            let version = count_change(&db, &bus, msg.entity, &msg.id).await;
+            (version, reloaded, forgotten)
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
-            move |(version, forgotten), act, ctx| {
-                act.advance(version);
+            move |(version, reloaded, forgotten), act, ctx| {
+                match version {
+                    Some(v) => act.applied(v, reloaded),
+                    None => {
+                        act.stale |= !reloaded;
+                        let again = CountAgain {
+                            entity,
+                            id: id.clone(),
+                            delay: FIRST_FORGET_RETRY,
+                        };
+                        ctx.notify_later(again, FIRST_FORGET_RETRY);
+                    }
+                }
                 if !forgotten {
                     let again = ForgetAgain {
                         entity,
@@ -184,6 +208,30 @@ impl Handler<Changed> for ConfigSyncActor {
                         delay: FIRST_FORGET_RETRY,
                     };
                     ctx.notify_later(again, FIRST_FORGET_RETRY);
+                }
+            },
+        )))
+    }
+}
+
+impl Handler<CountAgain> for ConfigSyncActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: CountAgain, _: &mut Self::Context) -> Self::Result {
+        let (bus, db) = (self.bus.clone(), self.db.clone());
+        let work = async move {
+            let version = count_change(&db, &bus, msg.entity, &msg.id).await;
+            (msg, version)
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            |(mut msg, version), act, ctx| match version {
+                // This replica reloaded when the change was made; what it holds is as of `v`
+                // unless a reload failed, which `stale` remembers.
+                Some(v) => act.advance(v),
+                None => {
+                    msg.delay = (msg.delay * 2).min(LAST_FORGET_RETRY);
+                    let delay = msg.delay;
+                    ctx.notify_later(msg, delay);
                 }
             },
         )))
@@ -249,7 +297,7 @@ impl Handler<Heard> for ConfigSyncActor {
                 let work = async move { react(&caches, &db, entity, &id).await };
                 AtomicResponse::new(Box::pin(
                     work.into_actor(self)
-                        .map(move |_, act, _| act.advance(version)),
+                        .map(move |reloaded, act, _| act.applied(version, reloaded)),
                 ))
             }
             Announcement::KeyCooling { key_id, until_ms } => {
@@ -273,7 +321,7 @@ impl Handler<CheckVersion> for ConfigSyncActor {
 
     fn handle(&mut self, msg: CheckVersion, _: &mut Self::Context) -> Self::Result {
         let (caches, db) = (self.caches.clone(), self.db.clone());
-        let applied = self.version;
+        let (applied, stale) = (self.version, self.stale);
         // An announcement may be on its way: with the channel up, resync only when a second
         // check still finds the version ahead.
         let resync_now = msg.at_once || self.behind;
@@ -282,51 +330,96 @@ impl Handler<CheckVersion> for ConfigSyncActor {
                 Ok(v) => v,
                 Err(err) => {
                     tracing::debug!(error = %err, "could not read the configuration version");
-                    return None;
+                    return Checked::Unknown;
                 }
             };
-            if stored <= applied {
-                return Some((stored, false));
+            if stored <= applied && !stale {
+                return Checked::Current;
             }
-            if !resync_now {
-                return Some((stored, true));
+            if stored > applied && !stale && !resync_now {
+                return Checked::Behind(stored);
             }
-            tracing::info!(
-                applied,
-                stored,
-                "configuration changes were missed; reloading everything"
-            );
-            resync(&caches, &db).await;
-            Some((stored, false))
+            if stale {
+                tracing::info!("retrying a failed configuration reload; reloading everything");
+            } else {
+                tracing::info!(
+                    applied,
+                    stored,
+                    "configuration changes were missed; reloading everything"
+                );
+            }
+            if resync(&caches, &db).await {
+                Checked::Resynced(stored)
+            } else {
+                Checked::Unknown
+            }
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
             move |checked, act, _| match checked {
-                Some((stored, true)) => act.behind = stored > act.version,
-                Some((stored, false)) if stored > applied => act.resynced(stored),
-                _ => act.behind = false,
+                Checked::Behind(stored) => act.behind = stored > act.version,
+                Checked::Resynced(stored) => act.resynced(stored),
+                Checked::Current => act.behind = false,
+                // Nothing learnt: the next check tries again.
+                Checked::Unknown => {}
             },
         )))
     }
 }
 
-/// Makes what changed in `entity` `id` stale here.
-async fn react(caches: &Caches, db: &Db, entity: Entity, id: &str) {
+/// What a version check found.
+enum Checked {
+    /// Nothing to do.
+    Current,
+    /// The stored version is ahead; an announcement may still bring the change.
+    Behind(i64),
+    /// Everything was reloaded as of this version.
+    Resynced(i64),
+    /// The database could not be read: nothing changes until the next check.
+    Unknown,
+}
+
+/// Counts a change made here in the stored version and announces it; the new version, or
+/// None when it could not be counted (it is announced all the same, for the replicas that
+/// hear it).
+async fn count_change(db: &Db, bus: &Arc<Bus>, entity: Entity, id: &str) -> Option<i64> {
+    let version = match repo::meta::bump_config_version(db).await {
+        Ok(v) => Some(v),
+        Err(err) => {
+            tracing::error!(error = %err, "could not count a configuration change; will retry");
+            None
+        }
+    };
+    bus.publish(Announcement::Changed {
+        entity,
+        id: id.to_owned(),
+        // Version 0 is never waited for: hearers apply the change and count nothing.
+        version: version.unwrap_or(0),
+    })
+    .await;
+    version
+}
+
+/// Makes what changed in `entity` `id` stale here; false when a reload failed.
+async fn react(caches: &Caches, db: &Db, entity: Entity, id: &str) -> bool {
     tracing::debug!(entity = ?entity, id, "configuration changed");
     match entity {
         Entity::User => {
             caches.auth.invalidate_user(id);
             // A deleted user's own mappings went with it.
-            reload_mappings(&caches.mapper, db).await;
+            reload_mappings(&caches.mapper, db).await
         }
-        Entity::UserKey => caches.auth.invalidate_key(id),
+        Entity::UserKey => {
+            caches.auth.invalidate_key(id);
+            true
+        }
         Entity::UpstreamKey => reload_pools(&caches.pools).await,
         Entity::ModelMapping => reload_mappings(&caches.mapper, db).await,
         Entity::Price => reload_prices(&caches.prices, db).await,
     }
 }
 
-/// Reloads everything that can change, after changes were missed.
-async fn resync(caches: &Caches, db: &Db) {
+/// Reloads everything that can change, after changes were missed; false when a reload failed.
+async fn resync(caches: &Caches, db: &Db) -> bool {
     caches.auth.invalidate_all_users();
     // Keys change only by revocation or deletion: keep the verified ones still live, so a
     // resync costs a few queries instead of argon2 for every caller.
@@ -343,26 +436,33 @@ async fn resync(caches: &Caches, db: &Db) {
             }
         }
     }
-    reload_pools(&caches.pools).await;
-    reload_mappings(&caches.mapper, db).await;
-    reload_prices(&caches.prices, db).await;
+    // All three run even when one fails: each holds what it could read.
+    let pools = reload_pools(&caches.pools).await;
+    let mappings = reload_mappings(&caches.mapper, db).await;
+    let prices = reload_prices(&caches.prices, db).await;
+    pools && mappings && prices
 }
 
-async fn reload_pools(pools: &KeyPools) {
-    if let Err(err) = pools.reload().await {
-        tracing::error!(error = %err, "reloading upstream keys failed");
-    }
+async fn reload_pools(pools: &KeyPools) -> bool {
+    pools
+        .reload()
+        .await
+        .map_err(|err| tracing::error!(error = %err, "reloading upstream keys failed"))
+        .is_ok()
 }
 
-async fn reload_mappings(mapper: &ModelMapper, db: &Db) {
-    if let Err(err) = mapper.reload(db).await {
-        tracing::error!(error = %err, "reloading model mappings failed");
-    }
+async fn reload_mappings(mapper: &ModelMapper, db: &Db) -> bool {
+    mapper
+        .reload(db)
+        .await
+        .map_err(|err| tracing::error!(error = %err, "reloading model mappings failed"))
+        .is_ok()
 }
 
-async fn reload_prices(prices: &PriceBook, db: &Db) {
-    match repo::prices::all(db).await {
-        Ok(all) => prices.replace(all),
-        Err(err) => tracing::error!(error = %err, "reloading prices failed"),
-    }
+async fn reload_prices(prices: &PriceBook, db: &Db) -> bool {
+    repo::prices::all(db)
+        .await
+        .map(|all| prices.replace(all))
+        .map_err(|err| tracing::error!(error = %err, "reloading prices failed"))
+        .is_ok()
 }

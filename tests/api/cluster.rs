@@ -23,6 +23,7 @@ on_both_backends!(
     spend_is_shared_across_replicas_through_redis,
     admin_changes_reach_other_replicas_through_redis,
     a_missed_announcement_is_healed_by_the_configuration_version,
+    a_reload_that_failed_is_tried_again,
     upstream_key_cooldowns_and_refusals_are_shared,
     a_key_verified_on_one_replica_is_trusted_by_another,
     a_shared_entry_a_replica_could_not_drop_is_dropped_once_it_can,
@@ -428,6 +429,38 @@ async fn a_missed_announcement_is_healed_by_the_configuration_version(backend: B
         json!({"enabled": false}),
         || async { second.chat(&key, hello()).await.status() == 503 },
     )
+    .await;
+}
+
+async fn a_reload_that_failed_is_tried_again(backend: Backend) {
+    let app = spawn_app_with(backend, &[("SWITCHYARD_CLUSTER__VERSION_CHECK_MS", "100")]).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let key = user_key(&app, json!({})).await;
+    // Another replica adds a mapping and counts the change, while this one cannot read the
+    // mappings (as in a database failover): its reload after the missed change fails.
+    app.run_sql(
+        "INSERT INTO model_mappings (id, from_pattern, to_model, user_id, created_at) \
+         VALUES ('mm-behind', 'alias-*', 'gpt-4o-mini', NULL, CURRENT_TIMESTAMP); \
+         ALTER TABLE model_mappings RENAME TO model_mappings_away; \
+         UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) \
+         WHERE key = 'config_version';",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    app.run_sql("ALTER TABLE model_mappings_away RENAME TO model_mappings;")
+        .await;
+    // No further change is made: the failed reload alone must be tried again.
+    let aliased = json!({"model": "alias-small", "messages": [{"role": "user", "content": "hi"}]});
+    eventually(3, || async {
+        let status = app.chat(&key, aliased.clone()).await.status();
+        let upstream = mock.calls().last().map(|c| c.body["model"].clone());
+        match (status.as_u16(), upstream) {
+            (200, Some(model)) if model == "gpt-4o-mini" => Ok(()),
+            seen => Err(format!("the failed reload was never tried again: {seen:?}")),
+        }
+    })
     .await;
 }
 

@@ -593,3 +593,32 @@ pub async fn log_entries(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
     })
     .await
 }
+
+impl TestApp {
+    /// Runs `sql` on the app's database behind its back, as another replica or an operator
+    /// would.
+    pub async fn run_sql(&self, sql: &str) {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+        match self.database_url.strip_prefix("sqlite://") {
+            Some(path) => {
+                let (path, sql) = (path.to_owned(), sql.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    diesel::SqliteConnection::establish(&path)
+                        .unwrap()
+                        .batch_execute(&sql)
+                        .unwrap()
+                })
+                .await
+                .unwrap()
+            }
+            None => diesel_async::AsyncPgConnection::establish(&self.database_url)
+                .await
+                .unwrap()
+                .batch_execute(sql)
+                .await
+                .unwrap(),
+        }
+    }
+}
