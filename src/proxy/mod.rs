@@ -154,6 +154,8 @@ fn parse_json_call(
         stream_options: Option<StreamOptions>,
         #[serde(borrow, default)]
         previous_response_id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(default)]
+        background: Option<bool>,
     }
     #[derive(serde::Deserialize)]
     struct StreamOptions {
@@ -170,6 +172,13 @@ fn parse_json_call(
         _ => return Err(ApiError::invalid("request body must have a string `model`")),
     };
     check_model_name(&model)?;
+    if endpoint == Endpoint::Responses && peek.background == Some(true) {
+        // A background response answers `queued` with no usage, and its result is fetched
+        // later by routes not served here: it could be neither metered nor limited.
+        return Err(ApiError::invalid(
+            "`background` responses are not supported by this router; omit `background` or set it to false",
+        ));
+    }
     let previous_response = match endpoint {
         Endpoint::Responses => peek.previous_response_id.map(|id| id.into_owned()),
         _ => None,

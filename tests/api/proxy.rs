@@ -632,6 +632,15 @@ async fn a_responses_follow_up_goes_to_the_key_that_stored_its_response(backend:
     // The pairing is kept in Redis for a day, not the auth entries' 600 s.
     let ttl = redis.ttl_ms(&format!("auth:response:{previous}")).await;
     assert!(ttl > 23 * 3600 * 1000, "{ttl} ms left");
+
+    // A background response could not be metered (it answers `queued`, its result is fetched
+    // later): it is refused before any upstream is asked.
+    let calls = mock.calls().len();
+    let body = json!({"model": "m", "input": "hi", "background": true});
+    assert_error(respond(&app, body).await, 400, "invalid_request");
+    assert_eq!(mock.calls().len(), calls, "nothing went upstream");
+    let body = json!({"model": "m", "input": "hi", "background": false});
+    assert_eq!(respond(&app, body).await.0, 200);
 }
 
 async fn every_key_failing_is_a_gateway_error(backend: Backend) {
