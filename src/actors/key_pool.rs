@@ -113,6 +113,14 @@ struct Slot {
     consecutive_failures: u32,
     /// Breaker or 429 rest, in monotonic time.
     resting_until: Option<Instant>,
+    /// The breaker opened and has not closed: once the rest is over, one call at a time
+    /// probes the key.
+    half_open: bool,
+    /// When the probe in flight was handed out.
+    probe_since: Option<Instant>,
+    /// How long a probe's outcome is awaited before another call may probe (one whose
+    /// outcome never came, say because its client left).
+    probe_wait: Duration,
 }
 
 impl Slot {
@@ -126,7 +134,25 @@ impl Slot {
     }
 
     fn can_serve(&self, msg: &Lease, now: Instant) -> bool {
-        self.resting_until.is_none_or(|t| t <= now) && self.could_serve(msg)
+        self.back_at(now).is_none() && self.could_serve(msg)
+    }
+
+    /// When the key is back, if it is resting at `now`: a rest, or a probe of its half-open
+    /// breaker in flight.
+    fn back_at(&self, now: Instant) -> Option<Instant> {
+        let probe = self
+            .probe_since
+            .filter(|_| self.half_open)
+            .map(|since| since + self.probe_wait);
+        later(self.resting_until, probe).filter(|t| *t > now)
+    }
+
+    /// Hands the key out for one attempt: a half-open breaker's probe.
+    fn lease_at(&mut self, now: Instant) -> LeasedKey {
+        if self.half_open {
+            self.probe_since = Some(now);
+        }
+        self.leased()
     }
 
     /// Whether the key serves the call once any rest is over.
@@ -240,6 +266,8 @@ impl KeyPoolActor {
                             // An admin re-enabled, re-keyed or reconfigured it: start afresh.
                             slot.resting_until = stored_rest;
                             slot.consecutive_failures = 0;
+                            slot.half_open = false;
+                            slot.probe_since = None;
                             self.breakers.closed(&key.id);
                             slot.key = key;
                         }
@@ -250,6 +278,9 @@ impl KeyPoolActor {
                         current: 0,
                         consecutive_failures: 0,
                         resting_until: stored_rest,
+                        half_open: false,
+                        probe_since: None,
+                        probe_wait: self.policy.breaker_open,
                     },
                 }
             })
@@ -270,10 +301,10 @@ impl KeyPoolActor {
             // Outside the round robin: the turn of the other keys is not taken.
             let slot = self
                 .slots
-                .iter()
+                .iter_mut()
                 .find(|s| &s.key.id == preferred && s.can_serve(msg, now) && usable(s));
             if let Some(slot) = slot {
-                return Ok(slot.leased());
+                return Ok(slot.lease_at(now));
             }
         }
         let mut total = 0;
@@ -294,13 +325,13 @@ impl KeyPoolActor {
                 .slots
                 .iter()
                 .filter(|s| s.could_serve(msg) && usable(s))
-                .filter_map(|s| s.resting_until)
+                .filter_map(|s| s.back_at(now))
                 .min();
             return Err(NoKey { back_at });
         };
         let slot = &mut self.slots[best];
         slot.current -= total;
-        Ok(slot.leased())
+        Ok(slot.lease_at(now))
     }
 
     fn report(&mut self, msg: Report) {
@@ -308,6 +339,11 @@ impl KeyPoolActor {
             return;
         };
         let now = Instant::now();
+        if msg.outcome != Outcome::Failed {
+            // The provider answered: the breaker, if it was half open, closes.
+            slot.half_open = false;
+            slot.probe_since = None;
+        }
         match msg.outcome {
             Outcome::Success => slot.consecutive_failures = 0,
             Outcome::RateLimited(rest) => {
@@ -321,10 +357,13 @@ impl KeyPoolActor {
             Outcome::Failed => {
                 slot.consecutive_failures += 1;
                 if slot.consecutive_failures >= self.policy.breaker_failures {
-                    // Half open once the rest is over: the next attempt is a probe, and its
+                    // Half open once the rest is over: the next attempt is a probe (one at
+                    // a time: the others go to other keys meanwhile), and its
                     // failure opens the breaker again at once, where a reset count would let
                     // `breaker_failures` more calls fail first. A success resets the count.
                     slot.consecutive_failures = self.policy.breaker_failures - 1;
+                    slot.half_open = true;
+                    slot.probe_since = None;
                     slot.resting_until =
                         later(slot.resting_until, Some(now + self.policy.breaker_open));
                     let open = chrono::Duration::from_std(self.policy.breaker_open)

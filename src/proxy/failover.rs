@@ -44,6 +44,8 @@ enum LastFailure {
     None,
     Timeout,
     Upstream,
+    /// Every key that answered last found the call over its per-minute token limit.
+    TooLarge,
 }
 
 /// Tries keys until one answers with something other than a 429, 5xx, 401/403, refused or
@@ -136,7 +138,7 @@ pub async fn send(
                             ErrorCode::Json(None) | ErrorCode::Unreadable => true,
                             // Not an API error: a page from a firewall or proxy in front of the
                             // provider, about this call.
-                            ErrorCode::NotJson | ErrorCode::NotRead => false,
+                            ErrorCode::NotJson | ErrorCode::NotRead | ErrorCode::TooLarge => false,
                         },
                         _ => false,
                     };
@@ -149,6 +151,14 @@ pub async fn send(
                         tracing::warn!(upstream_key_id = %key.id, level, status = status.as_u16(), "upstream key out of credit; resting it and trying the next key");
                         failures.push((key.id.clone(), "out_of_credit"));
                         last = LastFailure::Upstream;
+                    } else if status == StatusCode::TOO_MANY_REQUESTS
+                        && matches!(code, ErrorCode::TooLarge)
+                    {
+                        // The key is fine, and a key of a higher tier may take the call.
+                        report(Outcome::Success);
+                        tracing::info!(upstream_key_id = %key.id, level, "call over the upstream key's token limit; trying the next key");
+                        failures.push((key.id.clone(), "too_large"));
+                        last = LastFailure::TooLarge;
                     } else if status == StatusCode::TOO_MANY_REQUESTS {
                         let rest = retry_after(&response, settings.default_cooldown_secs);
                         report(Outcome::RateLimited(rest));
@@ -205,6 +215,11 @@ pub async fn send(
     }
     let result = Err(match last {
         LastFailure::None => no_upstream(&call.model, soonest_back),
+        // The caller's to fix (a smaller input or `max_tokens`), not an upstream failure.
+        LastFailure::TooLarge => ApiError::invalid(
+            "the request asks for more tokens than the upstream keys' per-minute limit allows; \
+             reduce the input or max_tokens",
+        ),
         LastFailure::Timeout => ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_timeout",
@@ -289,6 +304,9 @@ enum ErrorCode {
     NotJson,
     /// An API error, with its code if it has one.
     Json(Option<String>),
+    /// OpenAI's 429 "Request too large": the call asks for more tokens than the key's
+    /// per-minute limit allows at all, so no wait makes it pass on that key.
+    TooLarge,
 }
 
 /// Reads a provider's error answer (64 KiB at most) for its `error.code`, and puts the body
@@ -306,6 +324,8 @@ async fn read_error_code(
         code: Option<serde_json::Value>,
         #[serde(default)]
         details: Vec<Reason>,
+        #[serde(default)]
+        message: Option<serde_json::Value>,
     }
     #[derive(serde::Deserialize)]
     struct Reason {
@@ -316,6 +336,9 @@ async fn read_error_code(
         _ => return (response, ErrorCode::Unreadable),
     };
     let code = match serde_json::from_slice::<Refusal>(&body) {
+        Ok(Refusal { error }) if matches!(&error.message, Some(serde_json::Value::String(m)) if m.starts_with("Request too large")) => {
+            ErrorCode::TooLarge
+        }
         Ok(Refusal { error }) => ErrorCode::Json(match error.code {
             Some(serde_json::Value::String(code)) => Some(code),
             _ => error.details.into_iter().find_map(|d| d.reason),

@@ -6,6 +6,8 @@
 //! | `ok` | 200: a chat completion (or an SSE stream when `stream: true`) |
 //! | `r429` | 429 with `Retry-After: 7` |
 //! | `r500` | 500 |
+//! | `lagfail` | waits 300 ms, then 500 |
+//! | `toolarge` | 429 "Request too large" (`type: tokens`), a call over the key's TPM on its own |
 //! | `r401` | 401 |
 //! | `once401` | 401 to its first call, then like `ok` (a refusal the provider lifts) |
 //! | `html` | 404 with an HTML page, as a proxy in front of a provider answers a wrong path |
@@ -257,6 +259,16 @@ async fn handle(
     }
     if secret.starts_with("r500") {
         return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom"}}));
+    }
+    if secret.starts_with("lagfail") {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        return HttpResponse::InternalServerError().json(json!({"error": {"message": "boom"}}));
+    }
+    if secret.starts_with("toolarge") {
+        // As OpenAI answers a call over the key's tokens-per-minute limit on its own.
+        return HttpResponse::TooManyRequests().json(json!({"error": {
+            "message": "Request too large for gpt-4o in organization org-mock on tokens per min (TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced in order to run successfully.",
+            "type": "tokens", "param": null, "code": "rate_limit_exceeded"}}));
     }
     if secret.starts_with("noaccess") && model == "locked-model" && req.path() == "/v1/messages" {
         // As Anthropic answers a key without access to what the call asks for.

@@ -23,6 +23,8 @@ on_both_backends!(
     a_refused_key_is_probed_again_and_back_in_service_when_accepted,
     server_errors_fail_over_to_the_users_fallback_level,
     repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it,
+    a_half_open_breaker_lets_one_probe_through,
+    a_call_over_a_keys_token_limit_is_the_callers_to_fix,
     the_callers_own_errors_come_back_unretried,
     every_key_failing_is_a_gateway_error,
     an_error_that_is_not_json_comes_back_as_a_json_error,
@@ -475,6 +477,67 @@ async fn repeated_failures_open_the_breaker_and_a_failed_probe_reopens_it(backen
         .await;
     assert_eq!(status, 200);
     key_in_state(&app, &failing, "healthy").await;
+}
+
+/// Once an open breaker has rested, one call probes the key; calls meanwhile go to the other
+/// keys rather than all at once to a key that may still be failing.
+async fn a_half_open_breaker_lets_one_probe_through(backend: Backend) {
+    let app = spawn_app_with(
+        backend,
+        &[
+            ("SWITCHYARD_UPSTREAM__BREAKER_FAILURES", "1"),
+            ("SWITCHYARD_UPSTREAM__BREAKER_OPEN_SECS", "1"),
+        ],
+    )
+    .await;
+    let mock = MockUpstream::start();
+    app.add_upstream(upstream(&mock, "lagfail-a", 1)).await;
+    app.add_upstream(upstream(&mock, "ok-b", 1)).await;
+    let (_, key) = app.user_with_key().await;
+    while mock.calls_with("lagfail-a") == 0 {
+        assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // The probe takes 300 ms to fail; the calls sent meanwhile do not wait for it.
+    let calls = (0..8).map(|_| app.chat(&key, hello("m")));
+    for response in futures_util::future::join_all(calls).await {
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(mock.calls_with("lagfail-a"), 2, "one probe");
+    assert!(mock.calls_with("ok-b") >= 8);
+}
+
+/// OpenAI's 429 "Request too large" is about the call, not the key: the key does not rest, a
+/// key of a higher tier is tried, and when none takes it the caller gets a 400 to act on.
+async fn a_call_over_a_keys_token_limit_is_the_callers_to_fix(backend: Backend) {
+    let (app, mock, ids) = setup(backend, &[("toolarge-a", 1), ("toolarge-b", 1)]).await;
+    let (_, key) = app.user_with_key().await;
+    let (status, body) = into_json(app.chat(&key, hello("m")).await).await;
+    assert_error((status, body.clone()), 400, "invalid_request");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_tokens"), "{message}");
+    assert!(
+        !message.contains("org-mock"),
+        "the key's organisation stays hidden"
+    );
+    assert_eq!(
+        mock.calls_with("toolarge-a") + mock.calls_with("toolarge-b"),
+        2
+    );
+    for id in &ids {
+        assert_eq!(key_view(&app, id).await["state"], "healthy");
+    }
+    // Both keys still serve: a second call tries them both again.
+    app.chat(&key, hello("m")).await;
+    assert_eq!(
+        mock.calls_with("toolarge-a") + mock.calls_with("toolarge-b"),
+        4
+    );
+    // A key of the same level with a larger limit takes the call.
+    app.add_upstream(upstream(&mock, "ok-c", 1)).await;
+    for _ in 0..3 {
+        assert_eq!(app.chat(&key, hello("m")).await.status(), 200);
+    }
 }
 
 async fn the_callers_own_errors_come_back_unretried(backend: Backend) {
