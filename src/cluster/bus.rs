@@ -193,7 +193,11 @@ impl Bus {
                 .await
                 .map_err(|_| timed_out("connecting"))??;
             let (mut sink, stream) = pubsub.split();
-            sink.subscribe(&self.channel).await?;
+            // The connection may go silent right after it is made: without a bound the
+            // listener would wait for the subscription until TCP gives up.
+            tokio::time::timeout(self.timeout * 4, sink.subscribe(&self.channel))
+                .await
+                .map_err(|_| timed_out("subscribing"))??;
             Ok::<_, redis::RedisError>((sink, stream))
         };
         let (mut sink, mut stream) = match connect.await {

@@ -9,6 +9,7 @@ use redis::Script;
 
 use super::window::{BUCKETS, BUCKET_MS};
 use super::{Counter, Outcome, Used};
+use crate::access::rules::Quota;
 
 /// Checks every counter's window and charges the call to all of them only when each has room.
 /// Fields are `r<bucket>` (requests) and `t<bucket>` (tokens); buckets that left the window are
@@ -103,10 +104,15 @@ return 0
 /// retried quickly (a command that fails meanwhile falls back to in-process state).
 pub fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
+        .set_connection_timeout(Some(manager_connect_timeout(timeout)))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(1))
+}
+
+/// How long a connection may take to be made, for commands bounded by `timeout`.
+fn manager_connect_timeout(timeout: Duration) -> Duration {
+    timeout.max(Duration::from_millis(500))
 }
 
 /// Runs `command`, and once more if it failed: the first command after Redis came back meets
@@ -170,13 +176,17 @@ impl RedisWindows {
         }
     }
 
-    /// Pings Redis (connecting first if needed). Answers whether Redis came back (was down,
-    /// answers now).
+    /// Runs the limit script on a counter of its own (connecting first if needed). Answers
+    /// whether Redis came back (was down, answers now). Not a `PING`: a Redis that answers one
+    /// but refuses scripts or writes (a read-only replica, out of memory, a failed save, an
+    /// ACL) would be taken back at every check and fail the next call again, and each switch
+    /// would start the in-process windows afresh.
     pub async fn check(&self) -> redis::RedisResult<bool> {
-        let mut connection = self.connection(&self.watch).await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
-            .await?;
+        let probe = [Counter {
+            key: "health".to_owned(),
+            quota: Quota::default(),
+        }];
+        self.acquire(&self.watch, &probe, 0).await?;
         Ok(!self.up.swap(true, Ordering::AcqRel))
     }
 
@@ -254,7 +264,12 @@ impl RedisWindows {
         link: &RedisLink,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> redis::RedisResult<T> {
-        let mut connection = self.bounded(self.connection(link)).await?;
+        // Connecting is bounded as the manager bounds it (a TLS handshake may well take longer
+        // than a command may), or a slow connect would fail every call of a new thread.
+        let connect_bound = manager_connect_timeout(self.timeout) * 2;
+        let mut connection = self
+            .bounded_by(connect_bound, self.connection(link))
+            .await?;
         match self.bounded(invocation.invoke_async(&mut connection)).await {
             Err(err) if err.is_io_error() && !err.is_timeout() => {
                 self.bounded(invocation.invoke_async(&mut connection)).await
@@ -268,7 +283,15 @@ impl RedisWindows {
         &self,
         command: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> redis::RedisResult<T> {
-        match tokio::time::timeout(self.timeout, command).await {
+        self.bounded_by(self.timeout, command).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        bound: Duration,
+        command: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(bound, command).await {
             Ok(result) => result,
             Err(_) => Err(redis::RedisError::from(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

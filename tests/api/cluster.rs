@@ -20,6 +20,7 @@ use crate::on_both_backends;
 on_both_backends!(
     three_replicas_hold_one_rpm_limit_together,
     serving_goes_on_without_redis_and_returns_to_it,
+    a_redis_that_refuses_writes_stays_away,
     spend_is_shared_across_replicas_through_redis,
     admin_changes_reach_other_replicas_through_redis,
     a_missed_announcement_is_healed_by_the_configuration_version,
@@ -162,17 +163,22 @@ impl OwnRedis {
         }
     }
 
-    /// How many keys it holds.
-    /// Rate-limit windows stored (spend totals live beside them).
+    /// Rate-limit windows stored (spend totals live beside them), not counting the health
+    /// check's own.
     async fn keys(&self) -> usize {
+        let keys: Vec<String> = self.command(&["KEYS", "*rl:*"]).await;
+        keys.iter().filter(|k| !k.ends_with("rl:health")).count()
+    }
+
+    /// Runs one command on it.
+    async fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
         let client = redis::Client::open(self.url()).unwrap();
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*rl:*")
+        redis::cmd(args[0])
+            .arg(&args[1..])
             .query_async(&mut connection)
             .await
-            .unwrap();
-        keys.len()
+            .unwrap()
     }
 }
 
@@ -229,6 +235,41 @@ async fn serving_goes_on_without_redis_and_returns_to_it(backend: Backend) {
     }
     assert_eq!(app.chat(&busy, hello()).await.status(), 200);
     assert_eq!(redis.keys().await, 1, "counting in Redis again");
+}
+
+/// A Redis that answers `PING` but refuses every write (out of memory here; a read-only replica
+/// or an ACL without scripts alike) stays away for the limiter: limits hold in process, rather
+/// than starting afresh each time a ping makes Redis look back.
+async fn a_redis_that_refuses_writes_stays_away(backend: Backend) {
+    let redis = OwnRedis::start(free_port());
+    let url = redis.url();
+    let app = spawn_app_with(backend, &[("SWITCHYARD_REDIS_URL", url.as_str())]).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    let strict = user_key(&app, json!({"rpm": 2})).await;
+    assert_eq!(redis_status(&app).await, (200, "ok".to_owned()));
+    let _: String = redis.command(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    for _ in 0..2 {
+        assert_eq!(app.chat(&strict, hello()).await.status(), 200);
+    }
+    // Several health checks later, Redis still refuses writes and still counts as away.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(redis_status(&app).await, (200, "unavailable".to_owned()));
+    assert_error(
+        into_json(app.chat(&strict, hello()).await).await,
+        429,
+        "rate_limit_exceeded",
+    );
+    // Once it takes writes again, the limiter goes back to it.
+    let _: String = redis.command(&["CONFIG", "SET", "maxmemory", "0"]).await;
+    eventually(5, || async {
+        match redis_status(&app).await {
+            (200, status) if status == "ok" => Ok(()),
+            seen => Err(format!("the router did not go back to Redis: {seen:?}")),
+        }
+    })
+    .await;
 }
 
 async fn spend_is_shared_across_replicas_through_redis(backend: Backend) {
