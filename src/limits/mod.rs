@@ -315,13 +315,18 @@ impl RateLimiter {
         }
         let retry_after = (outcome.retry_ms.max(1) as u64).div_ceil(1000);
         let refused_by = refused_by.unwrap_or_default();
-        // A call estimated above a whole minute's tokens is refused however long it waits:
-        // say what would let it through rather than when to retry.
-        let never_fits = plan
+        // A call estimated above a whole minute's tokens, or under a limit of 0, is refused
+        // however long it waits: say what would let it through rather than when to retry.
+        let never_fits = plan.counters.iter().any(|c| {
+            c.quota.tpm.is_some_and(|tpm| plan.tokens.max(1) > tpm) || c.quota.rpm == Some(0)
+        });
+        let zero = plan
             .counters
             .iter()
-            .any(|c| c.quota.tpm.is_some_and(|tpm| plan.tokens > tpm));
-        let message = if never_fits {
+            .any(|c| c.quota.rpm == Some(0) || c.quota.tpm == Some(0));
+        let message = if zero {
+            format!("rate limit exceeded: {refused_by} is 0, so no call is allowed")
+        } else if never_fits {
             format!(
                 "rate limit exceeded: {refused_by}, more than a minute allows; lower max_tokens \
                  or send less input"

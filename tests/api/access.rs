@@ -327,6 +327,21 @@ async fn rpm_refuses_with_retry_after_and_the_headers_count_down(backend: Backen
     assert!(!response
         .headers()
         .contains_key("x-ratelimit-limit-requests"));
+
+    // A limit of 0 lets nothing through, and says so rather than naming a time to retry.
+    let (_, none) = user(&app, json!({"model_limits": {"gpt-4o*": {"rpm": 0}}})).await;
+    let (status, body) = ask(&app, &none, "gpt-4o-mini").await;
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_error((status, body), 429, "rate_limit_exceeded");
+    assert!(message.contains("is 0"), "{message}");
+    assert_eq!(
+        ask(&app, &none, "o3").await.0,
+        200,
+        "other models are not limited"
+    );
 }
 
 async fn model_limits_apply_only_to_their_models(backend: Backend) {
