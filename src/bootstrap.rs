@@ -70,6 +70,27 @@ pub fn resolve_secrets(settings: &Settings) -> anyhow::Result<Secrets> {
     }
 }
 
+/// Refuses a master key that decrypts none of the stored upstream secrets: it is not the key
+/// they were stored with, and starting would only make every key unusable while `/readyz`
+/// answers ready. (Some secrets not decrypting is logged per key when the pools load.)
+pub async fn verify_master_key(db: &Db, master_key: &MasterKey) -> anyhow::Result<()> {
+    let keys = repo::upstream_keys::all(db)
+        .await
+        .context("reading upstream keys")?;
+    if keys.is_empty()
+        || keys
+            .iter()
+            .any(|key| master_key.decrypt(&key.id, &key.secret_enc).is_ok())
+    {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the master key decrypts none of the {} stored upstream secrets: it is not the key they \
+         were stored with; set SWITCHYARD_MASTER_KEY to that key",
+        keys.len()
+    )
+}
+
 /// How many upstream secrets an existing SQLite file holds (0 when it or the table is absent).
 fn stored_secret_count(db_path: &Path) -> i64 {
     use diesel::{Connection, QueryDsl, RunQueryDsl, SqliteConnection};

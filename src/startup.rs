@@ -75,7 +75,13 @@ impl Application {
             migrations_applied = applied,
             "database ready"
         );
+        bootstrap::verify_master_key(&db, &secrets.master_key).await?;
         bootstrap::seed_first_start(&db, &secrets.master_key).await?;
+        // Read before anything is loaded (prices, keys, mappings): a change stored meanwhile
+        // shows as a newer version and is picked up by the first check.
+        let config_version = repo::meta::config_version(&db)
+            .await
+            .context("reading the configuration version")?;
 
         let metrics = Arc::new(Metrics::new().context("registering metrics")?);
         let metering = Arc::new(Metering::start(&settings, metrics.clone()).await?);
@@ -94,11 +100,6 @@ impl Application {
         )?;
         shared_cache.connect().await;
         let bus = Bus::new(&settings.redis)?;
-        // Read before loading: a change stored meanwhile shows as a newer version and is
-        // picked up by the first check.
-        let config_version = repo::meta::config_version(&db)
-            .await
-            .context("reading the configuration version")?;
         let pools = KeyPools::new(
             db.clone(),
             secrets.master_key.clone(),

@@ -324,7 +324,45 @@ async fn a_bad_master_key_or_database_url_is_a_clear_start_up_error() {
     }
 }
 
-on_both_backends!(migrate_subcommand_applies_migrations_once);
+on_both_backends!(
+    migrate_subcommand_applies_migrations_once,
+    a_master_key_that_decrypts_no_stored_secret_refuses_to_start,
+);
+
+/// Started with another master key than the one the upstream secrets were stored with, the
+/// router would only find every key unusable while `/readyz` answers ready: it refuses.
+async fn a_master_key_that_decrypts_no_stored_secret_refuses_to_start(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.add_upstream(
+        json!({"provider": "openai", "base_url": "http://127.0.0.1:9/v1", "secret": "sk-stored"}),
+    )
+    .await;
+    let dir = tempdir::Dir::new();
+    let wrong = MasterKey::generate_base64().unwrap();
+    let text = fails_to_start(
+        dir.path(),
+        &[
+            ("SWITCHYARD_DATABASE_URL", app.database_url.as_str()),
+            ("SWITCHYARD_MASTER_KEY", wrong.as_str()),
+        ],
+    );
+    assert!(text.contains("decrypts none of the 1 stored"), "{text}");
+    assert!(
+        !text.contains(&wrong) && !text.contains("sk-stored"),
+        "{text}"
+    );
+    // The right key starts it.
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("SWITCHYARD_DATABASE_URL", app.database_url.as_str()),
+            ("SWITCHYARD_MASTER_KEY", app.master_key.as_str()),
+        ],
+    )
+    .await;
+    let (status, log) = server.terminate();
+    assert!(status.success(), "{log}");
+}
 
 async fn migrate_subcommand_applies_migrations_once(backend: Backend) {
     let (url, dir) = fresh_database_url(backend).await;
