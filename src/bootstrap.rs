@@ -178,6 +178,20 @@ const PROVIDER_ENV: [(Provider, &str, &str); 3] = [
 /// On the installation's first start only (replicas agree through the database), adds each of
 /// `OPENAI_API_KEY`, `ANTHROPIC_API_KEY` and `GEMINI_API_KEY` that is set as a level-1 upstream key.
 pub async fn seed_first_start(db: &Db, master_key: &MasterKey) -> anyhow::Result<()> {
+    // Checked before the first start is recorded, so a fixed variable is still imported.
+    let mut imports = Vec::new();
+    for (provider, key_var, url_var) in PROVIDER_ENV {
+        let Some(secret) = std::env::var(key_var).ok().filter(|s| !s.trim().is_empty()) else {
+            continue;
+        };
+        // A base URL set wrong must not send the secret to the provider's default instead.
+        let base_url = match std::env::var(url_var).ok().filter(|u| !u.trim().is_empty()) {
+            Some(url) => domain::rules::check_base_url(url.trim())
+                .map_err(|why| anyhow::anyhow!("{url_var} is not a usable base URL: {why}"))?,
+            None => provider.default_base_url().to_owned(),
+        };
+        imports.push((provider, key_var, secret, base_url));
+    }
     let now = domain::now();
     let first = repo::meta::insert_if_absent(db, "bootstrapped_at", &now.to_string())
         .await
@@ -185,14 +199,7 @@ pub async fn seed_first_start(db: &Db, master_key: &MasterKey) -> anyhow::Result
     if !first {
         return Ok(());
     }
-    for (provider, key_var, url_var) in PROVIDER_ENV {
-        let Some(secret) = std::env::var(key_var).ok().filter(|s| !s.trim().is_empty()) else {
-            continue;
-        };
-        let base_url = std::env::var(url_var)
-            .ok()
-            .and_then(|u| domain::rules::check_base_url(&u).ok())
-            .unwrap_or_else(|| provider.default_base_url().to_owned());
+    for (provider, key_var, secret, base_url) in imports {
         let id = ids::new_id("upk");
         let key = UpstreamKey {
             secret_enc: master_key.encrypt(&id, secret.trim())?,

@@ -228,6 +228,51 @@ fn fails_to_start(dir: &Path, env: &[(&str, &str)]) -> String {
     text
 }
 
+/// A provider key imported from the environment with a base URL set wrong is a start-up error
+/// (the secret must not go to the provider's default URL instead), and the import happens once
+/// the variable is fixed.
+#[actix_web::test]
+async fn a_wrong_provider_base_url_in_the_environment_stops_the_first_start() {
+    let dir = tempdir::Dir::new();
+    let text = fails_to_start(
+        dir.path(),
+        &[
+            ("OPENAI_API_KEY", "sk-env-1234"),
+            ("OPENAI_BASE_URL", "ftp://llm.internal/v1"),
+        ],
+    );
+    assert!(
+        text.contains("OPENAI_BASE_URL is not a usable base URL"),
+        "{text}"
+    );
+    assert!(!text.contains("sk-env-1234"), "{text}");
+    let token = "admin-token-for-the-base-url-test";
+    let server = Server::start(
+        dir.path(),
+        &[
+            ("OPENAI_API_KEY", "sk-env-1234"),
+            ("OPENAI_BASE_URL", "http://llm.internal/v1/"),
+            ("SWITCHYARD_ADMIN_TOKEN", token),
+        ],
+    )
+    .await;
+    let (status, keys) = admin(
+        &server.address,
+        token,
+        Method::GET,
+        "/admin/upstream-keys",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{keys}");
+    assert_eq!(
+        keys["data"][0]["base_url"], "http://llm.internal/v1",
+        "{keys}"
+    );
+    let (status, _) = server.terminate();
+    assert!(status.success());
+}
+
 #[actix_web::test]
 async fn sigterm_stops_the_server_with_exit_code_zero() {
     let dir = tempdir::Dir::new();
