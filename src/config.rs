@@ -253,6 +253,55 @@ impl Settings {
             self.redis.timeout_ms > 0,
             "redis.timeout_ms must be at least 1"
         );
+        // Each of these at 0 would make every call, write or check fail or spin, not
+        // "unbounded": say so at start rather than at the first call.
+        let at_least_one = [
+            ("cluster.version_check_ms", self.cluster.version_check_ms),
+            (
+                "cluster.shared_cache_ttl_secs",
+                self.cluster.shared_cache_ttl_secs,
+            ),
+            (
+                "database.acquire_timeout_secs",
+                self.database.acquire_timeout_secs,
+            ),
+            (
+                "upstream.connect_timeout_secs",
+                self.upstream.connect_timeout_secs,
+            ),
+            (
+                "upstream.first_byte_timeout_secs",
+                self.upstream.first_byte_timeout_secs,
+            ),
+            (
+                "upstream.idle_timeout_secs",
+                self.upstream.idle_timeout_secs,
+            ),
+            (
+                "upstream.total_deadline_secs",
+                self.upstream.total_deadline_secs,
+            ),
+            (
+                "metering.flush_interval_ms",
+                self.metering.flush_interval_ms,
+            ),
+            ("metering.batch_size", self.metering.batch_size as u64),
+            (
+                "metering.buffer_records",
+                self.metering.buffer_records as u64,
+            ),
+            (
+                "metering.shutdown_flush_secs",
+                self.metering.shutdown_flush_secs,
+            ),
+        ];
+        for (name, value) in at_least_one {
+            anyhow::ensure!(value > 0, "{name} must be at least 1");
+        }
+        anyhow::ensure!(
+            self.log.level.parse::<tracing::Level>().is_ok(),
+            "log.level must be one of trace, debug, info, warn, error"
+        );
         Ok(())
     }
 
