@@ -188,6 +188,16 @@ impl Drop for OwnRedis {
     }
 }
 
+/// An app on `redis` with one upstream key.
+async fn app_on(redis: &OwnRedis, backend: Backend) -> (TestApp, MockUpstream) {
+    let url = redis.url();
+    let app = spawn_app_with(backend, &[("SWITCHYARD_REDIS_URL", url.as_str())]).await;
+    let mock = MockUpstream::start();
+    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
+        .await;
+    (app, mock)
+}
+
 async fn redis_status(app: &TestApp) -> (u16, String) {
     let (status, body) = app.readyz().await;
     (
@@ -199,11 +209,7 @@ async fn redis_status(app: &TestApp) -> (u16, String) {
 async fn serving_goes_on_without_redis_and_returns_to_it(backend: Backend) {
     let port = free_port();
     let mut redis = OwnRedis::start(port);
-    let url = redis.url();
-    let app = spawn_app_with(backend, &[("SWITCHYARD_REDIS_URL", url.as_str())]).await;
-    let mock = MockUpstream::start();
-    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
-        .await;
+    let (app, _mock) = app_on(&redis, backend).await;
     let busy = user_key(&app, json!({"rpm": 1000})).await;
     assert_eq!(redis_status(&app).await, (200, "ok".to_owned()));
     assert_eq!(app.chat(&busy, hello()).await.status(), 200);
@@ -242,11 +248,7 @@ async fn serving_goes_on_without_redis_and_returns_to_it(backend: Backend) {
 /// than starting afresh each time a ping makes Redis look back.
 async fn a_redis_that_refuses_writes_stays_away(backend: Backend) {
     let redis = OwnRedis::start(free_port());
-    let url = redis.url();
-    let app = spawn_app_with(backend, &[("SWITCHYARD_REDIS_URL", url.as_str())]).await;
-    let mock = MockUpstream::start();
-    app.add_upstream(json!({"provider": "openai", "base_url": mock.base_url, "secret": "ok-a"}))
-        .await;
+    let (app, _mock) = app_on(&redis, backend).await;
     let strict = user_key(&app, json!({"rpm": 2})).await;
     assert_eq!(redis_status(&app).await, (200, "ok".to_owned()));
     let _: String = redis.command(&["CONFIG", "SET", "maxmemory", "1"]).await;

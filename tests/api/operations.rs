@@ -119,6 +119,20 @@ async fn admin(
     into_json(request.send().await.unwrap()).await
 }
 
+/// `GET /admin/upstream-keys` on `server`.
+async fn upstream_keys(server: &Server, token: &str) -> Value {
+    let (status, keys) = admin(
+        &server.address,
+        token,
+        Method::GET,
+        "/admin/upstream-keys",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{keys}");
+    keys
+}
+
 #[actix_web::test]
 async fn first_start_on_sqlite_needs_nothing_and_keeps_its_secrets_in_files() {
     let dir = tempdir::Dir::new();
@@ -160,15 +174,7 @@ async fn first_start_on_sqlite_needs_nothing_and_keeps_its_secrets_in_files() {
         ("SWITCHYARD_ADMIN_TOKEN", token),
     ];
     let server = Server::start(dir.path(), &env).await;
-    let (status, keys) = admin(
-        &server.address,
-        token,
-        Method::GET,
-        "/admin/upstream-keys",
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{keys}");
+    let keys = upstream_keys(&server, token).await;
     let keys = keys["data"].as_array().unwrap().clone();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["provider"], "openai");
@@ -256,15 +262,7 @@ async fn a_wrong_provider_base_url_in_the_environment_stops_the_first_start() {
         ],
     )
     .await;
-    let (status, keys) = admin(
-        &server.address,
-        token,
-        Method::GET,
-        "/admin/upstream-keys",
-        None,
-    )
-    .await;
-    assert_eq!(status, 200, "{keys}");
+    let keys = upstream_keys(&server, token).await;
     assert_eq!(
         keys["data"][0]["base_url"], "http://llm.internal/v1",
         "{keys}"
